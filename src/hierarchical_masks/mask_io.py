@@ -1,0 +1,276 @@
+"""The project's data contracts: image folders, mask files and embedding files.
+
+Every stage reads and writes these files only through this module:
+
+* image folders ``<root>/<class>/<image>`` (Imagenette layout), listed by
+  :func:`list_image_folder` and opened by :func:`load_rgb_image`;
+* stage-1 masks, one pickle per image: :func:`save_masks` / :func:`load_masks`;
+* stage-2 embeddings, one pickle per image: :func:`save_embeddings` /
+  :func:`load_embeddings`.
+
+Pickles on disk are untrusted: they are opened only through
+:class:`RestrictedUnpickler`, which allows numpy arrays and plain containers and
+refuses anything else. Writes are atomic (temporary name, then rename).
+
+Mask format (ours, lossless): a pickled ``dict`` with ``format`` set to
+:data:`MASK_FORMAT`, the bit-packed and zlib-compressed ``(N, 3, H, W)`` bool
+array, and its metadata (``grid``, ``img_size``, ``patch_size``, ``levels``,
+``sam_model``, ...). The reference format (a pickled list of ``N`` bool arrays
+``(3, H, W)``, about 29.5 MB per 224 px image) is read as well.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import tempfile
+import zlib
+from pathlib import Path
+from typing import Any, Iterable, NamedTuple
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+MASK_FORMAT = "partwhole-masks/1"
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+IGNORED_NAMES = ("failed.txt", ".DS_Store", "Thumbs.db")
+
+
+class InputError(ValueError):
+    """Bad user input (file, folder or flag). The message names it and the fix."""
+
+
+# --------------------------------------------------------------------------- pickles
+
+
+_ALLOWED_GLOBALS = {
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "scalar"),
+    ("numpy._core.numeric", "_frombuffer"),
+    ("builtins", "list"),
+    ("builtins", "tuple"),
+    ("builtins", "dict"),
+    ("builtins", "set"),
+    ("builtins", "frozenset"),
+    ("builtins", "bytearray"),
+    ("builtins", "complex"),
+    ("builtins", "slice"),
+    ("collections", "OrderedDict"),
+    ("_codecs", "encode"),  # bytes written by protocol 0-2 pickles
+}
+_ALLOWED_NUMPY_DTYPE_MODULES = ("numpy.dtypes",)  # numpy>=1.25 pickles dtype classes by name
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """Unpickler that builds only numpy arrays, dtypes and plain containers."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _ALLOWED_GLOBALS or (
+            module in _ALLOWED_NUMPY_DTYPE_MODULES and name.endswith("DType")
+        ):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: only numpy arrays and plain containers are allowed")
+
+
+def safe_pickle_load(path: str | os.PathLike) -> Any:
+    """Load a pickle from disk with :class:`RestrictedUnpickler`.
+
+    Raises:
+        InputError: the file is missing, truncated, or holds anything but numpy
+            arrays and plain containers (the message names the file).
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise InputError(f"{path}: file not found") from None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read ({exc.strerror})") from None
+    try:
+        return RestrictedUnpickler(io.BytesIO(data)).load()
+    except pickle.UnpicklingError as exc:
+        raise InputError(f"{path}: untrusted or corrupt pickle ({exc}); delete it and rerun the stage that writes it") from None
+    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, ImportError) as exc:
+        raise InputError(f"{path}: corrupt pickle ({type(exc).__name__}: {exc}); delete it and rerun the stage that writes it") from None
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename.
+
+    A reader (or a killed writer) never sees a truncated ``path``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+# --------------------------------------------------------------------------- masks
+
+
+def save_masks(path: str | os.PathLike, masks: np.ndarray, **meta: Any) -> None:
+    """Save bool masks ``(N, 3, H, W)`` losslessly and atomically.
+
+    ``meta`` (plain values: ints, strings, tuples) is stored beside the masks,
+    e.g. ``grid=14, img_size=224, patch_size=16, sam_model='vit_h'``.
+    """
+    masks = np.asarray(masks)
+    if masks.ndim != 4:
+        raise ValueError(f"masks must be (N, levels, H, W), got shape {masks.shape}")
+    masks = masks.astype(bool, copy=False)
+    record = {
+        "format": MASK_FORMAT,
+        "shape": tuple(int(s) for s in masks.shape),
+        "levels": int(masks.shape[1]),
+        "height": int(masks.shape[2]),
+        "width": int(masks.shape[3]),
+        "packed": zlib.compress(np.packbits(masks, axis=None).tobytes(), 6),
+        **meta,
+    }
+    atomic_write_bytes(path, pickle.dumps(record, protocol=4))
+
+
+def read_mask_record(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, Any]]:
+    """Return ``(masks, meta)``: bool ``(N, L, H, W)`` masks and the stored metadata.
+
+    Reference-format files (a list of ``(L, H, W)`` bool arrays) give metadata
+    derived from the array shape only.
+    """
+    obj = safe_pickle_load(path)
+    if isinstance(obj, dict) and obj.get("format") == MASK_FORMAT:
+        shape = tuple(obj["shape"])
+        try:
+            bits = np.frombuffer(zlib.decompress(obj["packed"]), dtype=np.uint8)
+            masks = np.unpackbits(bits, count=int(np.prod(shape))).reshape(shape).astype(bool)
+        except (zlib.error, ValueError) as exc:
+            raise InputError(f"{path}: corrupt mask data ({exc}); delete it and rerun stage 1") from None
+        meta = {k: v for k, v in obj.items() if k not in ("packed", "format")}
+        return masks, meta
+    if isinstance(obj, (list, tuple)) and obj and all(isinstance(m, np.ndarray) for m in obj):
+        try:
+            masks = np.stack([np.asarray(m, dtype=bool) for m in obj])
+        except ValueError as exc:
+            raise InputError(f"{path}: reference-format masks have mixed shapes ({exc})") from None
+    elif isinstance(obj, np.ndarray):
+        masks = obj.astype(bool)
+    else:
+        raise InputError(f"{path}: not a mask file (expected {MASK_FORMAT!r} or a list of (3, H, W) bool arrays)")
+    if masks.ndim != 4:
+        raise InputError(f"{path}: masks must be (N, levels, H, W), got shape {masks.shape}")
+    n, levels, height, width = masks.shape
+    grid = int(round(np.sqrt(n)))
+    meta = {"shape": masks.shape, "levels": levels, "height": height, "width": width, "format_read": "reference"}
+    if grid * grid == n:
+        meta["grid"] = grid
+    return masks, meta
+
+
+def load_masks(path: str | os.PathLike) -> np.ndarray:
+    """Load masks in either format as bool ``(N, 3, H, W)``."""
+    return read_mask_record(path)[0]
+
+
+# --------------------------------------------------------------------------- embeddings
+
+
+def save_embeddings(path: str | os.PathLike, embeds: np.ndarray) -> None:
+    """Save one image's embeddings ``(N, 3, D)`` (reference format: a pickled numpy array)."""
+    embeds = np.asarray(embeds)
+    if embeds.ndim != 3 or embeds.dtype not in (np.float16, np.float32):
+        raise ValueError(f"embeddings must be float16/float32 (N, levels, D), got {embeds.dtype} {embeds.shape}")
+    atomic_write_bytes(path, pickle.dumps(np.ascontiguousarray(embeds), protocol=4))
+
+
+def load_embeddings(path: str | os.PathLike) -> np.ndarray:
+    """Load one image's embeddings as float32 ``(N, 3, D)``; NaN/inf and bad shapes are errors."""
+    obj = safe_pickle_load(path)
+    if not isinstance(obj, np.ndarray) or obj.dtype.kind != "f" or obj.ndim != 3:
+        desc = f"{obj.dtype} array {obj.shape}" if isinstance(obj, np.ndarray) else type(obj).__name__
+        raise InputError(f"{path}: expected a float (num_patches, levels, D) array, got {desc}; rerun stage 2 for it")
+    if not np.isfinite(obj).all():
+        raise InputError(f"{path}: embedding holds NaN or inf values; rerun stage 2 for it")
+    return obj.astype(np.float32, copy=False)
+
+
+# --------------------------------------------------------------------------- image folders
+
+
+class ImageRecord(NamedTuple):
+    """One image of an image folder: its path, class index and class name."""
+
+    path: Path
+    label: int
+    class_name: str
+
+    def output_path(self, out_root: str | os.PathLike, suffix: str = ".pkl") -> Path:
+        """``<out_root>/<class>/<image stem><suffix>``: where stages 1 and 2 write for this image."""
+        return Path(out_root) / self.class_name / (self.path.stem + suffix)
+
+
+def list_classes(root: str | os.PathLike) -> list[str]:
+    """Sorted class folder names of ``root``; an error if there are none."""
+    root = Path(root)
+    if not root.is_dir():
+        raise InputError(f"{root}: folder not found (expected <root>/<class>/<image>, e.g. datasets/imagenette2/val)")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise InputError(f"{root}: no class folders found (expected <root>/<class>/<image>)")
+    return classes
+
+
+def list_image_folder(root: str | os.PathLike, classes: Iterable[str] | None = None) -> list[ImageRecord]:
+    """All images of ``<root>/<class>/<file>``, classes and files in sorted order.
+
+    Files whose names end in an image extension are listed; hidden files and
+    our own bookkeeping (``failed.txt``) are skipped.
+    """
+    root = Path(root)
+    class_names = list(classes) if classes is not None else list_classes(root)
+    records = []
+    for label, name in enumerate(class_names):
+        folder = root / name
+        if not folder.is_dir():
+            continue
+        for path in sorted(folder.iterdir()):
+            if path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS:
+                records.append(ImageRecord(path, label, name))
+    return records
+
+
+def load_rgb_image(path: str | os.PathLike, size: tuple[int, int] | None = None) -> Image.Image:
+    """Open any image PIL reads as RGB, resized to ``size=(width, height)`` with bicubic.
+
+    This is the one resize shared by stages 1 and 2 (and the toy data), so masks
+    line up with the pixels they cut.
+
+    Raises:
+        InputError: the file is missing, not an image, or truncated.
+    """
+    try:
+        with Image.open(path) as image:
+            image.load()
+            image = image.convert("RGB")
+    except FileNotFoundError:
+        raise InputError(f"{path}: image not found") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise InputError(f"{path}: cannot read image ({exc}); fix or remove the file (or pass --skip_bad_images)") from None
+    if size is not None and image.size != tuple(size):
+        image = image.resize(tuple(size), Image.BICUBIC)
+    return image

@@ -1,0 +1,144 @@
+"""Shared driver of the per-image stages (1: SAM masks, 2: embeddings).
+
+Both stages turn every image of a folder into one output file. This module holds
+what they share, so each stage script only says how to compute one batch:
+
+* :func:`launch_workers`: N processes over GPUs/nodes through Lightning Fabric
+  (torch.distributed DDP), or one plain process;
+* :func:`plan_work`: this rank's disjoint share of the images, minus finished
+  outputs (resume after a kill), unless ``overwrite``;
+* :class:`Progress`: a progress bar (images, images/s, time left) and a closing
+  summary line (written, skipped, failed, time, throughput);
+* :func:`record_failure`: one line per bad input in ``<out>/failed.txt``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from hierarchical_masks.mask_io import ImageRecord
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerContext:
+    """Where this process runs: its rank among ``world_size`` and its torch device."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    fabric: object | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.fabric is not None:
+            self.fabric.barrier()
+
+
+def resolve_device(device: str) -> torch.device:
+    """``--device`` as given (``cpu``, ``cuda``, ``cuda:1``); CUDA asked for but absent is an error."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise ValueError(f"--device={device!r} is not a torch device ({exc}); use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device={device}: no CUDA GPU is visible; use --device=cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device={device}: only {torch.cuda.device_count()} GPU(s) visible; use cuda:0..cuda:{torch.cuda.device_count() - 1}")
+    return dev
+
+
+def launch_workers(device: str = "cpu", num_processes: int = 1, num_nodes: int = 1) -> WorkerContext:
+    """Start this rank's worker.
+
+    With ``num_processes * num_nodes == 1`` nothing is launched and ``device`` is
+    used as given. Otherwise Lightning Fabric starts the DDP processes (one per
+    GPU on CUDA, ``num_processes`` CPU processes on CPU; under ``torchrun`` or
+    SLURM it joins the existing ones) and each returns its own context.
+    """
+    dev = resolve_device(device)
+    if num_processes * num_nodes <= 1 and "LOCAL_RANK" not in os.environ:
+        return WorkerContext(device=dev)
+    from lightning_fabric import Fabric
+
+    accelerator = "cuda" if dev.type == "cuda" else "cpu"
+    fabric = Fabric(accelerator=accelerator, devices=num_processes, num_nodes=num_nodes, strategy="ddp")
+    fabric.launch()
+    return WorkerContext(rank=fabric.global_rank, world_size=fabric.world_size, device=fabric.device, fabric=fabric)
+
+
+def plan_work(
+    records: Sequence[ImageRecord], out_root: str | os.PathLike, *, rank: int = 0, world_size: int = 1, overwrite: bool = False
+) -> tuple[list[ImageRecord], int]:
+    """Return ``(todo, skipped)``: this rank's share of ``records`` still to compute.
+
+    Rank ``r`` takes ``records[r::world_size]`` (disjoint, together complete).
+    Finished outputs (a file at :meth:`ImageRecord.output_path`) are skipped
+    unless ``overwrite``.
+    """
+    share = list(records)[rank::world_size]
+    if overwrite:
+        return share, 0
+    todo = [r for r in share if not r.output_path(out_root).is_file()]
+    return todo, len(share) - len(todo)
+
+
+def record_failure(out_root: str | os.PathLike, image_path: str | os.PathLike, reason: str) -> None:
+    """Append ``<image path>\\t<reason>`` to ``<out_root>/failed.txt`` (one short append: safe across ranks)."""
+    out_root = Path(out_root)
+    out_root.mkdir(parents=True, exist_ok=True)
+    line = f"{image_path}\t{' '.join(reason.split())}\n"
+    with open(out_root / "failed.txt", "a", encoding="utf-8") as handle:
+        handle.write(line)
+    log.warning("skipped %s: %s", image_path, reason)
+
+
+class Progress:
+    """Progress bar over images plus a closing summary line.
+
+    ``update(written=..., failed=...)`` after each batch; ``close()`` prints
+    ``<name>: N written, N skipped (already done), N failed in T s (X images/s)``.
+    """
+
+    def __init__(self, name: str, total: int, skipped: int, *, rank: int = 0, enabled: bool = True):
+        self.name, self.skipped, self.rank = name, skipped, rank
+        self.written = self.failed = 0
+        self.start = time.perf_counter()
+        desc = name if rank == 0 else f"{name}[rank {rank}]"
+        self.bar = tqdm(total=total, desc=desc, unit="img", disable=not enabled, position=rank, dynamic_ncols=True)
+
+    def update(self, written: int = 0, failed: int = 0) -> None:
+        self.written += written
+        self.failed += failed
+        self.bar.update(written + failed)
+
+    def close(self) -> str:
+        self.bar.close()
+        seconds = time.perf_counter() - self.start
+        rate = self.written / seconds if seconds > 0 else 0.0
+        prefix = self.name if self.rank == 0 else f"{self.name} [rank {self.rank}]"
+        line = (
+            f"{prefix}: {self.written} written, {self.skipped} skipped (already done), "
+            f"{self.failed} failed in {seconds:.1f} s ({rate:.2f} images/s)"
+        )
+        print(line, flush=True)
+        return line
+
+
+def batched(items: Sequence, size: int):
+    """Consecutive slices of ``items`` of at most ``size`` elements."""
+    for start in range(0, len(items), max(1, size)):
+        yield items[start : start + size]

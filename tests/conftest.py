@@ -1,0 +1,14 @@
+"""Test set-up: make ``src/`` importable and keep runs on CPU, quiet and small."""
+
+import os
+import sys
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+sys.path.insert(0, str(SRC))
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes more than a few seconds; deselect with -m 'not slow'")
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU; skipped when none is visible")
