@@ -1,0 +1,1 @@
+"""Stage 3: the Agglomerator (GLOM-style columns of level embeddings), its training and analysis."""
