@@ -31,11 +31,16 @@ def objective_from_flags() -> str:
     return "classify" if FLAGS.supervise else FLAGS.pretrain_objective
 
 
+def model_input_size() -> int:
+    """The reference resizes smallNORB to --image_size (48) and crops 4*conv_image_size (32) px."""
+    return FLAGS.conv_image_size * 4 if FLAGS.dataset == "smallNORB" else FLAGS.image_size
+
+
 def model_config_from_flags() -> dict:
     from agglomerator.model import AgglomeratorConfig
 
     config = AgglomeratorConfig(
-        image_size=FLAGS.image_size, conv_image_size=FLAGS.conv_image_size, patch_size=FLAGS.patch_size,
+        image_size=model_input_size(), conv_image_size=FLAGS.conv_image_size, patch_size=FLAGS.patch_size,
         patch_dim=FLAGS.patch_dim, levels=FLAGS.levels, n_channels=FLAGS.n_channels, n_classes=FLAGS.n_classes,
         iters=FLAGS.iters, denoise_iter=FLAGS.denoise_iter, levels_encoder=FLAGS.levels_encoder,
         levels_encoder_dim=FLAGS.levels_encoder_dim, contr_dim=FLAGS.contr_dim, dropout=FLAGS.dropout,
@@ -84,6 +89,7 @@ def datamodule_for(module, objective: str):
     config = DataConfig(
         dataset=FLAGS.dataset, data_dir=FLAGS.data_dir, image_size=FLAGS.image_size, n_channels=FLAGS.n_channels,
         batch_size=FLAGS.batch_size, num_workers=FLAGS.num_workers, objective=objective, seed=FLAGS.seed,
+        crop_size=model_input_size() if model_input_size() != FLAGS.image_size else None,
     )
     model = module.model
     shape = (model.config.num_patches, model.config.levels, model.embed_dim)

@@ -65,6 +65,7 @@ class DataConfig:
     objective: str = "sam_distill"  # sam_distill | supcon | classify
     val_fraction: float = 0.1
     seed: int = 42
+    crop_size: int | None = None  # smallNORB (reference): resize to image_size, then crop to crop_size
 
     @property
     def root(self) -> Path:
@@ -109,6 +110,10 @@ def build_transform(config: DataConfig, train: bool) -> Callable:
         mean, std = (mean * config.n_channels)[: config.n_channels], (std * config.n_channels)[: config.n_channels]
     finish = [T.ToTensor(), T.Normalize(mean, std)]
     resize = T.Resize((size, size), interpolation=T.InterpolationMode.BICUBIC)
+    if config.crop_size is not None and config.crop_size < size:
+        crop = T.RandomCrop(config.crop_size) if train else T.CenterCrop(config.crop_size)
+        resize = T.Compose([resize, crop])
+        size = config.crop_size
     channels = ToChannels(config.n_channels)
     if not train or config.objective == "sam_distill":
         return T.Compose([channels, resize, *finish])

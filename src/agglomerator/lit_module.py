@@ -82,6 +82,11 @@ class AgglomeratorLitModule(pl.LightningModule):
             self.model.image_to_tokens.eval()
         return self
 
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # Lightning restores each submodule's own train/eval mode around validation: enforce it per batch.
+        if self.frozen_backbone:
+            self.model.image_to_tokens.eval()
+
     def forward(self, image: torch.Tensor):
         return self.model(image)
 
