@@ -4,9 +4,9 @@ Ten classes (``00_tower`` ... ``09_table``), each a fixed arrangement of three o
 four simple coloured parts (disc, square, bar, triangle) in an object frame.
 Every image draws one object of its class at a random position, scale, aspect
 and mirror, with random part colours, on a textured two-region background
-(a "wall" above a random horizon, a "floor" below); half the images also hold a
-small one-part distractor object. Colours and textures are random, so only the
-arrangement tells the class.
+(a "wall" above a random horizon, a "floor" below); about half the images
+also hold a small one-part distractor object (where there is room). Colours
+and textures are random, so only the arrangement tells the class.
 
 Written in the Imagenette folder layout, so every stage reads it unchanged::
 
