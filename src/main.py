@@ -110,6 +110,26 @@ def trainer_for(run_dir: Path, train: bool, monitor: str | None = None, monitor_
     )
 
 
+def val_mask_paths(datamodule) -> list[Path] | None:
+    """Stage-1 mask files of the val images (image folders whose ``val_masks`` exist), for the islands score."""
+    from agglomerator.data import MASKS_SUFFIX, ImageFolderWithEmbeddings
+
+    val = datamodule.splits.get("val")
+    masks_root = datamodule.config.root / f"val{MASKS_SUFFIX}"
+    if not isinstance(val, ImageFolderWithEmbeddings) or not masks_root.is_dir():
+        return None
+    return [record.output_path(masks_root) for record in val.records]
+
+
+def write_results(run_dir: Path, results: dict) -> None:
+    """``<run>/results.json``: what a run measured, for scripts (the demo reads it)."""
+    import json
+
+    from hierarchical_masks.mask_io import atomic_write_bytes
+
+    atomic_write_bytes(run_dir / "results.json", json.dumps(results, indent=2, default=str).encode())
+
+
 def write_flags(run_dir: Path) -> None:
     """Save the resolved flags as a flagfile: ``--flagfile <run>/flags.cfg`` reruns the same settings."""
     from hierarchical_masks.mask_io import atomic_write_bytes
@@ -141,6 +161,7 @@ def run_train() -> None:
     datamodule = datamodule_for(module, objective)
     write_flags(run_dir)
     module.islands_dir = run_dir / "islands" if FLAGS.plot_islands else None
+    module.val_mask_paths = val_mask_paths(datamodule)
     monitor, mode = ("val/accuracy", "max") if objective == "classify" else ("val/loss", "min")
     trainer = trainer_for(run_dir, train=True, monitor=monitor, monitor_mode=mode)
     start = time.perf_counter()
@@ -151,6 +172,8 @@ def run_train() -> None:
     best = best or last
     results = trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=True) if best else []
     metrics = ", ".join(f"{k}={v:.4f}" for k, v in (results[0] if results else {}).items())
+    write_results(run_dir, {"objective": objective, "epochs": trainer.current_epoch, "steps": trainer.global_step,
+                            "seconds": seconds, "best": best, "last": last, "test": results[0] if results else {}})
     print(f"train ({objective}): {trainer.current_epoch} epochs, {trainer.global_step} steps in {seconds:.1f} s; "
           f"run {run_dir}; best {best}; last {last}" + (f"; test {metrics}" if metrics else ""))
 
@@ -164,6 +187,7 @@ def run_test() -> None:
     trainer = trainer_for(run_dir, train=False)
     results = trainer.test(module, datamodule=datamodule, verbose=True)
     metrics = ", ".join(f"{k}={v:.4f}" for k, v in results[0].items())
+    write_results(run_dir, {"objective": module.objective, "checkpoint": FLAGS.load_checkpoint_dir, "test": results[0]})
     print(f"test ({module.objective}) of {FLAGS.load_checkpoint_dir}: {metrics}")
 
 

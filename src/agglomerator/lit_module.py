@@ -72,6 +72,7 @@ class AgglomeratorLitModule(pl.LightningModule):
                 {f"{stage}_acc": MulticlassAccuracy(num_classes=config.n_classes, average="micro") for stage in ("train", "val", "test")}
             )
         self.islands_dir: Path | None = None  # set by main.py to <run>/islands
+        self.val_mask_paths: list[Path] | None = None  # set by main.py: stage-1 masks of the val images, by index
 
     # ------------------------------------------------------------------ forward / steps
 
@@ -112,6 +113,8 @@ class AgglomeratorLitModule(pl.LightningModule):
             self.log(f"{stage}/accuracy", metric, prog_bar=True, on_step=False, on_epoch=True, batch_size=batch_size)
         self.log(f"{stage}/loss", loss, prog_bar=True, on_step=stage == "train", on_epoch=True,
                  batch_size=batch_size, sync_dist=stage != "train")
+        if stage == "val" and batch.get("_batch_idx") == 0 and self.val_mask_paths is not None:
+            self.log_islands_scores(out.levels, batch["index"])
         if self.hparams.plot_islands and self._should_plot(stage, batch.get("_batch_idx", 0)):
             self.plot_islands(stage, image[0, 0] if two_crops else image[0], out.levels[0],
                               batch["embeds"][0] if "embeds" in batch else None)
@@ -145,6 +148,26 @@ class AgglomeratorLitModule(pl.LightningModule):
         if stage == "train":
             return self.global_step % max(1, self.hparams.plot_every) == 0
         return batch_idx == 0
+
+    @torch.no_grad()
+    def log_islands_scores(self, levels: torch.Tensor, indices: torch.Tensor, max_images: int = 4) -> None:
+        """Islands scores of the first val images against their stage-1 masks, logged as ``val/islands_*_L<i>``."""
+        from agglomerator.islands import average_islands_scores, islands_scores
+        from hierarchical_masks.mask_io import load_masks
+
+        per_image = []
+        for j in range(min(max_images, levels.shape[0])):
+            path = self.val_mask_paths[int(indices[j])]
+            if path.is_file():
+                masks = load_masks(path)
+                if masks.shape[0] == levels.shape[1]:
+                    per_image.append(islands_scores(levels[j].float().cpu(), masks))
+        if not per_image:
+            return
+        for level, scores in average_islands_scores(per_image).items():
+            for name, value in scores.items():
+                if value == value:  # not NaN
+                    self.log(f"val/islands_{name}_L{level}", float(value), on_step=False, on_epoch=True, batch_size=1)
 
     @torch.no_grad()
     def plot_islands(self, stage: str, image: torch.Tensor, levels: torch.Tensor, teacher: torch.Tensor | None) -> None:
