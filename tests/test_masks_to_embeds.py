@@ -122,12 +122,12 @@ def outputs(out: Path) -> dict[str, np.ndarray]:
 @pytest.mark.parametrize("model_name", ["test_vit", "resnet18"])
 @pytest.mark.parametrize("crop", [False, True])
 def test_batched_transform_equals_pil_transform(model_name, crop):
-    """Pixel level: the batched transform is timm's PIL transform up to rounding ties."""
+    """Pixel level: the batched transform is timm's PIL transform but for rare float32 rounding flips."""
     model = timm.create_model(model_name, pretrained=False, num_classes=0)
     pil_transform = reference_transform(model)
     batched = BatchedEvalTransform.from_timm(pil_transform)
     assert batched is not None
-    for height, width in ((SIZE, SIZE), (40, 28)):
+    for height, width in ((SIZE, SIZE), (40, 28), (200, 180)):  # the last one shrinks (antialiased kernel)
         image = np.array(make_image(7, (width, height)))
         masks = make_masks(3, height=height, width=width).reshape(-1, height, width)
         ours = batched(torch.from_numpy(image).permute(2, 0, 1), torch.from_numpy(masks), crop=crop)
@@ -136,8 +136,8 @@ def test_batched_transform_equals_pil_transform(model_name, crop):
         ref = torch.stack([pil_transform(masked_pil_image(image, m, crop)) for m in masks])
         assert ours.shape == ref.shape
         steps = (ours - ref).abs() * 255 * torch.tensor(batched.std).view(1, 3, 1, 1)  # in 8-bit units
-        assert steps.max() <= 1.001
-        assert (steps > 0.01).float().mean() < 1e-3
+        assert steps.max() <= 2.001  # a flipped rounding in Pillow's first pass can add up in the second
+        assert (steps > 0.01).float().mean() < 2e-3
 
 
 def _encoder(name: str, checkpoint: Path | None):
