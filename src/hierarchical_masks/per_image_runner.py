@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -134,7 +135,8 @@ class Progress:
             f"{prefix}: {self.written} written, {self.skipped} skipped (already done), "
             f"{self.failed} failed in {seconds:.1f} s ({rate:.2f} images/s)"
         )
-        print(line, flush=True)
+        sys.stdout.write(line + "\n")  # one write: lines of several ranks do not interleave
+        sys.stdout.flush()
         return line
 
 

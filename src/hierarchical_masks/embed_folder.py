@@ -1,0 +1,282 @@
+"""Stage 2 over an image folder: check the inputs, share out the images, embed them, write the files.
+
+``<in_images_path>/<class>/<image>`` plus the stage-1 masks
+``<in_masks_path>/<class>/<stem>.pkl`` give ``<out_data_path>/<class>/<stem>.pkl``:
+float32 (or float16) embeddings ``(N, 3, D)`` per image (see
+:mod:`hierarchical_masks.mask_embedding` for the maths).
+
+* :func:`check_inputs` fails early, with one line naming the file or folder,
+  on class folders that differ, missing mask files and a first mask file that
+  does not fit ``img_height x img_width`` with 3 levels.
+* :func:`embed_folder` takes this process's share of the images
+  (:func:`~hierarchical_masks.per_image_runner.plan_work`: finished files are
+  skipped unless ``overwrite``), loads images and masks in DataLoader workers,
+  embeds them in packed batches and writes each file atomically.
+
+Library code: plain arguments (:class:`EmbedFolderConfig`), no flags.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from hierarchical_masks.mask_embedding import (
+    DEFAULT_ENCODER,
+    PRECISIONS,
+    MaskedImageEncoder,
+    build_encoder,
+    check_model_name,
+)
+from hierarchical_masks.mask_io import (
+    ImageRecord,
+    InputError,
+    list_classes,
+    list_image_folder,
+    load_rgb_image,
+    read_mask_record,
+    save_embeddings,
+)
+from hierarchical_masks.per_image_runner import Progress, WorkerContext, plan_work, record_failure
+
+log = logging.getLogger(__name__)
+
+LEVELS = 3  # SAM's multimask output: levels 0, 1, 2
+EMBED_DTYPES = {"float32": np.float32, "float16": np.float16}
+STAGE_NAME = "masks_to_embeds"
+
+
+@dataclass
+class EmbedFolderConfig:
+    """Everything stage 2 needs; field names follow the CLI flags."""
+
+    in_masks_path: Path
+    in_images_path: Path
+    out_data_path: Path
+    encoder_model_name: str = DEFAULT_ENCODER
+    pretrained: bool = True
+    encoder_checkpoint: Path | None = None
+    crop: bool = False
+    img_height: int = 224
+    img_width: int = 224
+    embed_dtype: str = "float32"
+    batch_size: int | None = None  # None: 256 on CUDA, 64 elsewhere
+    precision: str = "auto"
+    overwrite: bool = False
+    skip_missing: bool = False
+    skip_bad_images: bool = False
+    num_workers: int | None = None  # None: 0 on CPU, several loader processes on CUDA
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("in_masks_path", "in_images_path", "out_data_path"):
+            value = getattr(self, name)
+            if value in (None, ""):
+                raise InputError(f"--{name} is required")
+            setattr(self, name, Path(value))
+        if self.encoder_checkpoint not in (None, ""):
+            self.encoder_checkpoint = Path(self.encoder_checkpoint)
+        else:
+            self.encoder_checkpoint = None
+        for name in ("img_height", "img_width"):
+            if getattr(self, name) < 1:
+                raise InputError(f"--{name}={getattr(self, name)}: must be a positive number of pixels (stage 1 used --img_size)")
+        if self.embed_dtype not in EMBED_DTYPES:
+            raise InputError(f"--embed_dtype={self.embed_dtype!r}: use float32 or float16")
+        if self.precision not in PRECISIONS:
+            raise InputError(f"--precision={self.precision!r}: use one of {', '.join(PRECISIONS)}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise InputError(f"--batch_size={self.batch_size}: must be at least 1")
+        if self.num_workers is not None and self.num_workers < 0:
+            raise InputError(f"--num_workers={self.num_workers}: must be 0 or more")
+
+    def mask_path(self, record: ImageRecord) -> Path:
+        """The stage-1 mask file of ``record``: ``<in_masks_path>/<class>/<stem>.pkl``."""
+        return record.output_path(self.in_masks_path)
+
+
+@dataclass
+class CheckedInputs:
+    """What :func:`check_inputs` found: images with masks, images without, points per image."""
+
+    records: list[ImageRecord]
+    missing: list[ImageRecord] = field(default_factory=list)
+    num_points: int = 0
+
+
+def _names(names: list[str], limit: int = 12) -> str:
+    shown = ", ".join(names[:limit]) or "(none)"
+    return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
+
+
+def check_mask_record(path: Path, masks: np.ndarray, meta: dict[str, Any], *, height: int, width: int,
+                      num_points: int | None = None, first_path: Path | None = None) -> int:
+    """Check masks ``(N, L, H, W)`` read from ``path``; return ``N``.
+
+    Raises:
+        InputError: not 3 levels, not ``height x width``, ``N`` not the stored
+            grid squared, or ``N`` not the ``num_points`` of ``first_path``.
+    """
+    n, levels, mask_h, mask_w = masks.shape
+    if levels != LEVELS:
+        raise InputError(f"{path}: masks have {levels} levels, expected {LEVELS} (SAM multimask output); rerun stage 1 for this image")
+    if (mask_h, mask_w) != (height, width):
+        raise InputError(f"{path}: masks are {mask_h}x{mask_w} (height x width) but --img_height={height} --img_width={width}; "
+                         f"pass the size stage 1 used (--img_height={mask_h} --img_width={mask_w}) or rerun stage 1")
+    grid = meta.get("grid")
+    if grid is not None and int(grid) ** 2 != n:
+        raise InputError(f"{path}: {n} masks per level but the file's grid is {grid}x{grid}; the file is inconsistent, rerun stage 1 for it")
+    if n == 0:
+        raise InputError(f"{path}: holds no masks; rerun stage 1 for this image")
+    if num_points is not None and n != num_points:
+        raise InputError(f"{path}: {n} points but {num_points} in {first_path}; every image needs the same grid "
+                         "(rerun stage 1 with one --img_size/--patch_size)")
+    return n
+
+
+def check_inputs(cfg: EmbedFolderConfig) -> CheckedInputs:
+    """Fail early on inputs that cannot work; return the images to embed.
+
+    Raises:
+        InputError: unknown model name, missing checkpoint file, class
+            folders differ, no images, mask files missing (unless
+            ``cfg.skip_missing``), or the first mask file does not fit.
+    """
+    check_model_name(cfg.encoder_model_name)
+    if cfg.encoder_checkpoint is not None and not cfg.encoder_checkpoint.is_file():
+        raise InputError(f"--encoder_checkpoint={cfg.encoder_checkpoint}: file not found; give a local weights file")
+    image_classes = list_classes(cfg.in_images_path)
+    mask_classes = list_classes(cfg.in_masks_path)
+    if image_classes != mask_classes:
+        only_images = sorted(set(image_classes) - set(mask_classes))
+        only_masks = sorted(set(mask_classes) - set(image_classes))
+        raise InputError(
+            f"class folders differ: {cfg.in_images_path} has [{_names(image_classes)}] but {cfg.in_masks_path} has "
+            f"[{_names(mask_classes)}] (only in images: [{_names(only_images)}]; only in masks: [{_names(only_masks)}]); "
+            "point --in_masks_path at the stage-1 output of --in_images_path (run stage 1 for the missing classes)"
+        )
+    records = list_image_folder(cfg.in_images_path, image_classes)
+    if not records:
+        raise InputError(f"{cfg.in_images_path}: no images in its class folders")
+    missing = [r for r in records if not cfg.mask_path(r).is_file()]
+    if missing and not cfg.skip_missing:
+        first = ", ".join(str(cfg.mask_path(r)) for r in missing[:5])
+        raise InputError(f"{len(missing)} of {len(records)} images have no mask file under {cfg.in_masks_path} (first: {first}); "
+                         "run stage 1 for them, or pass --skip_missing to skip them (listed in failed.txt)")
+    missing_set = set(missing)
+    present = [r for r in records if r not in missing_set]
+    if not present:
+        raise InputError(f"{cfg.in_masks_path}: no mask file for any of the {len(records)} images; run stage 1 first")
+    first_path = cfg.mask_path(present[0])
+    masks, meta = read_mask_record(first_path)
+    num_points = check_mask_record(first_path, masks, meta, height=cfg.img_height, width=cfg.img_width)
+    return CheckedInputs(records=present, missing=missing, num_points=num_points)
+
+
+class MaskedImageDataset(Dataset):
+    """Image ``i`` of ``records`` with its masks, as tensors (runs in DataLoader workers).
+
+    Items are dicts: ``index``, ``image`` uint8 ``(3, H, W)``, ``masks`` bool
+    ``(N, 3, H, W)``; or ``index`` and ``error`` (one line) for a bad file.
+    """
+
+    def __init__(self, records: list[ImageRecord], cfg: EmbedFolderConfig, num_points: int, first_path: Path):
+        self.records, self.cfg, self.num_points, self.first_path = records, cfg, num_points, first_path
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        record, cfg = self.records[index], self.cfg
+        path = cfg.mask_path(record)
+        try:
+            masks, meta = read_mask_record(path)
+            check_mask_record(path, masks, meta, height=cfg.img_height, width=cfg.img_width,
+                              num_points=self.num_points, first_path=self.first_path)
+            image = load_rgb_image(record.path, (cfg.img_width, cfg.img_height))
+        except InputError as exc:
+            return {"index": index, "error": str(exc)}
+        pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1).contiguous()  # (3, H, W) uint8
+        return {"index": index, "image": pixels, "masks": torch.from_numpy(masks)}
+
+
+def _default_num_workers(device: torch.device, world_size: int) -> int:
+    if device.type != "cuda":
+        return 0  # on CPU the model dominates; loader processes would only steal its cores
+    return max(1, min(8, (os.cpu_count() or 2) // max(1, world_size) - 1))
+
+
+def embed_folder(cfg: EmbedFolderConfig, inputs: CheckedInputs, worker: WorkerContext | None = None) -> str:
+    """Embed this process's share of ``inputs.records``; return the summary line.
+
+    Raises:
+        InputError: a bad mask or image file (unless ``cfg.skip_bad_images``:
+            then it is listed in ``failed.txt``), or non-finite embeddings.
+            Files already written stay.
+    """
+    worker = worker or WorkerContext()
+    device = worker.device
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    elif worker.world_size > 1 and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // worker.world_size))
+    if worker.is_main:
+        for record in inputs.missing:
+            record_failure(cfg.out_data_path, record.path, f"no mask file {cfg.mask_path(record)} (skipped: --skip_missing)")
+    todo, skipped = plan_work(inputs.records, cfg.out_data_path, rank=worker.rank, world_size=worker.world_size,
+                              overwrite=cfg.overwrite)
+    batch_size = cfg.batch_size or (256 if device.type == "cuda" else 64)
+    num_workers = cfg.num_workers if cfg.num_workers is not None else _default_num_workers(device, worker.world_size)
+    dtype = EMBED_DTYPES[cfg.embed_dtype]
+
+    if not todo:
+        return Progress(STAGE_NAME, total=0, skipped=skipped, rank=worker.rank, enabled=False).close()
+    model = build_encoder(cfg.encoder_model_name, pretrained=cfg.pretrained, checkpoint=cfg.encoder_checkpoint, device=device)
+    encoder = MaskedImageEncoder(model, device=device, crop=cfg.crop, batch_size=batch_size, precision=cfg.precision)
+    log.info("rank %d/%d: %d images to embed (%d already done) on %s, %s, batch %d, %d loader workers, crop=%s",
+             worker.rank, worker.world_size, len(todo), skipped, device, encoder.precision, batch_size, num_workers, cfg.crop)
+
+    dataset = MaskedImageDataset(todo, cfg, inputs.num_points, cfg.mask_path(inputs.records[0]))
+    loader = DataLoader(dataset, batch_size=None, shuffle=False, num_workers=num_workers,
+                        pin_memory=device.type == "cuda", prefetch_factor=4 if num_workers else None)
+
+    stop_error: list[str] = []  # a bad file ends the stream; images already in flight are still written
+
+    def loaded_images():
+        for item in loader:
+            index = int(item["index"])
+            if "error" in item:
+                if not cfg.skip_bad_images:
+                    hint = "" if "--skip_bad_images" in item["error"] else " (or pass --skip_bad_images to skip it)"
+                    stop_error.append(item["error"] + hint)
+                    return
+                record_failure(cfg.out_data_path, todo[index].path, item["error"])
+                progress.update(failed=1)
+                continue
+            yield index, item["image"], item["masks"]
+
+    progress = Progress(STAGE_NAME, total=len(todo), skipped=skipped, rank=worker.rank, enabled=cfg.progress)
+    start = time.perf_counter()
+    for index, embeds in encoder.embed_stream(loaded_images()):
+        record = todo[index]
+        embeds = embeds.astype(dtype, copy=False)
+        if not np.isfinite(embeds).all():
+            hint = " (float16 overflow: use --embed_dtype=float32)" if dtype == np.float16 else ""
+            raise InputError(f"{record.path}: embeddings hold NaN or inf{hint}; check the encoder weights")
+        save_embeddings(record.output_path(cfg.out_data_path), embeds)
+        progress.update(written=1)
+    seconds = time.perf_counter() - start
+    line = progress.close()
+    if stop_error:
+        raise InputError(stop_error[0])
+    log.info("rank %d: %d masked images in %.1f s (%.1f masked images/s)", worker.rank, encoder.masked_images, seconds,
+             encoder.masked_images / max(seconds, 1e-9))
+    return line

@@ -1,0 +1,343 @@
+"""Stage 2 (masks_to_embeds): fast path == reference PIL path, files, resume, processes, bad input.
+
+Tiny on purpose: 32x32 images, a 2x2 point grid (12 masked images per image),
+timm ``test_*`` models and a resnet18 with fixed random weights read from a
+local checkpoint file.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+
+from hierarchical_masks import embed_folder as ef
+from hierarchical_masks.eval_transform import BatchedEvalTransform
+from hierarchical_masks.mask_embedding import (
+    MaskedImageEncoder,
+    build_encoder,
+    embed_image_reference,
+    reference_transform,
+)
+from hierarchical_masks.mask_io import InputError, load_embeddings, load_rgb_image, safe_pickle_load, save_masks
+
+REPO = Path(__file__).resolve().parents[1]
+CLI = REPO / "src" / "hierarchical_masks" / "masks_to_embeds.py"
+SIZE = 32  # --img_height = --img_width in these tests
+GRID = 2
+MODEL = "test_vit"
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+def make_image(seed: int, size=(48, 40)) -> Image.Image:
+    """A smooth random RGB image (random 6x6 colours, bicubic upsampled)."""
+    rng = np.random.default_rng(seed)
+    small = Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8))
+    return small.resize(size, Image.BICUBIC)
+
+
+def make_masks(seed: int, grid: int = GRID, height: int = SIZE, width: int = SIZE) -> np.ndarray:
+    """Nested masks ``(grid*grid, 3, H, W)`` around each grid point, like SAM's levels 0 < 1 < 2.
+
+    Level 0 is a small box, level 1 a larger box, level 2 the larger box plus
+    random pixels. The first point's level 0 is empty, the last point's level 2 full.
+    """
+    rng = np.random.default_rng(seed)
+    n = grid * grid
+    masks = np.zeros((n, 3, height, width), bool)
+    for k in range(n):
+        cy, cx = (k // grid + 0.5) * height / grid, (k % grid + 0.5) * width / grid
+        for level, half in enumerate((2, 6, 10)):
+            hy, hx = half + rng.integers(0, 3), half + rng.integers(0, 3)
+            masks[k, level, max(0, int(cy - hy)) : int(cy + hy), max(0, int(cx - hx)) : int(cx + hx)] = True
+        masks[k, 2] |= rng.random((height, width)) < 0.1
+    masks[0, 0] = False
+    masks[-1, 2] = True
+    return masks
+
+
+def make_dataset(root: Path, classes=("cat", "dog"), per_class: int = 2, reference_format: bool = False):
+    """``root/images/<class>/<img>`` and ``root/masks/<class>/<stem>.pkl``; returns (images, masks, out)."""
+    images, masks_root = root / "images", root / "masks"
+    seed = 0
+    for name in classes:
+        (images / name).mkdir(parents=True)
+        for i in range(per_class):
+            seed += 1
+            stem = f"{name}_{i}"
+            make_image(seed).save(images / name / f"{stem}.png")
+            masks = make_masks(seed)
+            path = masks_root / name / f"{stem}.pkl"
+            if reference_format:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(pickle.dumps([m for m in masks]))
+            else:
+                save_masks(path, masks, grid=GRID, img_size=SIZE, patch_size=SIZE // GRID, levels=3)
+    return images, masks_root, root / "embeds"
+
+
+@pytest.fixture(scope="module")
+def resnet_checkpoint(tmp_path_factory) -> Path:
+    """resnet18 with fixed (seeded) random weights, saved as a local state dict."""
+    torch.manual_seed(1234)
+    model = timm.create_model("resnet18", pretrained=False)  # with its classifier head, like a real file
+    path = tmp_path_factory.mktemp("weights") / "resnet18_fixed.pth"
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a, b = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
+    return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+
+
+def config(images, masks, out, **kw) -> ef.EmbedFolderConfig:
+    kw = {"encoder_model_name": MODEL, "pretrained": False, "img_height": SIZE, "img_width": SIZE,
+          "batch_size": 5, "progress": False, **kw}
+    return ef.EmbedFolderConfig(in_masks_path=masks, in_images_path=images, out_data_path=out, **kw)
+
+
+def run_stage(cfg) -> str:
+    return ef.embed_folder(cfg, ef.check_inputs(cfg))
+
+
+def outputs(out: Path) -> dict[str, np.ndarray]:
+    return {str(p.relative_to(out)): load_embeddings(p) for p in sorted(out.rglob("*.pkl"))}
+
+
+# --------------------------------------------------------------------------- the maths
+
+
+@pytest.mark.parametrize("model_name", ["test_vit", "resnet18"])
+@pytest.mark.parametrize("crop", [False, True])
+def test_batched_transform_equals_pil_transform(model_name, crop):
+    """Pixel level: the batched transform is timm's PIL transform but for rare float32 rounding flips."""
+    model = timm.create_model(model_name, pretrained=False, num_classes=0)
+    pil_transform = reference_transform(model)
+    batched = BatchedEvalTransform.from_timm(pil_transform)
+    assert batched is not None
+    for height, width in ((SIZE, SIZE), (40, 28), (200, 180)):  # the last one shrinks (antialiased kernel)
+        image = np.array(make_image(7, (width, height)))
+        masks = make_masks(3, height=height, width=width).reshape(-1, height, width)
+        ours = batched(torch.from_numpy(image).permute(2, 0, 1), torch.from_numpy(masks), crop=crop)
+        from hierarchical_masks.mask_embedding import masked_pil_image
+
+        ref = torch.stack([pil_transform(masked_pil_image(image, m, crop)) for m in masks])
+        assert ours.shape == ref.shape
+        steps = (ours - ref).abs() * 255 * torch.tensor(batched.std).view(1, 3, 1, 1)  # in 8-bit units
+        assert steps.max() <= 2.001  # a flipped rounding in Pillow's first pass can add up in the second
+        assert (steps > 0.01).float().mean() < 2e-3
+
+
+def _encoder(name: str, checkpoint: Path | None):
+    if checkpoint is None:
+        return build_encoder(name, pretrained=False)
+    return build_encoder(name, checkpoint=checkpoint)
+
+
+@pytest.mark.parametrize("crop", [False, True], ids=["nocrop", "crop"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("model_name", ["test_vit", "test_efficientnet", "resnet18"])
+def test_fast_path_matches_reference_path(model_name, precision, crop, resnet_checkpoint):
+    """Every embedding of the fast path has cosine >= 0.99 with the reference per-image PIL path."""
+    model = _encoder(model_name, resnet_checkpoint if model_name == "resnet18" else None)
+    transform = reference_transform(model)
+    images = [make_image(s) .resize((SIZE, SIZE), Image.BICUBIC) for s in (1, 2)]
+    masks = [make_masks(s) for s in (1, 2)]
+    reference = [embed_image_reference(model, transform, im, m, crop=crop) for im, m in zip(images, masks)]
+
+    encoder = MaskedImageEncoder(model, crop=crop, batch_size=5, precision=precision)  # 5: batches span images
+    items = [(i, torch.from_numpy(np.array(im)).permute(2, 0, 1), torch.from_numpy(m)) for i, (im, m) in enumerate(zip(images, masks))]
+    fast = dict(encoder.embed_stream(items))
+
+    for i, ref in enumerate(reference):
+        assert fast[i].shape == ref.shape == (GRID * GRID, 3, model.num_features)
+        assert fast[i].dtype == np.float32
+        assert cosine(fast[i], ref).min() >= 0.99
+    # not a vacuous check: different masks give clearly different embeddings
+    flat = reference[0].reshape(-1, reference[0].shape[-1])
+    assert cosine(flat[1:], flat[:-1]).min() < 0.99
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("crop", [False, True], ids=["nocrop", "crop"])
+def test_fast_path_matches_reference_path_maxvit(crop):
+    """The paper's architecture (random fixed weights): fast path vs reference, bf16 as on a GPU."""
+    model = build_encoder("maxvit_rmlp_pico_rw_256", pretrained=False)
+    image, masks = make_image(5).resize((SIZE, SIZE), Image.BICUBIC), make_masks(5)[:2]
+    ref = embed_image_reference(model, reference_transform(model), image, masks, crop=crop)
+    fast = MaskedImageEncoder(model, crop=crop, batch_size=6, precision="bf16").embed(image, masks)
+    assert cosine(fast, ref).min() >= 0.99
+
+
+# --------------------------------------------------------------------------- the folder run
+
+
+def test_folder_run_writes_one_array_per_image_and_resumes(tmp_path, capsys):
+    images, masks, out = make_dataset(tmp_path)
+    cfg = config(images, masks, out)
+    run_stage(cfg)
+    files = outputs(out)
+    assert sorted(files) == ["cat/cat_0.pkl", "cat/cat_1.pkl", "dog/dog_0.pkl", "dog/dog_1.pkl"]
+    for arr in files.values():
+        assert arr.shape == (GRID * GRID, 3, 64) and arr.dtype == np.float32
+    raw = safe_pickle_load(out / "cat" / "cat_0.pkl")
+    assert isinstance(raw, np.ndarray) and raw.dtype == np.float32  # reference format: a bare array
+
+    # equal to the reference path, file by file
+    model = build_encoder(MODEL, pretrained=False)
+    image = load_rgb_image(images / "dog" / "dog_1.png", (SIZE, SIZE))
+    ref = embed_image_reference(model, reference_transform(model), image, make_masks(4))
+    assert cosine(files["dog/dog_1.pkl"], ref).min() >= 0.99
+
+    # rerun: nothing recomputed, files untouched
+    mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*.pkl")}
+    capsys.readouterr()
+    line = run_stage(cfg)
+    assert "0 written, 4 skipped" in line
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.pkl")} == mtimes
+
+    # a half-finished run (one file gone): only that one is recomputed
+    (out / "dog" / "dog_0.pkl").unlink()
+    assert "1 written, 3 skipped" in run_stage(cfg)
+    assert not list(out.rglob("*.tmp"))
+
+    # --overwrite recomputes everything
+    for p in mtimes:
+        os.utime(p, ns=(1, 1))
+    assert "4 written, 0 skipped" in run_stage(config(images, masks, out, overwrite=True))
+    assert all(p.stat().st_mtime_ns != 1 for p in mtimes)
+
+
+def test_float16_output(tmp_path):
+    images, masks, out = make_dataset(tmp_path, per_class=1)
+    run_stage(config(images, masks, out, embed_dtype="float16"))
+    raw = safe_pickle_load(out / "cat" / "cat_0.pkl")
+    assert raw.dtype == np.float16 and raw.shape == (GRID * GRID, 3, 64)
+    run_stage(config(images, masks, tmp_path / "f32"))
+    np.testing.assert_allclose(raw.astype(np.float32), load_embeddings(tmp_path / "f32" / "cat" / "cat_0.pkl"), rtol=2e-3, atol=2e-3)
+
+
+def test_reference_format_masks_give_the_same_embeddings(tmp_path):
+    ours = make_dataset(tmp_path / "ours", per_class=1)
+    ref = make_dataset(tmp_path / "ref", per_class=1, reference_format=True)
+    assert isinstance(safe_pickle_load(ref[1] / "cat" / "cat_0.pkl"), list)
+    for images, masks, out in (ours, ref):
+        run_stage(config(images, masks, out, crop=True))
+    a, b = outputs(ours[2]), outputs(ref[2])
+    assert sorted(a) == sorted(b)
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_checkpoint_file_weights_are_used(tmp_path, resnet_checkpoint):
+    saved = torch.load(resnet_checkpoint, weights_only=True)
+    model = build_encoder("resnet18", checkpoint=resnet_checkpoint)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, saved[key])
+    assert not any(key.startswith("fc.") for key in model.state_dict())  # the file's head is dropped
+
+
+def test_random_weights_warn_loudly(caplog):
+    with caplog.at_level("WARNING"):
+        build_encoder(MODEL, pretrained=False)
+    assert "NOT the paper's" in caplog.text
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_missing_masks_are_an_error_or_skipped(tmp_path):
+    images, masks, out = make_dataset(tmp_path)
+    (masks / "cat" / "cat_1.pkl").unlink()
+    (masks / "dog" / "dog_0.pkl").unlink()
+    with pytest.raises(InputError, match=r"2 of 4 images have no mask file .*cat_1\.pkl.*dog_0\.pkl.*--skip_missing"):
+        ef.check_inputs(config(images, masks, out))
+    run_stage(config(images, masks, out, skip_missing=True))
+    assert sorted(outputs(out)) == ["cat/cat_0.pkl", "dog/dog_1.pkl"]
+    failed = (out / "failed.txt").read_text()
+    assert "cat_1.png" in failed and "dog_0.png" in failed
+
+
+def test_mask_size_or_levels_mismatch_names_the_file(tmp_path):
+    images, masks, out = make_dataset(tmp_path, per_class=1)
+    with pytest.raises(InputError, match=r"cat_0\.pkl: masks are 32x32 .* --img_height=48 --img_width=32"):
+        ef.check_inputs(config(images, masks, out, img_height=48))
+    bad = masks / "dog" / "dog_0.pkl"
+    save_masks(bad, make_masks(1)[:, :2], grid=GRID)  # 2 levels
+    with pytest.raises(InputError, match=r"dog_0\.pkl: masks have 2 levels, expected 3"):
+        run_stage(config(images, masks, out))
+    assert (out / "cat" / "cat_0.pkl").is_file()  # written before the bad file: kept
+    save_masks(bad, make_masks(1)[:3], grid=GRID)  # 3 points on a 2x2 grid
+    with pytest.raises(InputError, match=r"dog_0\.pkl: 3 masks per level but the file's grid is 2x2"):
+        run_stage(config(images, masks, out))
+    run_stage(config(images, masks, out, skip_bad_images=True))
+    assert "dog_0.png" in (out / "failed.txt").read_text()
+
+
+def test_class_folders_must_match(tmp_path):
+    images, masks, out = make_dataset(tmp_path, per_class=1)
+    (masks / "dog").rename(masks / "bird")
+    with pytest.raises(InputError, match=r"class folders differ: .*\[cat, dog\] but .*\[bird, cat\]"):
+        ef.check_inputs(config(images, masks, out))
+
+
+def test_unknown_model_name_suggests_close_matches():
+    with pytest.raises(InputError, match=r"not a timm model; close matches: .*maxvit_rmlp_pico_rw_256"):
+        build_encoder("maxvit_rmlp_pico_rw256", pretrained=False)
+
+
+def test_checkpoint_that_does_not_fit_is_an_error(tmp_path, resnet_checkpoint):
+    with pytest.raises(InputError, match=r"resnet18_fixed\.pth: weights do not fit"):
+        build_encoder("test_resnet", checkpoint=resnet_checkpoint)
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(InputError, match=r"garbage\.pth: cannot read weights"):
+        build_encoder(MODEL, checkpoint=garbage)
+
+
+# --------------------------------------------------------------------------- the CLI
+
+
+def run_cli(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(CLI), *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_cli_bad_input_is_one_line_error(tmp_path):
+    images, masks, out = make_dataset(tmp_path, per_class=1)
+    (masks / "dog" / "dog_0.pkl").unlink()
+    result = run_cli(f"--in_masks_path={masks}", f"--in_images_path={images}", f"--out_data_path={out}",
+                     "--encoder_model_name=test_vit", "--pretrained=False", f"--img_height={SIZE}", f"--img_width={SIZE}")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith("error: 1 of 2 images have no mask file")
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_cli_two_processes_split_the_images(tmp_path):
+    images, masks, out = make_dataset(tmp_path, per_class=3)
+    result = run_cli(f"--in_masks_path={masks}", f"--in_images_path={images}", f"--out_data_path={out}",
+                     "--encoder_model_name=test_vit", "--pretrained=False", f"--img_height={SIZE}", f"--img_width={SIZE}",
+                     "--device=cpu", "--num_processes=2", "--batch_size=7", "--crop", "--noprogress")
+    assert result.returncode == 0, result.stderr[-3000:]
+    summaries = re.findall(r"masks_to_embeds(?: \[rank 1\])?: (\d+) written", result.stdout)
+    assert sorted(summaries) == ["3", "3"], result.stdout
+    split = outputs(out)
+    assert len(split) == 6
+    run_stage(config(images, masks, tmp_path / "single", crop=True))
+    single = outputs(tmp_path / "single")
+    assert sorted(single) == sorted(split)
+    for key in single:
+        assert cosine(split[key], single[key]).min() >= 0.999  # bf16: batches and threads differ
