@@ -158,7 +158,7 @@ def run(
     point_labels: str = "foreground",
     precision: str = "fp32",
     batch_size: int = 8,
-    points_per_batch: int = 64,
+    points_per_batch: int = 196,
     overwrite: bool = False,
     skip_bad_images: bool = False,
     num_processes: int = 1,
@@ -238,7 +238,7 @@ def define_flags() -> None:
     )
     flags.DEFINE_enum("precision", "fp32", list(PRECISIONS), "SAM forward precision (autocast)")
     flags.DEFINE_integer("batch_size", 8, "images per image-encoder forward")
-    flags.DEFINE_integer("points_per_batch", 64, "point prompts per mask-decoder call (lower it if memory runs out)")
+    flags.DEFINE_integer("points_per_batch", 196, "point prompts per mask-decoder call (lower it if memory runs out)")
     flags.DEFINE_boolean("overwrite", False, "recompute masks that already exist")
     flags.DEFINE_boolean("skip_bad_images", False, "log unreadable images to <out_data_path>/failed.txt and carry on")
     flags.DEFINE_integer("num_processes", 1, "processes per node (GPUs on CUDA) sharing the images through Lightning DDP")
