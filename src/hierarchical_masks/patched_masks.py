@@ -49,6 +49,7 @@ from hierarchical_masks.sam_points import (
     SAM_BUILDERS,
     PointGridMasker,
     build_sam,
+    check_choice,
     patch_grid_points,
     require_checkpoint_file,
 )
@@ -171,12 +172,9 @@ def run(
     process is launched or any file is written.
     """
     patch_grid_points(img_size, patch_size)  # raises on img_size % patch_size
-    if point_labels not in POINT_LABELS:
-        raise ValueError(f"--point_labels={point_labels!r}: choose one of {', '.join(POINT_LABELS)}")
-    if precision not in PRECISIONS:
-        raise ValueError(f"--precision={precision!r}: choose one of {', '.join(PRECISIONS)}")
-    if sam_model_type not in SAM_BUILDERS:
-        raise InputError(f"--sam_model_type={sam_model_type!r} is unknown; choose one of {', '.join(sorted(SAM_BUILDERS))}")
+    check_choice("point_labels", point_labels, POINT_LABELS)
+    check_choice("precision", precision, PRECISIONS)
+    check_choice("sam_model_type", sam_model_type, SAM_BUILDERS)
     if batch_size < 1 or points_per_batch < 1:
         raise ValueError(f"--batch_size={batch_size} and --points_per_batch={points_per_batch} must be >= 1")
     resolve_device(device)
