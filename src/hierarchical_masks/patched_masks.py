@@ -49,6 +49,7 @@ from hierarchical_masks.sam_points import (
     SAM_BUILDERS,
     PointGridMasker,
     build_sam,
+    check_choice,
     patch_grid_points,
     require_checkpoint_file,
 )
@@ -158,7 +159,7 @@ def run(
     point_labels: str = "foreground",
     precision: str = "fp32",
     batch_size: int = 8,
-    points_per_batch: int = 64,
+    points_per_batch: int = 196,
     overwrite: bool = False,
     skip_bad_images: bool = False,
     num_processes: int = 1,
@@ -171,12 +172,9 @@ def run(
     process is launched or any file is written.
     """
     patch_grid_points(img_size, patch_size)  # raises on img_size % patch_size
-    if point_labels not in POINT_LABELS:
-        raise ValueError(f"--point_labels={point_labels!r}: choose one of {', '.join(POINT_LABELS)}")
-    if precision not in PRECISIONS:
-        raise ValueError(f"--precision={precision!r}: choose one of {', '.join(PRECISIONS)}")
-    if sam_model_type not in SAM_BUILDERS:
-        raise InputError(f"--sam_model_type={sam_model_type!r} is unknown; choose one of {', '.join(sorted(SAM_BUILDERS))}")
+    check_choice("point_labels", point_labels, POINT_LABELS)
+    check_choice("precision", precision, PRECISIONS)
+    check_choice("sam_model_type", sam_model_type, SAM_BUILDERS)
     if batch_size < 1 or points_per_batch < 1:
         raise ValueError(f"--batch_size={batch_size} and --points_per_batch={points_per_batch} must be >= 1")
     resolve_device(device)
@@ -238,7 +236,7 @@ def define_flags() -> None:
     )
     flags.DEFINE_enum("precision", "fp32", list(PRECISIONS), "SAM forward precision (autocast)")
     flags.DEFINE_integer("batch_size", 8, "images per image-encoder forward")
-    flags.DEFINE_integer("points_per_batch", 64, "point prompts per mask-decoder call (lower it if memory runs out)")
+    flags.DEFINE_integer("points_per_batch", 196, "point prompts per mask-decoder call (lower it if memory runs out)")
     flags.DEFINE_boolean("overwrite", False, "recompute masks that already exist")
     flags.DEFINE_boolean("skip_bad_images", False, "log unreadable images to <out_data_path>/failed.txt and carry on")
     flags.DEFINE_integer("num_processes", 1, "processes per node (GPUs on CUDA) sharing the images through Lightning DDP")

@@ -8,9 +8,10 @@ are. What this module adds:
 * :func:`build_sam`: ``segment_anything.sam_model_registry`` plus ``vit_tiny``,
   a small SAM made of the same modules for tests and CPU smoke runs, with
   one-line errors for a missing or mismatching checkpoint;
-* :class:`PointGridMasker`: one image-encoder forward per batch of images, then
-  every grid point of an image as its own single-point prompt in one (or a few
-  chunked) prompt-encoder + mask-decoder calls, three masks per point.
+* :class:`PointGridMasker`: the point prompts encoded once, one image-encoder
+  forward per batch of images, then every grid point of an image as its own
+  single-point prompt in one (or a few chunked) mask-decoder calls that share
+  the image embedding, three masks per point.
 
 The masks equal what ``SamPredictor.predict`` gives one point at a time on the
 same image: same input resize (``ResizeLongestSide.apply_image``), same
@@ -46,6 +47,12 @@ CHECKPOINT_URLS = {
     "vit_l": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_l_0b3195.pth",
     "vit_b": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth",
 }
+
+
+def check_choice(flag: str, value: str, choices) -> None:
+    """Raise :class:`InputError` naming ``--flag`` when ``value`` is not one of ``choices``."""
+    if value not in choices:
+        raise InputError(f"--{flag}={value!r} is unknown; choose one of {', '.join(sorted(choices))}")
 
 
 # --------------------------------------------------------------------------- points
@@ -177,8 +184,7 @@ def build_sam(model_type: str, checkpoint: str | os.PathLike | None = None, *, s
     ``seed`` so every run and every rank gets the same model; masks from
     random weights are only good for tests and timing.
     """
-    if model_type not in SAM_BUILDERS:
-        raise InputError(f"--sam_model_type={model_type!r} is unknown; choose one of {', '.join(sorted(SAM_BUILDERS))}")
+    check_choice("sam_model_type", model_type, SAM_BUILDERS)
     if checkpoint is not None:
         return SAM_BUILDERS[model_type](str(checkpoint))
     log.warning("SAM %s has random weights (no --sam_checkpoint): masks are only good for tests and timing", model_type)
@@ -271,10 +277,8 @@ class PointGridMasker:
         precision: str = "fp32",
         points_per_batch: int = 256,
     ):
-        if point_labels not in POINT_LABELS:
-            raise ValueError(f"--point_labels={point_labels!r}: choose one of {', '.join(POINT_LABELS)}")
-        if precision not in PRECISIONS:
-            raise ValueError(f"--precision={precision!r}: choose one of {', '.join(PRECISIONS)}")
+        check_choice("point_labels", point_labels, POINT_LABELS)
+        check_choice("precision", precision, PRECISIONS)
         self.sam, self.img_size, self.precision = sam, img_size, precision
         self.points_per_batch = max(1, points_per_batch)
         device = sam.device
