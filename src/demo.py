@@ -46,7 +46,7 @@ def run(step: str, args: list[str]) -> subprocess.CompletedProcess:
     print(f"\n=== {step}: {' '.join(args)}", flush=True)
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    tail = [line for line in proc.stdout.splitlines() if line.strip() and "it/s]" not in line][-4:]
+    tail = [line for line in proc.stdout.splitlines() if line.strip() and "%|" not in line][-4:]  # no progress bars
     print("\n".join(tail), flush=True)
     print(f"--- {step}: {time.perf_counter() - start:.0f} s", flush=True)
     if proc.returncode != 0:
