@@ -39,6 +39,7 @@ flags.DEFINE_string("sam_model_type", "vit_b", "SAM model type of --sam_checkpoi
 flags.DEFINE_string("device", "cpu", "Device for stages 1 and 2.")
 flags.DEFINE_string("readme_figure", "", "Also copy the sam_distill islands figure here (e.g. img/demo_islands.png).")
 flags.DEFINE_list("extra_main_flags", [], "Extra flags for every src/main.py call (e.g. --limit_train=2 for a smoke test).")
+flags.DEFINE_bool("overwrite", False, "Redo training steps whose results.json already exists (default: reuse them).")
 
 
 def run(step: str, args: list[str]) -> subprocess.CompletedProcess:
@@ -52,6 +53,16 @@ def run(step: str, args: list[str]) -> subprocess.CompletedProcess:
     if proc.returncode != 0:
         sys.exit(f"error: demo step '{step}' failed (exit {proc.returncode}); see the output above")
     return proc
+
+
+def train_once(step: str, folder: Path, args: list[str]) -> None:
+    """Run a src/main.py training step unless an earlier demo run finished it (its results.json exists)."""
+    if (folder / "results.json").is_file() and not FLAGS.overwrite:
+        print(f"\n=== {step}: done in an earlier run ({folder}/results.json); --overwrite redoes it", flush=True)
+        return
+    if folder.exists():
+        shutil.rmtree(folder)  # an unfinished earlier attempt
+    run(step, ["src/main.py", *args, f"--output_dir={folder}"])
 
 
 def hub_reachable(host: str = "huggingface.co") -> bool:
@@ -97,15 +108,14 @@ def main(argv) -> None:
 
     runs = {}
     for objective in ("sam_distill", "supcon"):
-        run(f"pretrain ({objective})", ["src/main.py", *config, f"--pretrain_objective={objective}",
-                                        f"--max_epochs={FLAGS.pretrain_epochs}", f"--output_dir={out / objective}"])
+        train_once(f"pretrain ({objective})", out / objective,
+                   [*config, f"--pretrain_objective={objective}", f"--max_epochs={FLAGS.pretrain_epochs}"])
         runs[objective] = out / objective / "checkpoints" / "last.ckpt"
     accuracy = {}
     for name, checkpoint in (("sam_distill", runs["sam_distill"]), ("supcon", runs["supcon"]), ("random init", None)):
         folder = out / f"finetune_{name.replace(' ', '_')}"
         resume = ["--resume_training", f"--load_checkpoint_dir={checkpoint}"] if checkpoint else []
-        run(f"fine-tune on {name}", ["src/main.py", *config, "--supervise", *resume,
-                                     f"--max_epochs={FLAGS.finetune_epochs}", f"--output_dir={folder}"])
+        train_once(f"fine-tune on {name}", folder, [*config, "--supervise", *resume, f"--max_epochs={FLAGS.finetune_epochs}"])
         accuracy[name] = json.loads((folder / "results.json").read_text())["test"].get("test/accuracy", float("nan"))
 
     scores = {}

@@ -161,6 +161,8 @@ def run_train() -> None:
     datamodule = datamodule_for(module, objective)
     write_flags(run_dir)
     module.islands_dir = run_dir / "islands" if FLAGS.plot_islands else None
+    if FLAGS.compile:
+        module.model.compile()  # in place: parameter names (and so checkpoints) stay the same
     module.val_mask_paths = val_mask_paths(datamodule)
     monitor, mode = ("val/accuracy", "max") if objective == "classify" else ("val/loss", "min")
     trainer = trainer_for(run_dir, train=True, monitor=monitor, monitor_mode=mode)

@@ -93,3 +93,28 @@ def test_training_killed_mid_run_resumes_from_last_checkpoint(tmp_path):
     assert f"(epoch {epoch}, step {step})" in resumed.stdout
     after = torch.load(last, weights_only=True)
     assert after["global_step"] == step + 2 * (after["epoch"] - epoch)  # 2 steps per epoch, none redone
+
+
+def test_stage2_refuses_a_malicious_mask_file(tmp_path):
+    """A planted pickle among the stage-1 masks: stage 2 stops with an error naming it, and no code runs."""
+    from PIL import Image
+
+    from hierarchical_masks.mask_io import save_masks
+
+    images, masks_root, marker = tmp_path / "images", tmp_path / "masks", tmp_path / "pwned"
+    for i in range(2):
+        path = images / "cls" / f"im{i}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((32, 32, 3), 60 * i, np.uint8)).save(path)
+    save_masks(masks_root / "cls" / "im0.pkl", np.ones((4, 3, 32, 32), bool), grid=2, img_size=32, patch_size=16)
+    (masks_root / "cls").mkdir(parents=True, exist_ok=True)
+    plant(masks_root / "cls" / "im1.pkl", marker)
+    script = Path(__file__).resolve().parents[1] / "src" / "hierarchical_masks" / "masks_to_embeds.py"
+    proc = subprocess.run([sys.executable, str(script), "--device=cpu", f"--in_masks_path={masks_root}",
+                           f"--in_images_path={images}", f"--out_data_path={tmp_path / 'embeds'}",
+                           "--encoder_model_name=test_convnext", "--pretrained=False", "--img_height=32",
+                           "--img_width=32", "--progress=False"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "im1.pkl" in last and "Traceback" not in proc.stderr
+    assert not marker.exists()

@@ -70,7 +70,7 @@ def test_same_seed_same_bytes_and_resume(tiny, tmp_path):
 
 def test_oracle_masks_stage1_format_nested_cover_points(tiny):
     root, _ = tiny
-    points = patch_grid_points(64, 8)
+    points = patch_grid_points(64, 8).astype(int)
     assert points.shape == (64, 2) and tuple(points[9]) == (12, 12)  # row 1, col 1
     for path in sorted((root / "train_masks").rglob("*.pkl")):
         masks = load_masks(path)
@@ -83,7 +83,7 @@ def test_oracle_masks_stage1_format_nested_cover_points(tiny):
 
 def test_ground_truth_matches_masks(tiny):
     root, _ = tiny
-    points = patch_grid_points(64, 8)
+    points = patch_grid_points(64, 8).astype(int)
     seen_part = seen_background = False
     for record in list_image_folder(root / "train"):
         gt = load_toy_ground_truth(record.output_path(root / "train_gt", ".npz"))

@@ -47,7 +47,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from hierarchical_masks.mask_io import InputError, atomic_write_bytes, save_masks
+from hierarchical_masks.mask_io import InputError, atomic_write_bytes, patch_grid_points, save_masks
 
 log = logging.getLogger(__name__)
 
@@ -164,18 +164,6 @@ class ToySummary:
 
 
 # --------------------------------------------------------------------------- geometry
-
-
-def patch_grid_points(image_size: int, patch_size: int) -> np.ndarray:
-    """Stage-1 prompt points: int ``(G*G, 2)`` pixel ``(x, y)``, row-major, ``G = image_size // patch_size``.
-
-    Point ``k = row*G + col`` sits at ``(col*p + p//2, row*p + p//2)``, the patch centre.
-    """
-    if patch_size <= 0 or image_size % patch_size:
-        raise InputError(f"image_size={image_size} is not a multiple of patch_size={patch_size}; pick sizes that divide")
-    grid = image_size // patch_size
-    rows, cols = np.divmod(np.arange(grid * grid), grid)
-    return np.stack([cols * patch_size + patch_size // 2, rows * patch_size + patch_size // 2], axis=1)
 
 
 def _part_mask(part: Part, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
@@ -295,7 +283,7 @@ def oracle_masks(scene: ToyScene, patch_size: int) -> np.ndarray:
     Level 0: the part under the point, or its background region (wall/floor);
     level 1: its object, or the whole background; level 2: all objects, or the whole background.
     """
-    points = patch_grid_points(scene.parts.shape[0], patch_size)
+    points = np.floor(patch_grid_points(scene.parts.shape[0], patch_size)).astype(int)  # pixel holding each centre
     px, py = points[:, 0], points[:, 1]
     on_object = scene.objects > 0
     n_parts, n_objects = int(scene.parts.max()), int(scene.objects.max())

@@ -36,7 +36,7 @@ from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncode
 from segment_anything.utils.transforms import ResizeLongestSide
 from torch.nn import functional as F
 
-from hierarchical_masks.mask_io import InputError
+from hierarchical_masks.mask_io import InputError, patch_grid_points  # the grid is a data contract of mask_io
 
 log = logging.getLogger(__name__)
 
@@ -56,23 +56,6 @@ def check_choice(flag: str, value: str, choices) -> None:
 
 
 # --------------------------------------------------------------------------- points
-
-
-def patch_grid_points(img_size: int, patch_size: int) -> np.ndarray:
-    """Patch-centre points of a square image, ``(G*G, 2)`` float ``(x, y)`` pixels.
-
-    ``G = img_size // patch_size``; row-major: point ``k = row * G + col`` lies
-    at ``(col * p + p / 2, row * p + p / 2)`` (SAM takes points as ``x, y``).
-    """
-    if patch_size <= 0 or img_size <= 0 or img_size % patch_size:
-        raise ValueError(
-            f"img_size={img_size} must be a positive multiple of patch_size={patch_size}; "
-            "choose e.g. --img_size=224 --patch_size=16"
-        )
-    grid = img_size // patch_size
-    centres = np.arange(grid, dtype=np.float64) * patch_size + patch_size / 2
-    rows, cols = np.meshgrid(centres, centres, indexing="ij")  # (G, G) each
-    return np.stack([cols.ravel(), rows.ravel()], axis=1)
 
 
 # --------------------------------------------------------------------------- models
