@@ -12,6 +12,7 @@ import pickle
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,7 @@ from hierarchical_masks.mask_embedding import (
     MaskedImageEncoder,
     build_encoder,
     embed_image_reference,
+    masked_pil_image,
     reference_transform,
 )
 from hierarchical_masks.mask_io import InputError, load_embeddings, load_rgb_image, safe_pickle_load, save_masks
@@ -131,8 +133,6 @@ def test_batched_transform_equals_pil_transform(model_name, crop):
         image = np.array(make_image(7, (width, height)))
         masks = make_masks(3, height=height, width=width).reshape(-1, height, width)
         ours = batched(torch.from_numpy(image).permute(2, 0, 1), torch.from_numpy(masks), crop=crop)
-        from hierarchical_masks.mask_embedding import masked_pil_image
-
         ref = torch.stack([pil_transform(masked_pil_image(image, m, crop)) for m in masks])
         assert ours.shape == ref.shape
         steps = (ours - ref).abs() * 255 * torch.tensor(batched.std).view(1, 3, 1, 1)  # in 8-bit units
@@ -153,7 +153,7 @@ def test_fast_path_matches_reference_path(model_name, precision, crop, resnet_ch
     """Every embedding of the fast path has cosine >= 0.99 with the reference per-image PIL path."""
     model = _encoder(model_name, resnet_checkpoint if model_name == "resnet18" else None)
     transform = reference_transform(model)
-    images = [make_image(s) .resize((SIZE, SIZE), Image.BICUBIC) for s in (1, 2)]
+    images = [make_image(s).resize((SIZE, SIZE), Image.BICUBIC) for s in (1, 2)]
     masks = [make_masks(s) for s in (1, 2)]
     reference = [embed_image_reference(model, transform, im, m, crop=crop) for im, m in zip(images, masks)]
 
@@ -341,3 +341,29 @@ def test_cli_two_processes_split_the_images(tmp_path):
     assert sorted(single) == sorted(split)
     for key in single:
         assert cosine(split[key], single[key]).min() >= 0.999  # bf16: batches and threads differ
+
+
+@pytest.mark.slow
+def test_cli_killed_run_resumes_without_truncated_files(tmp_path):
+    images, masks, out = make_dataset(tmp_path, per_class=6)
+    args = [str(CLI), f"--in_masks_path={masks}", f"--in_images_path={images}", f"--out_data_path={out}",
+            "--encoder_model_name=test_vit", "--pretrained=False", f"--img_height={SIZE}", f"--img_width={SIZE}",
+            "--device=cpu", "--batch_size=1", "--noprogress"]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(out.rglob("*.pkl")) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        proc.kill()  # SIGKILL: no clean-up runs
+        proc.wait()
+    done = sorted(out.rglob("*.pkl"))
+    assert done, "the run wrote nothing before it was killed"
+    for path in done:  # every file there is whole
+        assert load_embeddings(path).shape == (GRID * GRID, 3, 64)
+    result = run_cli(*args[1:])
+    assert result.returncode == 0, result.stderr[-2000:]
+    written, skipped = map(int, re.search(r"(\d+) written, (\d+) skipped", result.stdout).groups())
+    assert skipped == len(done) and written + skipped == 12
+    assert len(outputs(out)) == 12
