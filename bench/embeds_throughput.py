@@ -30,7 +30,12 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from hierarchical_masks.embed_folder import EmbedFolderConfig, MaskedImageDataset, _default_num_workers  # noqa: E402
+from hierarchical_masks.embed_folder import (  # noqa: E402
+    EmbedFolderConfig,
+    MaskedImageDataset,
+    _default_num_workers,
+    item_masks,
+)
 from hierarchical_masks.mask_embedding import (  # noqa: E402
     MaskedImageEncoder,
     build_encoder,
@@ -115,7 +120,7 @@ def main() -> None:
         num_workers = _default_num_workers(device, 1)
         for encoder in encoders:  # warm-up, not timed
             item = dataset[0]
-            list(encoder.embed_stream([(0, item["image"], item["masks"][: max(1, batch_size // 3)])]))
+            list(encoder.embed_stream([(0, item["image"], item_masks(item, device)[: max(1, batch_size // 3)])]))
         sync()
 
         def run_reference() -> list[np.ndarray]:
@@ -145,7 +150,7 @@ def main() -> None:
             """Our path: stage 2's DataLoader feeding MaskedImageEncoder."""
             loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=cuda,
                                                  prefetch_factor=4 if num_workers else None)
-            out = dict(encoder.embed_stream((int(it["index"]), it["image"], it["masks"]) for it in loader))
+            out = dict(encoder.embed_stream((int(it["index"]), it["image"], item_masks(it, device)) for it in loader))
             return [out[i] for i in range(images)]
 
         def timed(fn, *fn_args) -> tuple[float, list[np.ndarray]]:

@@ -210,6 +210,16 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "fp32"
 
 
+def unpack_masks(bits: torch.Tensor, shape: tuple[int, ...] | list[int]) -> torch.Tensor:
+    """Bool masks of ``shape`` from ``np.packbits(masks, axis=None)`` bytes, on ``bits``' device.
+
+    Stage 2 moves masks to the GPU packed (8x fewer bytes) and unpacks them there.
+    """
+    shifts = torch.arange(7, -1, -1, dtype=torch.uint8, device=bits.device)  # numpy packs big-endian
+    count = int(np.prod(shape))
+    return ((bits[:, None] >> shifts) & 1).flatten()[:count].view(*shape).bool()
+
+
 @dataclass
 class _PendingImage:
     """One image's masked images in flight: ``masks`` flattened ``(N*L, H, W)``, row ``k*L + l``."""
