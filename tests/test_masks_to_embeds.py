@@ -399,3 +399,28 @@ def test_cli_killed_run_resumes_without_truncated_files(tmp_path):
     written, skipped = map(int, re.search(r"(\d+) written, (\d+) skipped", result.stdout).groups())
     assert skipped == len(done) and written + skipped == 12
     assert len(outputs(out)) == 12
+
+
+def test_shared_masks_are_embedded_once_and_scattered_back():
+    """Points with the same mask (a whole object, the background) get the same embedding, computed once."""
+    import timm
+
+    from hierarchical_masks.mask_embedding import MaskedImageEncoder
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_convnext", pretrained=False, num_classes=0).eval()
+    encoder = MaskedImageEncoder(model, device="cpu", batch_size=8, precision="fp32")
+    image = (torch.rand(3, 32, 32) * 255).to(torch.uint8)
+    masks = torch.zeros(4, 3, 32, 32, dtype=torch.bool)
+    masks[:, 0, :16] = True  # one mask shared by every point at level 0
+    masks[:, 1, 8:24, 8:24] = True  # and at level 1
+    masks[:2, 2, :, :16] = True  # two distinct level-2 masks
+    masks[2:, 2, :, 16:] = True
+    embeds = encoder.embed(image, masks)
+    assert encoder.masked_images == 4  # distinct masks, not 12
+    assert embeds.shape == (4, 3, model.num_features)
+    np.testing.assert_array_equal(embeds[0, 0], embeds[3, 0])
+    np.testing.assert_array_equal(embeds[1, 2], embeds[0, 2])
+    assert not np.allclose(embeds[0, 2], embeds[2, 2])
+    single = encoder.embed(image, masks[2:3])
+    np.testing.assert_allclose(single[0], embeds[2], rtol=1e-5, atol=1e-5)

@@ -285,8 +285,8 @@ def embed_folder(cfg: EmbedFolderConfig, inputs: CheckedInputs, worker: WorkerCo
         progress.update(written=1)
     seconds = time.perf_counter() - start
     line = progress.close()
+    log.info("rank %d: %d distinct masked images embedded in %.1f s (%.1f/s)",
+             worker.rank, encoder.masked_images, seconds, encoder.masked_images / max(seconds, 1e-9))
     if stop_error:
         raise InputError(stop_error[0])
-    log.info("rank %d: %d masked images in %.1f s (%.1f masked images/s)", worker.rank, encoder.masked_images, seconds,
-             encoder.masked_images / max(seconds, 1e-9))
     return line

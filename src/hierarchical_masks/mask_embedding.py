@@ -222,11 +222,17 @@ def unpack_masks(bits: torch.Tensor, shape: tuple[int, ...] | list[int]) -> torc
 
 @dataclass
 class _PendingImage:
-    """One image's masked images in flight: ``masks`` flattened ``(N*L, H, W)``, row ``k*L + l``."""
+    """One image's masked images in flight.
+
+    ``masks`` holds the image's distinct masks ``(U, H, W)``; ``inverse`` maps row
+    ``k*L + l`` of the flattened ``(N*L, H, W)`` masks to its distinct mask, so a mask
+    shared by several points (a whole object, the background) is embedded once.
+    """
 
     key: Hashable
     image: torch.Tensor
     masks: torch.Tensor
+    inverse: torch.Tensor
     shape: tuple[int, int]
     cursor: int = 0  # next row to put into a batch
     done: int = 0  # rows embedded
@@ -262,7 +268,7 @@ class MaskedImageEncoder:
         if self.precision == "bf16" and self.device.type != "cuda":
             self.model = self.model.to(torch.bfloat16)
         self._full_maps: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
-        self.masked_images = 0  # embedded so far (for throughput figures)
+        self.masked_images = 0  # distinct masked images embedded so far (for throughput figures)
 
     # -- one batch
 
@@ -314,7 +320,8 @@ class MaskedImageEncoder:
         finished = []
         while queue and queue[0].done == queue[0].total:
             pending = queue.popleft()
-            finished.append((pending.key, pending.out.reshape(*pending.shape, -1)))
+            embeds = pending.out[pending.inverse.cpu().numpy()]
+            finished.append((pending.key, embeds.reshape(*pending.shape, -1)))
         return finished
 
     # -- streams
@@ -331,10 +338,13 @@ class MaskedImageEncoder:
             n, levels = masks.shape[:2]
             if n * levels == 0:
                 raise InputError(f"{key}: no masks to embed (masks shape {tuple(masks.shape)})")
+            flat = masks.to(self.device, non_blocking=True).flatten(0, 1)
+            distinct, inverse = torch.unique(flat.flatten(1).to(torch.uint8), dim=0, return_inverse=True)
             queue.append(_PendingImage(
                 key=key,
                 image=image.to(self.device, non_blocking=True),
-                masks=masks.to(self.device, non_blocking=True).flatten(0, 1),
+                masks=distinct.view(-1, *flat.shape[1:]).bool(),
+                inverse=inverse,
                 shape=(n, levels),
             ))
             while sum(p.total - p.cursor for p in queue) >= self.batch_size:

@@ -1,0 +1,182 @@
+"""Benchmark of stage 1: our batched SAM masks against the reference way of calling SAM.
+
+Both paths get the same images, the same model (one instance) and the same
+device, in the same run, and both write their files:
+
+* reference way (as distill-part-whole's patched_masks.py): ``Sam.__call__`` on
+  batches of 5 images, fp32, one prompt per point with label ``k`` for point
+  ``k``, ``multimask_output=True``, masks post-processed at 1024 px, one pickle
+  per image holding a list of ``N`` bool arrays ``(3, H, W)``;
+* ours: ``patched_masks.write_patched_masks`` (batched encoder, shared-image
+  decoder, folded resize, read-ahead / write-behind, compressed files).
+
+Prints images/s of each, their ratio, bytes per image, and how well the masks
+agree (IoU per mask; ours uses the same point labels as the reference way, so
+fp32 masks should agree to rounding and bf16 shows its own error).
+
+    python bench/masks_throughput.py --model_type vit_tiny --num_images 8               # CPU smoke
+    python bench/masks_throughput.py --model_type vit_b --num_images 4 --warmup 0 --precision fp32 --precision bf16  # CPU
+    python bench/masks_throughput.py --device cuda --model_type vit_h --precision fp32 --precision bf16  # GPU
+"""
+
+from __future__ import annotations
+
+import pickle
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import numpy as np
+import torch
+from absl import app, flags
+from PIL import Image
+from segment_anything.utils.transforms import ResizeLongestSide
+
+from hierarchical_masks.mask_io import list_image_folder, load_masks, load_rgb_image
+from hierarchical_masks.patched_masks import write_patched_masks
+from hierarchical_masks.sam_points import SAM_BUILDERS, PointGridMasker, build_sam, patch_grid_points
+
+flags.DEFINE_string("device", None, "torch device (default: cuda if visible, else cpu)")
+flags.DEFINE_enum("model_type", "vit_tiny", sorted(SAM_BUILDERS), "SAM model")
+flags.DEFINE_string("checkpoint", None, "SAM state dict (default: random weights, which time the same)")
+flags.DEFINE_multi_enum("precision", ["fp32"], ["fp32", "bf16", "fp16"], "our path's precision(s), each timed (the reference way is fp32)")
+flags.DEFINE_enum("point_labels", "reference", ["foreground", "reference"], "our path's labels (reference: masks comparable)")
+flags.DEFINE_integer("num_images", 10, "images per path")
+flags.DEFINE_integer("warmup", 1, "untimed images per path before timing")
+flags.DEFINE_integer("batch_size", 8, "our path: images per encoder forward")
+flags.DEFINE_integer("points_per_batch", 196, "our path: prompts per decoder call")
+flags.DEFINE_integer("reference_batch", 5, "reference way: images per Sam.__call__ (the reference used 5)")
+flags.DEFINE_integer("img_size", 224, "image side")
+flags.DEFINE_integer("patch_size", 16, "patch side (one point per patch)")
+flags.DEFINE_string("images", None, "an image folder <root>/<class>/<image> (default: synthetic images)")
+flags.DEFINE_integer("threads", 0, "torch CPU threads (0: torch's default)")
+FLAGS = flags.FLAGS
+
+
+def synthetic_folder(root: Path, count: int) -> Path:
+    """``count`` 320x240 PNGs with flat shapes in ``root/synthetic/``."""
+    rng = np.random.default_rng(0)
+    (root / "synthetic").mkdir(parents=True)
+    yy, xx = np.mgrid[:240, :320]
+    for i in range(count):
+        image = np.full((240, 320, 3), rng.integers(0, 80, 3), np.uint8)
+        for _ in range(4):
+            cy, cx, ry, rx = rng.integers(20, 220), rng.integers(20, 300), rng.integers(15, 90), rng.integers(15, 120)
+            image[((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 < 1] = rng.integers(0, 256, 3)
+        Image.fromarray(image).save(root / "synthetic" / f"img{i:04d}.png")
+    return root
+
+
+def reference_way(records, sam, out_root: Path, img_size: int, patch_size: int, batch: int) -> None:
+    """What distill-part-whole's patched_masks.py does per batch of images (its file format included)."""
+    resize = ResizeLongestSide(sam.image_encoder.img_size)
+    points = torch.as_tensor(patch_grid_points(img_size, patch_size), device=sam.device)[:, None, :]  # (k, 1, 2)
+    labels = torch.arange(len(points), device=sam.device)[:, None]  # label k for point k, as the reference
+    for start in range(0, len(records), batch):
+        chunk = records[start : start + batch]
+        batched_input = []
+        for record in chunk:
+            image = np.asarray(load_rgb_image(record.path, (img_size, img_size)))
+            batched_input.append(
+                {
+                    "image": torch.as_tensor(resize.apply_image(image), device=sam.device).permute(2, 0, 1).contiguous(),
+                    "point_coords": resize.apply_coords_torch(points, image.shape[:2]),
+                    "point_labels": labels,
+                    "original_size": image.shape[:2],
+                }
+            )
+        with torch.no_grad():
+            outputs = sam(batched_input, multimask_output=True)
+        for record, item in zip(chunk, outputs):
+            path = record.output_path(out_root)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "wb") as handle:
+                pickle.dump([mask.cpu().numpy() for mask in item["masks"]], handle, protocol=pickle.HIGHEST_PROTOCOL)
+        del outputs
+        if sam.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def timed(fn) -> float:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def mask_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    inter = (a & b).sum((-2, -1))
+    union = (a | b).sum((-2, -1))
+    return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
+
+
+def main(argv):
+    del argv
+    if FLAGS.threads:
+        torch.set_num_threads(FLAGS.threads)
+    device = torch.device(FLAGS.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    sam = build_sam(FLAGS.model_type, FLAGS.checkpoint).to(device)
+    meta = dict(grid=FLAGS.img_size // FLAGS.patch_size, img_size=FLAGS.img_size, patch_size=FLAGS.patch_size, sam_model=FLAGS.model_type)
+    n = FLAGS.num_images
+    with tempfile.TemporaryDirectory(prefix="masks_bench_") as tmp:
+        tmp = Path(tmp)
+        count = n + FLAGS.warmup
+        folder = Path(FLAGS.images) if FLAGS.images else synthetic_folder(tmp / "images", count)
+        records = list_image_folder(folder)[:count]
+        if len(records) < count:
+            raise SystemExit(f"error: --images={folder} has {len(records)} images, need {count}")
+        warm, timed_records = records[: FLAGS.warmup], records[FLAGS.warmup :]
+
+        def reference(recs, out):
+            reference_way(recs, sam, out, FLAGS.img_size, FLAGS.patch_size, FLAGS.reference_batch)
+
+        def ours(recs, out, precision):
+            masker = PointGridMasker(
+                sam,
+                img_size=FLAGS.img_size,
+                patch_size=FLAGS.patch_size,
+                point_labels=FLAGS.point_labels,
+                precision=precision,
+                points_per_batch=FLAGS.points_per_batch,
+            )
+            write_patched_masks(recs, out, masker, batch_size=FLAGS.batch_size, meta=meta, show_progress=False)
+
+        def bytes_per_image(out):
+            return sum(r.output_path(out).stat().st_size for r in timed_records) / n
+
+        if warm:
+            reference(warm, tmp / "warm_ref")
+        t_ref = timed(lambda: reference(timed_records, tmp / "ref"))
+        ref_bytes = bytes_per_image(tmp / "ref")
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+        print(f"device: {device} ({name}); model {FLAGS.model_type}; {n} images {FLAGS.img_size} px, patch {FLAGS.patch_size}")
+        print(f"reference way (Sam.__call__, batch {FLAGS.reference_batch}, fp32): {n / t_ref:.3f} images/s, {ref_bytes / 1e6:.2f} MB/image")
+        for precision in FLAGS.precision:
+            out = tmp / f"ours_{precision}"
+            if warm:
+                ours(warm, tmp / f"warm_{precision}", precision)
+            t_ours = timed(lambda: ours(timed_records, out, precision))
+            our_bytes = bytes_per_image(out)
+            print(
+                f"ours (batch {FLAGS.batch_size}, {precision}, {FLAGS.point_labels} labels): {n / t_ours:.3f} images/s, "
+                f"{our_bytes / 1e6:.3f} MB/image; speed-up {t_ref / t_ours:.2f}x, files {ref_bytes / our_bytes:.0f}x smaller"
+            )
+            if FLAGS.point_labels == "reference":  # same prompts: the masks must agree
+                ious = np.concatenate(
+                    [mask_iou(load_masks(r.output_path(tmp / "ref")), load_masks(r.output_path(out))).ravel() for r in timed_records]
+                )
+                print(
+                    f"  masks vs the reference way: IoU min {ious.min():.4f}, mean {ious.mean():.4f}; "
+                    f"{(ious >= 0.97).mean() * 100:.2f}% of masks >= 0.97, {(ious >= 0.99).mean() * 100:.2f}% >= 0.99"
+                )
+            sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    app.run(main)

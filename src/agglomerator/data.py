@@ -1,0 +1,355 @@
+"""Files -> tensors for stage 3: datasets, transforms and one LightningDataModule.
+
+Every batch is a dict: ``image`` ``(b, c, H, W)`` (``(b, 2, c, H, W)`` for the
+two-crop ``supcon`` objective), ``label`` ``(b,)``, ``index`` ``(b,)`` and, for
+``sam_distill``, ``embeds`` ``(b, n, levels, D)`` from the stage-2 files.
+
+Datasets:
+* image folders with stage-2 embeddings: ``IMAGENETTE`` (``datasets/imagenette2``)
+  and the embedded ``TOY`` set (``datasets/toy``), each ``{train,val}/<class>/<img>``
+  plus ``{train,val}_masks_embeds/<class>/<stem>.pkl``; test = val;
+* ``IMAGENET`` (``datasets/imagenet/{train,val}``, an image folder);
+* torchvision's ``CIFAR10``, ``CIFAR100``, ``MNIST``, ``FashionMNIST`` and
+  ``smallNORB`` (our reader of the official files); val = a seeded 10 % of train,
+  test = the official test split.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms as T
+
+from hierarchical_masks.mask_io import InputError, ImageRecord, list_image_folder, load_embeddings, load_rgb_image
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+NORMALIZATION = {
+    "IMAGENETTE": (IMAGENET_MEAN, IMAGENET_STD),
+    "TOY": (IMAGENET_MEAN, IMAGENET_STD),
+    "IMAGENET": (IMAGENET_MEAN, IMAGENET_STD),
+    "CIFAR10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "CIFAR100": ((129.3 / 255, 124.1 / 255, 112.4 / 255), (68.2 / 255, 65.4 / 255, 70.4 / 255)),
+    "MNIST": ((0.5,), (0.5,)),
+    "FashionMNIST": ((0.5,), (0.5,)),
+    "smallNORB": ((0.5,), (0.5,)),
+}
+FOLDER_DATASETS = {"IMAGENETTE": "imagenette2", "TOY": "toy", "IMAGENET": "imagenet"}
+TORCHVISION_DATASETS = ("CIFAR10", "CIFAR100", "MNIST", "FashionMNIST")
+DATASETS = tuple(NORMALIZATION)
+EMBEDDINGS_SUFFIX = "_masks_embeds"
+MASKS_SUFFIX = "_masks"
+
+
+@dataclass
+class DataConfig:
+    """What the data module needs (plain values; filled from flags by ``main.py``)."""
+
+    dataset: str = "IMAGENETTE"
+    data_dir: str = "datasets"
+    image_size: int = 224
+    n_channels: int = 3
+    batch_size: int = 32
+    num_workers: int = 0
+    objective: str = "sam_distill"  # sam_distill | supcon | classify
+    val_fraction: float = 0.1
+    seed: int = 42
+    crop_size: int | None = None  # smallNORB (reference): resize to image_size, then crop to crop_size
+
+    @property
+    def root(self) -> Path:
+        sub = FOLDER_DATASETS.get(self.dataset, self.dataset)
+        return Path(self.data_dir) / sub
+
+
+# --------------------------------------------------------------------------- transforms
+
+
+class ToChannels:
+    """PIL image -> mode with ``n`` channels (``L`` or ``RGB``)."""
+
+    def __init__(self, channels: int):
+        self.mode = "L" if channels == 1 else "RGB"
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        return image if image.mode == self.mode else image.convert(self.mode)
+
+
+class TwoCrops:
+    """Two independent augmentations of the same image, stacked: ``(2, c, H, W)``."""
+
+    def __init__(self, transform: Callable):
+        self.transform = transform
+
+    def __call__(self, image):
+        return torch.stack([self.transform(image), self.transform(image)])
+
+
+def build_transform(config: DataConfig, train: bool) -> Callable:
+    """The per-sample transform for a split.
+
+    ``sam_distill`` uses no geometric augmentation: the teacher's embeddings are
+    tied to the patch grid. ``supcon`` trains on two crops of a random resized
+    crop / flip / colour-jitter pipeline; ``classify`` trains with RandAugment
+    (torchvision datasets, as the reference) or a flip (image folders).
+    """
+    size = config.image_size
+    mean, std = NORMALIZATION[config.dataset]
+    if len(mean) != config.n_channels:
+        mean, std = (mean * config.n_channels)[: config.n_channels], (std * config.n_channels)[: config.n_channels]
+    finish = [T.ToTensor(), T.Normalize(mean, std)]
+    resize = T.Resize((size, size), interpolation=T.InterpolationMode.BICUBIC)
+    if config.crop_size is not None and config.crop_size < size:
+        crop = T.RandomCrop(config.crop_size) if train else T.CenterCrop(config.crop_size)
+        resize = T.Compose([resize, crop])
+        size = config.crop_size
+    channels = ToChannels(config.n_channels)
+    if not train or config.objective == "sam_distill":
+        return T.Compose([channels, resize, *finish])
+    if config.objective == "supcon":
+        augment = T.Compose([
+            channels,
+            T.RandomResizedCrop(size, scale=(0.2, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+            T.RandomHorizontalFlip(),
+            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+            *finish,
+        ])
+        return TwoCrops(augment)
+    if config.dataset in FOLDER_DATASETS:
+        return T.Compose([channels, resize, T.RandomHorizontalFlip(), *finish])
+    return T.Compose([channels, resize, T.RandAugment(), *finish])
+
+
+# --------------------------------------------------------------------------- image folders
+
+
+class ImageFolderWithEmbeddings(Dataset):
+    """``<root>/<split>/<class>/<img>`` plus, optionally, the stage-2 embeddings.
+
+    ``embeds_root`` (``<root>/<split>_masks_embeds``) holds ``<class>/<stem>.pkl``
+    arrays ``(n, levels, D)``; with ``expected_embed_shape`` each one is checked on
+    load (an error names the file).
+    """
+
+    def __init__(self, root: str | os.PathLike, transform: Callable, embeds_root: str | os.PathLike | None = None,
+                 expected_embed_shape: tuple[int, int, int] | None = None):
+        self.root = Path(root)
+        self.records: list[ImageRecord] = list_image_folder(self.root)
+        if not self.records:
+            raise InputError(f"{self.root}: no images found (expected <class>/<image> files)")
+        self.classes = sorted({r.class_name for r in self.records})
+        self.transform = transform
+        self.embeds_root = Path(embeds_root) if embeds_root is not None else None
+        self.expected_embed_shape = expected_embed_shape
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def embeds_path(self, index: int) -> Path:
+        return self.records[index].output_path(self.embeds_root)
+
+    def check_embeddings(self) -> None:
+        """Start-up check: every embedding file exists and the first has the expected shape."""
+        missing = [self.embeds_path(i) for i in range(len(self)) if not self.embeds_path(i).is_file()]
+        if missing:
+            first = ", ".join(str(p) for p in missing[:3])
+            raise InputError(
+                f"{len(missing)} of {len(self)} embedding files missing under {self.embeds_root} (first: {first}); "
+                f"run src/hierarchical_masks/masks_to_embeds.py for this split"
+            )
+        self._check_shape(load_embeddings(self.embeds_path(0)), self.embeds_path(0))
+
+    def _check_shape(self, embeds: np.ndarray, path: Path) -> None:
+        expected = self.expected_embed_shape
+        if expected is not None and tuple(embeds.shape) != tuple(expected):
+            n, levels, dim = expected
+            raise InputError(
+                f"{path}: embeddings have shape {tuple(embeds.shape)}, the model needs (num_patches={n}, levels={levels}, D={dim}); "
+                f"make the model's grid (conv_image_size/patch_size)**2, --levels and --patch_dim (or --levels_encoder_dim with "
+                f"--levels_encoder) match the stage-1/2 outputs"
+            )
+
+    def __getitem__(self, index: int) -> dict:
+        record = self.records[index]
+        image = load_rgb_image(record.path)
+        item = {"image": self.transform(image), "label": record.label, "index": index}
+        if self.embeds_root is not None:
+            path = self.embeds_path(index)
+            embeds = load_embeddings(path)
+            self._check_shape(embeds, path)
+            item["embeds"] = torch.from_numpy(embeds)
+        return item
+
+
+class TupleAsDict(Dataset):
+    """Wrap a torchvision-style ``(image, label)`` dataset into our batch dicts."""
+
+    def __init__(self, dataset: Dataset, transform: Callable, indices: list[int] | None = None):
+        self.dataset, self.transform = dataset, transform
+        self.indices = list(range(len(dataset))) if indices is None else indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> dict:
+        image, label = self.dataset[self.indices[index]]
+        return {"image": self.transform(image), "label": int(label), "index": index}
+
+
+# --------------------------------------------------------------------------- smallNORB
+
+
+class SmallNORB(Dataset):
+    """smallNORB (LeCun et al. 2004) from its official binary files: 5 classes, 96x96 grey stereo pairs.
+
+    Both cameras' images are samples (``2 x 24300`` per split), as in the reference.
+    Files (``.mat`` or ``.mat.gz``) are read from ``<root>/raw`` and downloaded there
+    with torchvision when the internet is reachable.
+    """
+
+    URL = "https://cs.nyu.edu/~ylclab/data/norb-v1.0-small/"
+    FILES = {
+        "train": ("smallnorb-5x46789x9x18x6x2x96x96-training-dat.mat", "smallnorb-5x46789x9x18x6x2x96x96-training-cat.mat"),
+        "test": ("smallnorb-5x01235x9x18x6x2x96x96-testing-dat.mat", "smallnorb-5x01235x9x18x6x2x96x96-testing-cat.mat"),
+    }
+
+    def __init__(self, root: str | os.PathLike, train: bool = True, download: bool = True):
+        raw = Path(root) / "raw"
+        dat_name, cat_name = self.FILES["train" if train else "test"]
+        images = self._read(raw, dat_name, download)  # (24300, 2, 96, 96) uint8
+        labels = self._read(raw, cat_name, download)  # (24300,) int32
+        self.images = images.transpose(1, 0, 2, 3).reshape(-1, 96, 96)
+        self.labels = np.concatenate([labels, labels]).astype(np.int64)
+
+    @classmethod
+    def _read(cls, raw: Path, name: str, download: bool) -> np.ndarray:
+        path = next((p for p in (raw / name, raw / f"{name}.gz") if p.is_file()), None)
+        if path is None and download:
+            from torchvision.datasets.utils import download_url
+
+            download_url(cls.URL + name + ".gz", str(raw), f"{name}.gz")
+            path = raw / f"{name}.gz"
+        if path is None:
+            raise FileNotFoundError(raw / name)
+        data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+        magic, ndim = np.frombuffer(data[:8], dtype="<i4")
+        dims = np.frombuffer(data[8 : 8 + 4 * max(3, ndim)], dtype="<i4")[:ndim]
+        dtype = {0x1E3D4C55: np.uint8, 0x1E3D4C54: "<i4"}.get(int(magic) & 0xFFFFFFFF)
+        if dtype is None:
+            raise InputError(f"{path}: not a smallNORB file (magic {int(magic):#x})")
+        return np.frombuffer(data, dtype=dtype, offset=8 + 4 * max(3, ndim)).reshape(tuple(dims))
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int):
+        return Image.fromarray(self.images[index], mode="L"), int(self.labels[index])
+
+
+def _torchvision_split(config: DataConfig, train: bool) -> Dataset:
+    from torchvision import datasets
+
+    root = config.root
+    try:
+        if config.dataset == "smallNORB":
+            return SmallNORB(root, train=train)
+        cls = getattr(datasets, config.dataset)
+        return cls(str(root), train=train, download=True)
+    except InputError:
+        raise
+    except Exception as exc:  # torchvision raises URLError, RuntimeError, OSError... when offline
+        raise InputError(
+            f"{config.dataset} not found in {root} and could not be downloaded ({type(exc).__name__}: {exc}); "
+            f"run once where the internet is reachable, or copy torchvision's {config.dataset} files into {root}"
+        ) from None
+
+
+# --------------------------------------------------------------------------- data module
+
+
+class PartWholeDataModule(pl.LightningDataModule):
+    """One data module for every dataset; ``expected_embed_shape`` enables the teacher embeddings."""
+
+    def __init__(self, config: DataConfig, expected_embed_shape: tuple[int, int, int] | None = None):
+        super().__init__()
+        if config.dataset not in DATASETS:
+            raise InputError(f"--dataset={config.dataset}: unknown; choose one of {', '.join(DATASETS)}")
+        self.config = config
+        self.expected_embed_shape = expected_embed_shape
+        self.splits: dict[str, Dataset] = {}
+
+    @property
+    def with_embeddings(self) -> bool:
+        return self.config.objective == "sam_distill"
+
+    def folder_split(self, split: str, train: bool) -> ImageFolderWithEmbeddings:
+        """The image-folder dataset of ``split`` (``train`` or ``val``) of IMAGENETTE/TOY/IMAGENET."""
+        root = self.config.root
+        embeds_root = root / f"{split}{EMBEDDINGS_SUFFIX}" if self.with_embeddings else None
+        dataset = ImageFolderWithEmbeddings(root / split, build_transform(self.config, train), embeds_root, self.expected_embed_shape)
+        if embeds_root is not None:
+            dataset.check_embeddings()
+        return dataset
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        c = self.config
+        if c.dataset in FOLDER_DATASETS:
+            if self.with_embeddings and c.dataset == "IMAGENET":
+                raise InputError("--dataset=IMAGENET has no stage-2 embeddings: use --pretrain_objective=supcon or --supervise")
+            self.splits["train"] = self.folder_split("train", train=True)
+            self.splits["val"] = self.folder_split("val", train=False)
+            self.splits["test"] = self.splits["val"]
+            return
+        if self.with_embeddings:
+            raise InputError(f"--dataset={c.dataset} has no stage-2 embeddings: use --pretrain_objective=supcon or --supervise")
+        train_full = _torchvision_split(c, train=True)
+        order = torch.randperm(len(train_full), generator=torch.Generator().manual_seed(c.seed)).tolist()
+        n_val = int(round(len(order) * c.val_fraction))
+        self.splits["train"] = TupleAsDict(train_full, build_transform(c, train=True), order[n_val:])
+        self.splits["val"] = TupleAsDict(train_full, build_transform(c, train=False), order[:n_val])
+        self.splits["test"] = TupleAsDict(_torchvision_split(c, train=False), build_transform(c, train=False))
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        workers = self.config.num_workers
+        return DataLoader(
+            self.splits[split],
+            batch_size=self.config.batch_size,
+            shuffle=shuffle,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def eval_loader(self, split: str) -> DataLoader:
+        """A non-shuffled loader with eval transforms for ``split`` (freeze mode)."""
+        if split == "train" and self.config.dataset in FOLDER_DATASETS:
+            dataset: Dataset = ImageFolderWithEmbeddings(self.config.root / "train", build_transform(self.config, train=False))
+        elif split == "train":
+            base = self.splits["train"]
+            dataset = TupleAsDict(base.dataset, build_transform(self.config, train=False), base.indices)
+        else:
+            dataset = self.splits[split]
+        return DataLoader(dataset, batch_size=self.config.batch_size, shuffle=False, num_workers=self.config.num_workers)
+

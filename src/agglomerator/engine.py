@@ -1,0 +1,116 @@
+"""Run plumbing for stage 3: devices, precision, run folder, loggers, the Lightning Trainer.
+
+``main.py`` turns flags into plain values and calls these; nothing here reads flags.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("auto", "32", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "64", "64-true")
+
+
+def resolve_devices(num_gpus: int) -> tuple[str, int]:
+    """``(accelerator, devices)`` for ``--num_gpus``: what is present, with a warning when fewer."""
+    available = torch.cuda.device_count()
+    if num_gpus <= 0 or available == 0:
+        if num_gpus > 0:
+            log.warning("--num_gpus=%d but no CUDA GPU is visible: running on CPU", num_gpus)
+        return "cpu", 1
+    if num_gpus > available:
+        log.warning("--num_gpus=%d but only %d GPU(s) are visible: using %d", num_gpus, available, available)
+    return "gpu", min(num_gpus, available)
+
+
+def bf16_native(accelerator: str) -> bool:
+    """Whether the device computes bf16 natively (Ampere+ GPUs; CPUs with AVX512-BF16 or AMX)."""
+    if accelerator == "gpu":
+        return torch.cuda.is_bf16_supported()
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_precision(precision: str, accelerator: str) -> str:
+    """``--precision`` for Lightning; ``auto`` is bf16-mixed where bf16 is native, else 32."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"--precision={precision}: choose one of {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        return "bf16-mixed" if bf16_native(accelerator) else "32-true"
+    if precision == "16-mixed" and accelerator == "cpu":
+        raise ValueError("--precision=16-mixed needs a GPU; use bf16-mixed or 32 on CPU")
+    return precision
+
+
+def make_run_dir(output_dir: str, exp_name: str, tag: str, resume_from: str | None = None) -> Path:
+    """The run folder: ``--output_dir``, the folder of a checkpoint being resumed, or a new timestamped one."""
+    if output_dir:
+        run = Path(output_dir)
+    elif resume_from is not None and Path(resume_from).parent.name == "checkpoints":
+        run = Path(resume_from).parent.parent
+    else:
+        run = Path("runs") / exp_name / f"{time.strftime('%Y%m%d-%H%M%S')}-{tag}"
+    run.mkdir(parents=True, exist_ok=True)
+    return run
+
+
+def make_logger(kind: str, run_dir: Path, exp_name: str):
+    if kind == "none":
+        return False
+    if kind == "csv":
+        from pytorch_lightning.loggers import CSVLogger
+
+        return CSVLogger(save_dir=str(run_dir), name="logs")  # logs/version_N: a resumed run adds, never overwrites
+    if kind == "tensorboard":
+        from pytorch_lightning.loggers import TensorBoardLogger
+
+        return TensorBoardLogger(save_dir=str(run_dir), name="logs")
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        raise ValueError("--logger=wandb needs the wandb package: pip install wandb (or use --logger=csv)") from None
+    from pytorch_lightning.loggers import WandbLogger
+
+    return WandbLogger(project="partwhole-agglomerator", name=exp_name, save_dir=str(run_dir))
+
+
+def build_trainer(run_dir: Path, *, accelerator: str, devices: int, num_nodes: int, precision: str, max_epochs: int,
+                  limit_train: float, limit_val: float, limit_test: float, logger: str, exp_name: str,
+                  monitor: str | None = None, monitor_mode: str = "min", train: bool = True) -> pl.Trainer:
+    """A Lightning Trainer writing logs and checkpoints (``last.ckpt`` + best) under ``run_dir``."""
+    callbacks = []
+    the_logger = make_logger(logger, run_dir, exp_name) if train or logger != "wandb" else False
+    if train:
+        callbacks.append(ModelCheckpoint(
+            dirpath=run_dir / "checkpoints", filename="best-{epoch:03d}", monitor=monitor, mode=monitor_mode,
+            save_last=True, save_top_k=1 if monitor else 0, auto_insert_metric_name=False,
+        ))
+        if the_logger:
+            callbacks.append(LearningRateMonitor(logging_interval="step"))
+    strategy = "ddp" if devices * num_nodes > 1 else "auto"
+    as_limit = lambda x: int(x) if x > 1 else float(x)  # noqa: E731  (Lightning: float = fraction, int = batches)
+    return pl.Trainer(
+        default_root_dir=str(run_dir),
+        accelerator=accelerator,
+        devices=devices,
+        num_nodes=num_nodes,
+        strategy=strategy,
+        precision=precision,
+        max_epochs=max_epochs,
+        limit_train_batches=as_limit(limit_train),
+        limit_val_batches=as_limit(limit_val),
+        limit_test_batches=as_limit(limit_test),
+        logger=the_logger,
+        callbacks=callbacks,
+        log_every_n_steps=10,
+        enable_checkpointing=train,
+    )

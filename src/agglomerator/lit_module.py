@@ -1,0 +1,248 @@
+"""Loss, metrics, optimiser and logging around :class:`~agglomerator.model.Agglomerator`.
+
+One ``shared_step`` serves train / val / test for the three objectives:
+
+* ``sam_distill`` — pretraining: per-level MSE to the stage-2 SAM-mask embeddings;
+* ``supcon`` — pretraining: supervised contrastive loss on two crops (baseline);
+* ``classify`` — fine-tuning: cross-entropy of the classification head on the top
+  level; the backbone is frozen (no grad, BatchNorm statistics fixed) unless
+  ``finetune_backbone``.
+
+``save_hyperparameters()`` makes every checkpoint loadable without flags:
+``AgglomeratorLitModule.load_from_checkpoint(path)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Sequence
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torchmetrics.classification import MulticlassAccuracy
+
+from agglomerator.model import Agglomerator, AgglomeratorConfig
+from agglomerator.objectives import DEFAULT_LEVEL_WEIGHTS, levels_distill_loss, supcon_loss
+
+log = logging.getLogger(__name__)
+
+OBJECTIVES = ("sam_distill", "supcon", "classify")
+OPTIMIZERS = ("lion", "adamw")
+HEAD_PREFIXES = ("classification_head_from_last_level.", "contrastive_head.")
+
+
+class AgglomeratorLitModule(pl.LightningModule):
+    def __init__(
+        self,
+        model: dict,
+        objective: str = "sam_distill",
+        learning_rate: float = 3e-4,
+        weight_decay: float = 0.05,
+        optimizer: str = "lion",
+        lion_betas: Sequence[float] = (0.95, 0.98),
+        scheduler: str = "onecycle",
+        level_weights: Sequence[float] = DEFAULT_LEVEL_WEIGHTS,
+        temperature: float = 0.07,
+        finetune_backbone: bool = False,
+        plot_islands: bool = False,
+        plot_every: int = 50,
+    ):
+        super().__init__()
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective={objective!r}: choose one of {OBJECTIVES}")
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"--optimizer={optimizer!r}: choose one of {OPTIMIZERS}")
+        self.save_hyperparameters()
+        config = AgglomeratorConfig(**{**model, "contrastive_head": model.get("contrastive_head", False) or objective == "supcon"})
+        self.model = Agglomerator(config)
+        self.objective = objective
+        self.level_weights = tuple(level_weights)
+        if objective == "sam_distill" and len(self.level_weights) != config.levels:
+            raise ValueError(f"--level_weights has {len(self.level_weights)} values for --levels={config.levels}")
+        self.frozen_backbone = objective == "classify" and not finetune_backbone
+        if self.frozen_backbone:
+            for p in self.model.backbone_parameters():
+                p.requires_grad_(False)
+        if objective == "classify":
+            self.accuracy = torch.nn.ModuleDict(
+                {f"{stage}_acc": MulticlassAccuracy(num_classes=config.n_classes, average="micro") for stage in ("train", "val", "test")}
+            )
+        self.islands_dir: Path | None = None  # set by main.py to <run>/islands
+        self.val_mask_paths: list[Path] | None = None  # set by main.py: stage-1 masks of the val images, by index
+
+    # ------------------------------------------------------------------ forward / steps
+
+    def train(self, mode: bool = True):
+        """Keep a frozen backbone in eval mode (its BatchNorm statistics stay the pretrained ones)."""
+        super().train(mode)
+        if self.frozen_backbone:
+            self.model.image_to_tokens.eval()
+        return self
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # Lightning restores each submodule's own train/eval mode around validation: enforce it per batch.
+        if self.frozen_backbone:
+            self.model.image_to_tokens.eval()
+
+    def forward(self, image: torch.Tensor):
+        return self.model(image)
+
+    def shared_step(self, batch: dict, stage: str) -> torch.Tensor:
+        image, label = batch["image"], batch["label"]
+        two_crops = image.ndim == 5
+        flat = image.flatten(0, 1) if two_crops else image
+        grad = nullcontext() if not self.frozen_backbone else torch.no_grad()
+        with grad:
+            out = self.model(flat)
+        batch_size = image.shape[0]
+        if self.objective == "sam_distill":
+            loss = levels_distill_loss(out.encoded, batch["embeds"], self.level_weights)
+        elif self.objective == "supcon":
+            feats = self.model.project(out.top_level)
+            feats = feats.view(batch_size, 2, -1) if two_crops else feats.unsqueeze(1)
+            loss = supcon_loss(feats, label, temperature=self.hparams.temperature)
+        else:
+            logits = self.model.classify(out.top_level)
+            loss = F.cross_entropy(logits, label)
+            metric = self.accuracy[f"{stage}_acc"]
+            metric(logits, label)
+            self.log(f"{stage}/accuracy", metric, prog_bar=True, on_step=False, on_epoch=True, batch_size=batch_size)
+        self.log(f"{stage}/loss", loss, prog_bar=True, on_step=stage == "train", on_epoch=True,
+                 batch_size=batch_size, sync_dist=stage != "train")
+        if stage == "val" and batch.get("_batch_idx") == 0 and self.val_mask_paths is not None:
+            self.log_islands_scores(out.levels, batch["index"])
+        if self.hparams.plot_islands and self._should_plot(stage, batch.get("_batch_idx", 0)):
+            self.plot_islands(stage, image[0, 0] if two_crops else image[0], out.levels[0],
+                              batch["embeds"][0] if "embeds" in batch else None)
+        return loss
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self.shared_step(batch, "train")
+        m = self.model
+        self.log_dict({"weights/wl": m.wl, "weights/wBU": m.wBU, "weights/wTD": m.wTD, "weights/wA": m.wA},
+                      on_step=True, on_epoch=False)
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        batch["_batch_idx"] = batch_idx
+        return self.shared_step(batch, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        batch["_batch_idx"] = batch_idx
+        return self.shared_step(batch, "test")
+
+    def predict_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
+        """Top-level features ``(b, n, d)`` and labels: what ``--mode freeze`` writes."""
+        out = self.model(batch["image"])
+        return {"features": out.top_level.float().cpu(), "labels": batch["label"].cpu()}
+
+    # ------------------------------------------------------------------ islands
+
+    def _should_plot(self, stage: str, batch_idx: int) -> bool:
+        if self.islands_dir is None or not self.trainer.is_global_zero:
+            return False
+        if stage == "train":
+            return self.global_step % max(1, self.hparams.plot_every) == 0
+        return batch_idx == 0
+
+    @torch.no_grad()
+    def log_islands_scores(self, levels: torch.Tensor, indices: torch.Tensor, max_images: int = 4) -> None:
+        """Islands scores of the first val images against their stage-1 masks, logged as ``val/islands_*_L<i>``."""
+        from agglomerator.islands import average_islands_scores, islands_scores
+        from hierarchical_masks.mask_io import load_masks
+
+        per_image = []
+        for j in range(min(max_images, levels.shape[0])):
+            path = self.val_mask_paths[int(indices[j])]
+            if path.is_file():
+                masks = load_masks(path)
+                if masks.shape[0] == levels.shape[1]:
+                    per_image.append(islands_scores(levels[j].float().cpu(), masks))
+        if not per_image:
+            return
+        for level, scores in average_islands_scores(per_image).items():
+            for name, value in scores.items():
+                if value == value:  # not NaN
+                    self.log(f"val/islands_{name}_L{level}", float(value), on_step=False, on_epoch=True, batch_size=1)
+
+    @torch.no_grad()
+    def plot_islands(self, stage: str, image: torch.Tensor, levels: torch.Tensor, teacher: torch.Tensor | None) -> None:
+        """Draw the islands of one image (and its teacher embeddings) into the run folder and the logger."""
+        from agglomerator.islands import islands_figure, save_islands_figure
+
+        import matplotlib.pyplot as plt
+
+        title = f"{stage} step {self.global_step}"
+        fig = islands_figure(image.float().cpu(), levels.float().cpu(),
+                             teacher=None if teacher is None else teacher.float().cpu(), title=title)
+        save_islands_figure(fig, self.islands_dir / f"{stage}_step{self.global_step:07d}.png")
+        experiment = getattr(self.logger, "experiment", None)
+        if hasattr(experiment, "add_figure"):  # TensorBoard
+            experiment.add_figure(f"islands/{stage}", fig, global_step=self.global_step)
+        plt.close(fig)
+
+    # ------------------------------------------------------------------ optimisation
+
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        params = [p for p in self.parameters() if p.requires_grad]
+        if hp.optimizer == "lion":
+            from timm.optim import Lion
+
+            optimizer = Lion(params, lr=hp.learning_rate, betas=tuple(hp.lion_betas), weight_decay=hp.weight_decay)
+        else:
+            optimizer = torch.optim.AdamW(params, lr=hp.learning_rate, weight_decay=hp.weight_decay)
+        if hp.scheduler == "constant":
+            return optimizer
+        self.total_steps = max(int(self.trainer.estimated_stepping_batches), 2)
+        # A plain function (not OneCycleLR's saved total) so that a resumed run with more epochs stretches the schedule.
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: one_cycle_factor(step, self.total_steps))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def one_cycle_factor(step: int, total_steps: int, pct_start: float = 0.3, div_factor: float = 25.0,
+                     final_div_factor: float = 1e4) -> float:
+    """Learning-rate multiplier of a one-cycle schedule (OneCycleLR's defaults, cosine phases).
+
+    Warm up from ``1/div_factor`` to 1 over ``pct_start`` of the steps, then anneal
+    to ``1/(div_factor*final_div_factor)``; past ``total_steps`` it stays there.
+    """
+    start, end = 1.0 / div_factor, 1.0 / (div_factor * final_div_factor)
+    warm = max(1, int(pct_start * total_steps))
+    if step < warm:
+        t, low, high = step / warm, start, 1.0
+    else:
+        t, low, high = min(1.0, (step - warm) / max(1, total_steps - warm)), 1.0, end
+    return high + (low - high) * (1 + math.cos(math.pi * t)) / 2
+
+
+def load_backbone_weights(module: AgglomeratorLitModule, checkpoint_path: str | Path) -> dict[str, list[str]]:
+    """Load weights from one of our checkpoints or a reference one (``state_dict`` without hyper-parameters).
+
+    Keys may carry our ``model.`` prefix or none (reference). Heads absent from
+    the checkpoint keep their fresh initialisation (pretrain -> fine-tune);
+    anything else missing, or any shape mismatch, is an error naming the file.
+    Returns ``{"missing": [...], "unexpected": [...]}`` (heads only).
+    """
+    from agglomerator.checkpoints import read_checkpoint
+
+    checkpoint = read_checkpoint(checkpoint_path)
+    state = checkpoint.get("state_dict", checkpoint)
+    state = {k[len("model."):] if k.startswith("model.") else k: v for k, v in state.items()}
+    own = module.model.state_dict()
+    mismatched = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items() if k in own and v.shape != own[k].shape]
+    if mismatched:
+        raise ValueError(f"{checkpoint_path}: weights do not fit this model ({'; '.join(mismatched[:3])}); "
+                         f"use the flags the checkpoint was trained with")
+    result = module.model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith(HEAD_PREFIXES)]
+    if missing:
+        raise ValueError(f"{checkpoint_path}: checkpoint lacks backbone weights ({', '.join(missing[:3])}...)")
+    unexpected = [k for k in state if k not in own]
+    if unexpected:
+        log.info("ignored %d checkpoint entries not in this model (e.g. %s)", len(unexpected), unexpected[0])
+    return {"missing": list(result.missing_keys), "unexpected": unexpected}

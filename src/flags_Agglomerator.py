@@ -1,0 +1,66 @@
+"""absl flags of ``src/main.py`` (stage 3). Only CLI scripts read these.
+
+Every flag of the reference (`distill-part-whole` / `mmlab-cv/Agglomerator`)
+exists with the same name and default, so the published flagfiles parse
+unchanged; ours follow under "Added".
+"""
+
+from absl import flags
+
+# ----------------------------------------------------------------------------- reference flags
+flags.DEFINE_string("dataset", "IMAGENETTE", "Dataset: IMAGENETTE, TOY, CIFAR10, CIFAR100, MNIST, FashionMNIST, smallNORB, IMAGENET.")
+flags.DEFINE_string("exp_name", "IMAGENETTE", "Experiment name (run folder runs/<exp_name>/...).")
+
+flags.DEFINE_integer("patch_size", 1, "Patch size on the tokenizer's feature map (conv_image_size / patch_size columns per side).")
+flags.DEFINE_integer("patch_dim", 128, "Dimension d of every level vector.")
+flags.DEFINE_integer("batch_size", 1024, "Batch size per device.")
+flags.DEFINE_integer("levels", 2, "Levels per column.")
+flags.DEFINE_bool("supervise", False, "Fine-tune: train the classification head on the top level (needs --resume_training).")
+flags.DEFINE_integer("image_size", 32, "Input image size (square).")
+flags.DEFINE_integer("conv_image_size", 8, "Size after the conv tokenizer: must be image_size/4.")
+flags.DEFINE_integer("n_channels", 3, "Image channels.")
+flags.DEFINE_integer("n_classes", 10, "Number of classes.")
+flags.DEFINE_integer("iters", None, "GLOM iterations (default 2*levels).")
+flags.DEFINE_integer("denoise_iter", -1, "Which iteration's top level feeds the heads (-1: the last).")
+flags.DEFINE_float("dropout", 0.3, "Dropout of the contrastive head (supcon).")
+flags.DEFINE_float("temperature", 0.07, "Contrastive temperature (supcon).")
+flags.DEFINE_integer("contr_dim", 512, "Contrastive feature dimension (supcon).")
+flags.DEFINE_bool("levels_encoder", False, "Map the final levels through a column encoder before the distillation loss.")
+
+flags.DEFINE_enum("mode", "train", ["train", "test", "freeze", "islands"], "train, test, freeze (export features) or islands (draw them).")
+flags.DEFINE_float("learning_rate", 0.05, "Peak learning rate.")
+flags.DEFINE_float("lr_speed", 2000, "Unused by the reference and by us; kept so reference flagfiles parse.")
+flags.DEFINE_boolean("resume_training", False, "Start from --load_checkpoint_dir: continue the same run, or load its weights for a new stage.")
+flags.DEFINE_string("load_checkpoint_dir", "path_to_checkpoint.ckpt", "Checkpoint file to resume from, fine-tune, test, freeze or draw.")
+flags.DEFINE_integer("seed", 42, "Random seed (honoured: python, numpy, torch, data workers).")
+flags.DEFINE_integer("max_epochs", 10000, "Training epochs.")
+flags.DEFINE_float("weight_decay", 5e-4, "Weight decay.")
+flags.DEFINE_integer("num_workers", 8, "Data loader workers per process.")
+flags.DEFINE_integer("num_gpus", 1, "GPUs per node (more than present: what is there, with a warning; none: CPU).")
+
+flags.DEFINE_float("limit_train", 1.0, "Fraction (<=1.0) or number (>1) of train batches per epoch.")
+flags.DEFINE_float("limit_val", 1.0, "Fraction or number of val batches.")
+flags.DEFINE_float("limit_test", 1.0, "Fraction or number of test batches.")
+
+flags.DEFINE_bool("plot_islands", False, "Draw islands of agreement into <run>/islands (and the logger) during runs.")
+
+# ----------------------------------------------------------------------------- added
+flags.DEFINE_enum("pretrain_objective", "sam_distill", ["sam_distill", "supcon"],
+                  "Pretraining objective when not --supervise: sam_distill (the paper) or supcon (original Agglomerator).")
+flags.DEFINE_bool("finetune_backbone", False, "With --supervise, also train the backbone (default: frozen, as the reference).")
+flags.DEFINE_list("level_weights", ["0.1", "0.2", "0.7"], "sam_distill loss weight per level, low to high.")
+flags.DEFINE_integer("levels_encoder_dim", 256, "Output dimension of the levels encoder (the teacher's D).")
+flags.DEFINE_enum("optimizer", "lion", ["lion", "adamw"], "Optimizer: lion (timm.optim.Lion, the reference's) or adamw.")
+flags.DEFINE_list("lion_betas", ["0.95", "0.98"], "Lion betas (reference values).")
+flags.DEFINE_enum("scheduler", "onecycle", ["onecycle", "constant"], "Learning-rate schedule (OneCycle over the real number of steps).")
+flags.DEFINE_string("data_dir", "datasets", "Folder holding the datasets (imagenette2/, toy/, CIFAR10/, ...).")
+flags.DEFINE_string("output_dir", "", "Run folder (default runs/<exp_name>/<time>-<objective>).")
+flags.DEFINE_enum("logger", "csv", ["csv", "tensorboard", "wandb", "none"], "Metrics logger (wandb is optional).")
+flags.DEFINE_string("precision", "auto",
+                    "auto (bf16-mixed where the device computes bf16 natively, else 32), 32, bf16-mixed or 16-mixed.")
+flags.DEFINE_integer("num_nodes", 1, "Nodes for multi-node DDP.")
+flags.DEFINE_integer("plot_every", 50, "With --plot_islands: draw every N training steps (and the first val/test batch).")
+flags.DEFINE_string("islands_split", "val", "--mode islands: split whose images are drawn.")
+flags.DEFINE_integer("islands_count", 8, "--mode islands: how many images of --islands_split to draw.")
+flags.DEFINE_list("islands_images", [], "--mode islands: image files to draw instead of a split.")
+flags.DEFINE_bool("compile", False, "torch.compile the model (faster steps on GPU after a compile pause).")

@@ -1,0 +1,286 @@
+"""Stage 1: SAM masks for every patch of every image of a folder.
+
+Every image of ``<in_data_path>/<class>/`` is resized to ``img_size`` and
+prompted with one point per ``patch_size`` patch; SAM's three masks per point
+go to ``<out_data_path>/<class>/<stem>.pkl`` (see ``mask_io.save_masks``).
+Finished files are skipped (``--overwrite`` recomputes), each file is written
+atomically, and ``--num_processes``/``--num_nodes`` split the images over
+Lightning Fabric DDP ranks.
+
+Reference command (still works verbatim)::
+
+    python src/hierarchical_masks/patched_masks.py --device=cuda:1 --split=val \\
+        --in_data_path=datasets/imagenette2/val --out_data_path=datasets/imagenette2/val_masks \\
+        --sam_checkpoint=sam_vit_h_4b8939.pth --sam_model_type=vit_h --img_size 224 --patch_size=16
+
+This file is the wiring (flags, errors); the maths is in ``sam_points.py`` and
+the shared per-image loop helpers in ``per_image_runner.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import tempfile
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Sequence
+
+if __package__ in (None, ""):  # run as a script: make ``src/`` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+import torch
+
+from hierarchical_masks.mask_io import ImageRecord, InputError, list_image_folder, load_rgb_image, save_masks
+from hierarchical_masks.per_image_runner import (
+    Progress,
+    WorkerContext,
+    batched,
+    launch_workers,
+    plan_work,
+    record_failure,
+    resolve_device,
+)
+from hierarchical_masks.sam_points import (
+    POINT_LABELS,
+    PRECISIONS,
+    SAM_BUILDERS,
+    PointGridMasker,
+    build_sam,
+    check_choice,
+    patch_grid_points,
+    require_checkpoint_file,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CHECKPOINT = "sam_vit_h_4b8939.pth"
+
+
+def check_writable(out_root: str | os.PathLike) -> Path:
+    """Create ``out_root`` if needed and prove a file can be written there."""
+    out_root = Path(out_root)
+    try:
+        out_root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out_root):
+            pass
+    except OSError as exc:
+        raise InputError(f"--out_data_path={out_root}: cannot write there ({exc.strerror}); choose a writable folder") from None
+    return out_root
+
+
+def _load_batch(records: Sequence[ImageRecord], masker: PointGridMasker, skip_bad_images: bool):
+    """Read and resize a batch of images; returns ``(records, model inputs, [(record, reason)] failures)``."""
+    kept, inputs, failures = [], [], []
+    for record in records:
+        try:
+            image = load_rgb_image(record.path, (masker.img_size, masker.img_size))
+        except InputError as exc:
+            if not skip_bad_images:
+                raise
+            failures.append((record, str(exc)))
+            continue
+        kept.append(record)
+        inputs.append(masker.model_input(np.asarray(image)))
+    return kept, inputs, failures
+
+
+def write_patched_masks(
+    records: Sequence[ImageRecord],
+    out_root: str | os.PathLike,
+    masker: PointGridMasker,
+    *,
+    worker: WorkerContext | None = None,
+    batch_size: int = 8,
+    overwrite: bool = False,
+    skip_bad_images: bool = False,
+    meta: dict[str, Any] | None = None,
+    show_progress: bool = True,
+) -> Progress:
+    """Write the masks of this worker's share of ``records`` under ``out_root``.
+
+    Images are read one batch ahead and files are compressed and written in
+    background threads while SAM runs on the next batch. A bad image raises
+    :class:`InputError`, or with ``skip_bad_images`` goes to ``failed.txt``.
+
+    Returns:
+        the closed :class:`Progress` (its counts and summary line).
+    """
+    worker = worker or WorkerContext(device=masker.sam.device)
+    todo, skipped = plan_work(records, out_root, rank=worker.rank, world_size=worker.world_size, overwrite=overwrite)
+    progress = Progress("patched_masks", len(todo), skipped, rank=worker.rank, enabled=show_progress)
+    batches = list(batched(todo, batch_size))
+    meta = meta or {}
+    try:
+        _write_batches(batches, out_root, masker, progress, skip_bad_images, meta)
+    except BaseException:
+        progress.bar.close()  # leave the error message as the last line
+        raise
+    progress.close()
+    return progress
+
+
+def _write_batches(
+    batches: list, out_root: str | os.PathLike, masker: PointGridMasker, progress: Progress, skip_bad_images: bool, meta: dict
+) -> None:
+    """The pipelined loop of :func:`write_patched_masks`: read ahead, compute, write behind."""
+    with ThreadPoolExecutor(max_workers=1) as reader, ThreadPoolExecutor(max_workers=2) as writer:
+        next_load = reader.submit(_load_batch, batches[0], masker, skip_bad_images) if batches else None
+        writing: list[Future] = []
+        for index in range(len(batches)):
+            kept, inputs, failures = next_load.result()
+            if index + 1 < len(batches):
+                next_load = reader.submit(_load_batch, batches[index + 1], masker, skip_bad_images)
+            for record, reason in failures:
+                record_failure(out_root, record.path, reason)
+            progress.update(failed=len(failures))
+            masks = masker.predict_model_inputs(np.stack(inputs)).cpu().numpy() if kept else []
+            previous = writing
+            writing = [writer.submit(save_masks, r.output_path(out_root), m, **meta) for r, m in zip(kept, masks)]
+            for future in previous:  # at most one batch of files in flight
+                future.result()
+            progress.update(written=len(previous))
+        for future in writing:
+            future.result()
+        progress.update(written=len(writing))
+
+
+def run(
+    *,
+    in_data_path: str,
+    out_data_path: str,
+    sam_model_type: str = "vit_h",
+    sam_checkpoint: str | None = DEFAULT_CHECKPOINT,
+    device: str = "cpu",
+    img_size: int = 224,
+    patch_size: int = 16,
+    point_labels: str = "foreground",
+    precision: str = "fp32",
+    batch_size: int = 8,
+    points_per_batch: int = 196,
+    overwrite: bool = False,
+    skip_bad_images: bool = False,
+    num_processes: int = 1,
+    num_nodes: int = 1,
+    show_progress: bool = True,
+) -> Progress:
+    """Stage 1 end to end, with plain arguments (the CLI's flags).
+
+    Every cheap check (sizes, flags, folders, checkpoint file) runs before any
+    process is launched or any file is written.
+    """
+    patch_grid_points(img_size, patch_size)  # raises on img_size % patch_size
+    check_choice("point_labels", point_labels, POINT_LABELS)
+    check_choice("precision", precision, PRECISIONS)
+    check_choice("sam_model_type", sam_model_type, SAM_BUILDERS)
+    if batch_size < 1 or points_per_batch < 1:
+        raise ValueError(f"--batch_size={batch_size} and --points_per_batch={points_per_batch} must be >= 1")
+    resolve_device(device)
+    records = list_image_folder(in_data_path)
+    if not records:
+        raise InputError(f"--in_data_path={in_data_path}: no images in its class folders (expected <root>/<class>/<image>, e.g. datasets/imagenette2/val)")
+    check_writable(out_data_path)
+    if sam_checkpoint is not None:
+        require_checkpoint_file(sam_checkpoint, sam_model_type)  # its fit is checked when each worker loads it
+
+    worker = launch_workers(device, num_processes, num_nodes)
+    sam = build_sam(sam_model_type, sam_checkpoint).to(worker.device)
+    masker = PointGridMasker(
+        sam, img_size=img_size, patch_size=patch_size, point_labels=point_labels, precision=precision, points_per_batch=points_per_batch
+    )
+    meta = dict(
+        grid=img_size // patch_size,
+        img_size=img_size,
+        patch_size=patch_size,
+        levels=3,
+        sam_model=sam_model_type,
+        sam_checkpoint=Path(sam_checkpoint).name if sam_checkpoint else None,
+        point_labels=point_labels,
+        precision=precision,
+    )
+    return write_patched_masks(
+        records,
+        out_data_path,
+        masker,
+        worker=worker,
+        batch_size=batch_size,
+        overwrite=overwrite,
+        skip_bad_images=skip_bad_images,
+        meta=meta,
+        show_progress=show_progress,
+    )
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def define_flags() -> None:
+    """The stage's flags (defined only when run as a script, so importing this module defines none)."""
+    from absl import flags
+
+    flags.DEFINE_string("device", None, "torch device: cpu, cuda, cuda:1 (default: cuda if a GPU is visible, else cpu)")
+    flags.DEFINE_string("split", "val", "dataset split; picks the default in/out folders datasets/imagenette2/<split>[_masks]")
+    flags.DEFINE_string("in_data_path", None, "image folder <root>/<class>/<image> (default datasets/imagenette2/<split>)")
+    flags.DEFINE_string("out_data_path", None, "mask folder to write (default datasets/imagenette2/<split>_masks)")
+    flags.DEFINE_string(
+        "sam_checkpoint", DEFAULT_CHECKPOINT, "SAM state dict; empty or 'none' for random weights (vit_tiny: random unless given)"
+    )
+    flags.DEFINE_enum("sam_model_type", "vit_h", sorted(SAM_BUILDERS), "SAM model: a segment_anything registry key or vit_tiny")
+    flags.DEFINE_alias("model_type", "sam_model_type")
+    flags.DEFINE_integer("img_size", 224, "images are resized to img_size x img_size")
+    flags.DEFINE_integer("patch_size", 16, "one point prompt at the centre of every patch_size x patch_size patch")
+    flags.DEFINE_enum(
+        "point_labels", "foreground", list(POINT_LABELS), "foreground: label 1 per point; reference: label k for point k, as the reference"
+    )
+    flags.DEFINE_enum("precision", "fp32", list(PRECISIONS), "SAM forward precision (autocast)")
+    flags.DEFINE_integer("batch_size", 8, "images per image-encoder forward")
+    flags.DEFINE_integer("points_per_batch", 196, "point prompts per mask-decoder call (lower it if memory runs out)")
+    flags.DEFINE_boolean("overwrite", False, "recompute masks that already exist")
+    flags.DEFINE_boolean("skip_bad_images", False, "log unreadable images to <out_data_path>/failed.txt and carry on")
+    flags.DEFINE_integer("num_processes", 1, "processes per node (GPUs on CUDA) sharing the images through Lightning DDP")
+    flags.DEFINE_integer("num_nodes", 1, "nodes sharing the images through Lightning DDP")
+
+
+def main(argv: Sequence[str]) -> int:
+    from absl import flags
+
+    FLAGS = flags.FLAGS
+    if len(argv) > 1:
+        print(f"error: unexpected arguments {' '.join(argv[1:])}; every option is a --flag", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    checkpoint = FLAGS.sam_checkpoint
+    random_weights = checkpoint is None or checkpoint.strip().lower() in ("", "none") or (
+        FLAGS.sam_model_type == "vit_tiny" and not FLAGS["sam_checkpoint"].present
+    )
+    try:
+        run(
+            in_data_path=FLAGS.in_data_path or f"datasets/imagenette2/{FLAGS.split}",
+            out_data_path=FLAGS.out_data_path or f"datasets/imagenette2/{FLAGS.split}_masks",
+            sam_model_type=FLAGS.sam_model_type,
+            sam_checkpoint=None if random_weights else checkpoint,
+            device=FLAGS.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+            img_size=FLAGS.img_size,
+            patch_size=FLAGS.patch_size,
+            point_labels=FLAGS.point_labels,
+            precision=FLAGS.precision,
+            batch_size=FLAGS.batch_size,
+            points_per_batch=FLAGS.points_per_batch,
+            overwrite=FLAGS.overwrite,
+            skip_bad_images=FLAGS.skip_bad_images,
+            num_processes=FLAGS.num_processes,
+            num_nodes=FLAGS.num_nodes,
+        )
+    except (InputError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    define_flags()
+    app.run(main)

@@ -1,0 +1,342 @@
+"""SAM masks for a grid of single-point prompts, batched (the maths of stage 1).
+
+Based on segment_anything (facebookresearch/segment-anything): the model
+registry, the image encoder, prompt encoder and mask decoder are used as they
+are. What this module adds:
+
+* :func:`patch_grid_points`: one point at the centre of every patch, row-major;
+* :func:`build_sam`: ``segment_anything.sam_model_registry`` plus ``vit_tiny``,
+  a small SAM made of the same modules for tests and CPU smoke runs, with
+  one-line errors for a missing or mismatching checkpoint;
+* :class:`PointGridMasker`: the point prompts encoded once, one image-encoder
+  forward per batch of images, then every grid point of an image as its own
+  single-point prompt in one (or a few chunked) mask-decoder calls that share
+  the image embedding, three masks per point.
+
+The masks equal what ``SamPredictor.predict`` gives one point at a time on the
+same image: same input resize (``ResizeLongestSide.apply_image``), same
+coordinate transform, same decoder, and the same two bilinear resizes of the
+low-resolution logits (256 -> 1024, crop, -> image size), folded here into one
+small matrix per axis instead of materialising 1024 x 1024 logits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from functools import partial
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from segment_anything import sam_model_registry
+from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+from segment_anything.utils.transforms import ResizeLongestSide
+from torch.nn import functional as F
+
+from hierarchical_masks.mask_io import InputError
+
+log = logging.getLogger(__name__)
+
+POINT_LABELS = ("foreground", "reference")
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+CHECKPOINT_URLS = {
+    "vit_h": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth",
+    "vit_l": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_l_0b3195.pth",
+    "vit_b": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth",
+}
+
+
+def check_choice(flag: str, value: str, choices) -> None:
+    """Raise :class:`InputError` naming ``--flag`` when ``value`` is not one of ``choices``."""
+    if value not in choices:
+        raise InputError(f"--{flag}={value!r} is unknown; choose one of {', '.join(sorted(choices))}")
+
+
+# --------------------------------------------------------------------------- points
+
+
+def patch_grid_points(img_size: int, patch_size: int) -> np.ndarray:
+    """Patch-centre points of a square image, ``(G*G, 2)`` float ``(x, y)`` pixels.
+
+    ``G = img_size // patch_size``; row-major: point ``k = row * G + col`` lies
+    at ``(col * p + p / 2, row * p + p / 2)`` (SAM takes points as ``x, y``).
+    """
+    if patch_size <= 0 or img_size <= 0 or img_size % patch_size:
+        raise ValueError(
+            f"img_size={img_size} must be a positive multiple of patch_size={patch_size}; "
+            "choose e.g. --img_size=224 --patch_size=16"
+        )
+    grid = img_size // patch_size
+    centres = np.arange(grid, dtype=np.float64) * patch_size + patch_size / 2
+    rows, cols = np.meshgrid(centres, centres, indexing="ij")  # (G, G) each
+    return np.stack([cols.ravel(), rows.ravel()], axis=1)
+
+
+# --------------------------------------------------------------------------- models
+
+
+def build_sam_vit_tiny(checkpoint: str | None = None) -> Sam:
+    """A small SAM made of segment_anything's own modules (for tests and CPU smoke runs).
+
+    The real models' structure at a quarter of their input side (256 px in,
+    16 x 16 embedding grid, 64 x 64 low-res masks) and a fraction of their
+    widths and depths, so every resize, coordinate transform and decoder step
+    runs for real in well under a second per image on a CPU. Random weights
+    unless ``checkpoint`` is given.
+    """
+    embed_dim, image_size, vit_patch = 32, 256, 16
+    sam = Sam(
+        image_encoder=ImageEncoderViT(
+            img_size=image_size,
+            patch_size=vit_patch,
+            embed_dim=64,
+            depth=2,
+            num_heads=2,
+            mlp_ratio=2,
+            out_chans=embed_dim,
+            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+            qkv_bias=True,
+            use_rel_pos=True,
+            window_size=8,
+            global_attn_indexes=(1,),
+        ),
+        prompt_encoder=PromptEncoder(
+            embed_dim=embed_dim,
+            image_embedding_size=(image_size // vit_patch, image_size // vit_patch),
+            input_image_size=(image_size, image_size),
+            mask_in_chans=4,
+        ),
+        mask_decoder=MaskDecoder(
+            num_multimask_outputs=3,
+            transformer=TwoWayTransformer(depth=1, embedding_dim=embed_dim, mlp_dim=64, num_heads=2),
+            transformer_dim=embed_dim,
+            iou_head_depth=2,
+            iou_head_hidden_dim=32,
+        ),
+    )
+    if checkpoint is not None:
+        load_sam_checkpoint(sam, checkpoint, "vit_tiny")
+    return sam.eval()
+
+
+def _build_registry_model(model_type: str, checkpoint: str | None) -> Sam:
+    sam = sam_model_registry[model_type](checkpoint=None)  # weights loaded below, safely
+    if checkpoint is not None:
+        load_sam_checkpoint(sam, checkpoint, model_type)
+    return sam.eval()
+
+
+SAM_BUILDERS: dict[str, Callable[[str | None], Sam]] = {
+    **{name: partial(_build_registry_model, name) for name in sam_model_registry},
+    "vit_tiny": build_sam_vit_tiny,
+}
+
+
+def _model_type_of(state_dict: dict) -> str | None:
+    """Guess which registry model a state dict belongs to, from its encoder width."""
+    widths = {1280: "vit_h", 1024: "vit_l", 768: "vit_b", 64: "vit_tiny"}
+    pos = state_dict.get("image_encoder.pos_embed")
+    return widths.get(int(pos.shape[-1])) if isinstance(pos, torch.Tensor) else None
+
+
+def require_checkpoint_file(checkpoint: str | os.PathLike, model_type: str) -> Path:
+    """``checkpoint`` as a path; a missing file is an error that says where to download it."""
+    path = Path(checkpoint)
+    if not path.is_file():
+        url = CHECKPOINT_URLS.get(model_type)
+        fix = f"download it from {url}" if url else "pass an existing file"
+        raise InputError(f"--sam_checkpoint={checkpoint}: file not found; {fix}")
+    return path
+
+
+def load_sam_checkpoint(sam: Sam, checkpoint: str | os.PathLike, model_type: str) -> None:
+    """Load ``checkpoint`` (a state dict, read with ``weights_only=True``) into ``sam``.
+
+    Raises:
+        InputError: the file is missing, not a state dict, or belongs to another
+            model type (the message names the flag and the fix).
+    """
+    path = require_checkpoint_file(checkpoint, model_type)
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types (with pages of text) for a bad file; all mean the same here
+        raise InputError(
+            f"--sam_checkpoint={checkpoint}: not a readable SAM state dict ({type(exc).__name__} in torch.load); "
+            f"pass the .pth file published for {model_type}"
+        ) from None
+    if not isinstance(state_dict, dict):
+        raise InputError(f"--sam_checkpoint={checkpoint}: holds a {type(state_dict).__name__}, not a SAM state dict")
+    try:
+        sam.load_state_dict(state_dict)
+    except RuntimeError:
+        guess = _model_type_of(state_dict)
+        hint = f"it looks like a {guess} checkpoint: pass --sam_model_type={guess}" if guess else "pass the checkpoint of that model type"
+        raise InputError(f"--sam_checkpoint={checkpoint} does not fit --sam_model_type={model_type}; {hint}") from None
+
+
+def build_sam(model_type: str, checkpoint: str | os.PathLike | None = None, *, seed: int = 0) -> Sam:
+    """Build a SAM in eval mode: any ``sam_model_registry`` key or ``vit_tiny``.
+
+    ``checkpoint=None`` gives random weights (a warning says so), drawn from
+    ``seed`` so every run and every rank gets the same model; masks from
+    random weights are only good for tests and timing.
+    """
+    check_choice("sam_model_type", model_type, SAM_BUILDERS)
+    if checkpoint is not None:
+        return SAM_BUILDERS[model_type](str(checkpoint))
+    log.warning("SAM %s has random weights (no --sam_checkpoint): masks are only good for tests and timing", model_type)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return SAM_BUILDERS[model_type](None)
+
+
+# --------------------------------------------------------------------------- masks
+
+
+def _linear_resize_matrix(n_in: int, n_out: int) -> torch.Tensor:
+    """``(n_out, n_in)`` matrix of ``F.interpolate(mode='bilinear', align_corners=False)`` along one axis."""
+    eye = torch.eye(n_in, dtype=torch.float64).unsqueeze(1)  # n_in basis vectors, (n_in, 1, n_in)
+    return F.interpolate(eye, size=n_out, mode="linear", align_corners=False)[:, 0, :].T
+
+
+def postprocess_matrix(low_res: int, model_size: int, input_size: int, out_size: int) -> torch.Tensor:
+    """One axis of ``Sam.postprocess_masks`` as a ``(out_size, low_res)`` matrix.
+
+    SAM upsamples logits ``low_res -> model_size``, crops the padding to
+    ``input_size`` and resizes to ``out_size``; bilinear resizes are separable
+    and linear, so the three steps compose into one matrix per axis.
+    """
+    upsample = _linear_resize_matrix(low_res, model_size)[:input_size]  # (input_size, low_res)
+    return (_linear_resize_matrix(input_size, out_size) @ upsample).float()
+
+
+def decode_multimask_shared_image(
+    decoder: MaskDecoder, image_embedding: torch.Tensor, image_pe: torch.Tensor, sparse_prompt_embeddings: torch.Tensor
+) -> torch.Tensor:
+    """``MaskDecoder(..., multimask_output=True)`` for ``k`` prompts on one image, without copying it ``k`` times.
+
+    ``MaskDecoder.predict_masks`` repeats the image embedding once per prompt
+    before its transformer. Every prompt sees the same image, so here the
+    embedding keeps batch 1 and broadcasting in the attention matmuls and
+    residual adds does the repeat: the first block's image-side projections
+    are computed once instead of ``k`` times. Same modules, same weights, same
+    maths.
+
+    Args:
+        decoder: SAM's mask decoder.
+        image_embedding: ``(1, c, h, w)`` image embedding plus the dense
+            (no-mask) prompt embedding.
+        image_pe: ``(1, c, h, w)`` dense positional encoding.
+        sparse_prompt_embeddings: ``(k, t, c)`` point-prompt tokens.
+
+    Returns:
+        ``(k, 3, 4h, 4w)`` low-resolution mask logits (the multimask outputs).
+    """
+    k = sparse_prompt_embeddings.shape[0]
+    output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
+    tokens = torch.cat([output_tokens.expand(k, -1, -1), sparse_prompt_embeddings], dim=1)
+    hs, src = decoder.transformer(image_embedding, image_pe, tokens)  # src: (k, h*w, c) after the first block
+    _, c, h, w = image_embedding.shape
+    upscaled = decoder.output_upscaling(src.transpose(1, 2).reshape(k, c, h, w))  # (k, c', 4h, 4w)
+    # mask token 0 is the single-mask output; multimask uses tokens 1..3
+    hyper_in = torch.stack(
+        [decoder.output_hypernetworks_mlps[i](hs[:, 1 + i, :]) for i in range(1, decoder.num_mask_tokens)], dim=1
+    )  # (k, 3, c')
+    return (hyper_in @ upscaled.flatten(2)).view(k, -1, *upscaled.shape[-2:])
+
+
+class PointGridMasker:
+    """Masks of a SAM for every patch-centre point of ``img_size`` images.
+
+    Call with uint8 RGB images ``(b, img_size, img_size, 3)`` (or a list of
+    them), get bool masks ``(b, k, 3, img_size, img_size)`` on the model's
+    device: for point ``k``, SAM's three multimask outputs in SAM's order.
+
+    Args:
+        sam: a SAM in eval mode, already on its device.
+        img_size, patch_size: image side and patch side (one point per patch).
+        point_labels: ``'foreground'`` (label 1 for every point) or
+            ``'reference'`` (label ``k`` for point ``k``, as the reference code
+            passed; SAM then gives point 0 the background embedding, point 1
+            the foreground one and every other point no label embedding).
+        precision: ``'fp32'``, ``'bf16'`` or ``'fp16'`` (autocast of SAM's
+            forward; the logit resize and threshold stay fp32).
+        points_per_batch: prompts per mask-decoder call (bounds memory).
+    """
+
+    def __init__(
+        self,
+        sam: Sam,
+        *,
+        img_size: int = 224,
+        patch_size: int = 16,
+        point_labels: str = "foreground",
+        precision: str = "fp32",
+        points_per_batch: int = 256,
+    ):
+        check_choice("point_labels", point_labels, POINT_LABELS)
+        check_choice("precision", precision, PRECISIONS)
+        self.sam, self.img_size, self.precision = sam, img_size, precision
+        self.points_per_batch = max(1, points_per_batch)
+        device = sam.device
+        points = patch_grid_points(img_size, patch_size)  # (k, 2) xy in image pixels
+        self.resize = ResizeLongestSide(sam.image_encoder.img_size)
+        coords = self.resize.apply_coords(points, (img_size, img_size))  # SamPredictor's float64 transform
+        coords = torch.as_tensor(coords, dtype=torch.float, device=device)[:, None, :]  # (k, 1, 2)
+        labels = np.ones(len(points)) if point_labels == "foreground" else np.arange(len(points))
+        labels = torch.as_tensor(labels, dtype=torch.int, device=device)[:, None]  # (k, 1)
+        # The prompts are the same for every image: encode them once, in fp32 (the
+        # Fourier positional encoding of a point loses its phase in 16-bit floats).
+        with torch.inference_mode():
+            self.sparse, dense = sam.prompt_encoder(points=(coords, labels), boxes=None, masks=None)  # (k, 2, c)
+            self.dense = dense[:1]  # the no-mask embedding, the same for every prompt: (1, c, h, w)
+            self.image_pe = sam.prompt_encoder.get_dense_pe()  # (1, c, h, w)
+        input_size = self.resize.get_preprocess_shape(img_size, img_size, self.resize.target_length)[0]
+        low_res = 4 * sam.prompt_encoder.image_embedding_size[0]  # the decoder upscales 4x
+        self.upsample = postprocess_matrix(low_res, sam.image_encoder.img_size, input_size, img_size).to(device)
+
+    @property
+    def num_points(self) -> int:
+        return self.sparse.shape[0]
+
+    def model_input(self, image: np.ndarray) -> np.ndarray:
+        """uint8 ``(img_size, img_size, 3)`` -> SAM's uint8 ``(3, S, S')`` input (the resize SamPredictor does)."""
+        image = np.asarray(image)
+        if image.shape != (self.img_size, self.img_size, 3) or image.dtype != np.uint8:
+            raise ValueError(f"expected a uint8 ({self.img_size}, {self.img_size}, 3) RGB image, got {image.dtype} {image.shape}")
+        return np.ascontiguousarray(self.resize.apply_image(image).transpose(2, 0, 1))
+
+    def _autocast(self):
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.sam.device.type, dtype=PRECISIONS[self.precision])
+
+    @torch.inference_mode()
+    def __call__(self, images: np.ndarray | Sequence[np.ndarray]) -> torch.Tensor:
+        """Masks ``(b, k, 3, img_size, img_size)`` bool for uint8 RGB images ``(b, img_size, img_size, 3)``."""
+        return self.predict_model_inputs(np.stack([self.model_input(im) for im in images]))
+
+    @torch.inference_mode()
+    def predict_model_inputs(self, inputs: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Masks for a batch of :meth:`model_input` outputs ``(b, 3, S, S')`` uint8."""
+        sam = self.sam
+        inputs = torch.as_tensor(inputs).to(sam.device, non_blocking=True).float()
+        with self._autocast():
+            embeddings = sam.image_encoder(sam.preprocess(inputs))  # (b, c, h, w)
+        return torch.stack([self._masks_of_embedding(e[None]) for e in embeddings])
+
+    def _masks_of_embedding(self, embedding: torch.Tensor) -> torch.Tensor:
+        """All points of one image: ``(1, c, h, w)`` embedding -> bool ``(k, 3, H, W)``."""
+        chunks = []
+        for start in range(0, self.num_points, self.points_per_batch):
+            with self._autocast():
+                low_res = decode_multimask_shared_image(
+                    self.sam.mask_decoder, embedding + self.dense, self.image_pe, self.sparse[start : start + self.points_per_batch]
+                )  # (k, 3, h', w') logits
+            # rows and columns share one matrix: images are square
+            logits = self.upsample @ low_res.float() @ self.upsample.T  # (k, 3, H, W), as Sam.postprocess_masks
+            chunks.append(logits > self.sam.mask_threshold)
+        return torch.cat(chunks)

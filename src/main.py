@@ -1,0 +1,247 @@
+"""Stage 3 CLI: pretrain, fine-tune, test, freeze and draw the Agglomerator.
+
+    python src/main.py --flagfile config/config_IMAGENETTE.cfg                     # sam_distill pretraining
+    python src/main.py --flagfile config/config_IMAGENETTE.cfg --supervise \\
+        --resume_training --load_checkpoint_dir runs/.../checkpoints/last.ckpt      # fine-tune the classifier
+    python src/main.py --flagfile ... --mode test|freeze|islands --load_checkpoint_dir CKPT
+
+Thin wiring: flags -> plain configs -> ``agglomerator`` (model, data, Lightning module, engine).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+from absl import app, flags
+
+import flags_Agglomerator  # noqa: F401  (defines the flags)
+
+FLAGS = flags.FLAGS
+log = logging.getLogger("main")
+
+
+def objective_from_flags() -> str:
+    return "classify" if FLAGS.supervise else FLAGS.pretrain_objective
+
+
+def model_input_size() -> int:
+    """The reference resizes smallNORB to --image_size (48) and crops 4*conv_image_size (32) px."""
+    return FLAGS.conv_image_size * 4 if FLAGS.dataset == "smallNORB" else FLAGS.image_size
+
+
+def model_config_from_flags() -> dict:
+    from agglomerator.model import AgglomeratorConfig
+
+    config = AgglomeratorConfig(
+        image_size=model_input_size(), conv_image_size=FLAGS.conv_image_size, patch_size=FLAGS.patch_size,
+        patch_dim=FLAGS.patch_dim, levels=FLAGS.levels, n_channels=FLAGS.n_channels, n_classes=FLAGS.n_classes,
+        iters=FLAGS.iters, denoise_iter=FLAGS.denoise_iter, levels_encoder=FLAGS.levels_encoder,
+        levels_encoder_dim=FLAGS.levels_encoder_dim, contr_dim=FLAGS.contr_dim, dropout=FLAGS.dropout,
+    )
+    config.validate()
+    return config.to_dict()
+
+
+def module_from_flags(objective: str):
+    from agglomerator.lit_module import AgglomeratorLitModule
+
+    def floats(name):
+        try:
+            return [float(x) for x in getattr(FLAGS, name)]
+        except ValueError:
+            raise ValueError(f"--{name}={','.join(getattr(FLAGS, name))}: give comma-separated numbers") from None
+
+    return AgglomeratorLitModule(
+        model=model_config_from_flags(), objective=objective, learning_rate=FLAGS.learning_rate,
+        weight_decay=FLAGS.weight_decay, optimizer=FLAGS.optimizer, lion_betas=floats("lion_betas"),
+        scheduler=FLAGS.scheduler, level_weights=floats("level_weights"), temperature=FLAGS.temperature,
+        finetune_backbone=FLAGS.finetune_backbone, plot_islands=FLAGS.plot_islands, plot_every=FLAGS.plot_every,
+    )
+
+
+def module_from_checkpoint(path: str, objective: str):
+    """Our checkpoints rebuild from their own hyper-parameters; reference ones from the flags."""
+    from agglomerator.checkpoints import is_own_checkpoint, read_checkpoint
+    from agglomerator.lit_module import AgglomeratorLitModule, load_backbone_weights
+
+    checkpoint = read_checkpoint(path)
+    if is_own_checkpoint(checkpoint):
+        hparams = dict(checkpoint["hyper_parameters"])
+        hparams["plot_islands"], hparams["plot_every"] = FLAGS.plot_islands, FLAGS.plot_every
+        module = AgglomeratorLitModule(**hparams)
+        module.load_state_dict(checkpoint["state_dict"])
+        return module
+    module = module_from_flags(objective)
+    load_backbone_weights(module, path)
+    return module
+
+
+def datamodule_for(module, objective: str):
+    from agglomerator.data import DataConfig, PartWholeDataModule
+
+    config = DataConfig(
+        dataset=FLAGS.dataset, data_dir=FLAGS.data_dir, image_size=FLAGS.image_size, n_channels=FLAGS.n_channels,
+        batch_size=FLAGS.batch_size, num_workers=FLAGS.num_workers, objective=objective, seed=FLAGS.seed,
+        crop_size=model_input_size() if model_input_size() != FLAGS.image_size else None,
+    )
+    model = module.model
+    shape = (model.config.num_patches, model.config.levels, model.embed_dim)
+    datamodule = PartWholeDataModule(config, expected_embed_shape=shape)
+    datamodule.setup()
+    return datamodule
+
+
+def trainer_for(run_dir: Path, train: bool, monitor: str | None = None, monitor_mode: str = "min"):
+    from agglomerator.engine import build_trainer, resolve_devices, resolve_precision
+
+    accelerator, devices = resolve_devices(FLAGS.num_gpus)
+    return build_trainer(
+        run_dir, accelerator=accelerator, devices=devices, num_nodes=FLAGS.num_nodes,
+        precision=resolve_precision(FLAGS.precision, accelerator), max_epochs=FLAGS.max_epochs,
+        limit_train=FLAGS.limit_train, limit_val=FLAGS.limit_val, limit_test=FLAGS.limit_test,
+        logger=FLAGS.logger, exp_name=FLAGS.exp_name, monitor=monitor, monitor_mode=monitor_mode, train=train,
+    )
+
+
+def val_mask_paths(datamodule) -> list[Path] | None:
+    """Stage-1 mask files of the val images (image folders whose ``val_masks`` exist), for the islands score."""
+    from agglomerator.data import MASKS_SUFFIX, ImageFolderWithEmbeddings
+
+    val = datamodule.splits.get("val")
+    masks_root = datamodule.config.root / f"val{MASKS_SUFFIX}"
+    if not isinstance(val, ImageFolderWithEmbeddings) or not masks_root.is_dir():
+        return None
+    return [record.output_path(masks_root) for record in val.records]
+
+
+def write_results(run_dir: Path, results: dict) -> None:
+    """``<run>/results.json``: what a run measured, for scripts (the demo reads it)."""
+    import json
+
+    from hierarchical_masks.mask_io import atomic_write_bytes
+
+    atomic_write_bytes(run_dir / "results.json", json.dumps(results, indent=2, default=str).encode())
+
+
+def write_flags(run_dir: Path) -> None:
+    """Save the resolved flags as a flagfile: ``--flagfile <run>/flags.cfg`` reruns the same settings."""
+    from hierarchical_masks.mask_io import atomic_write_bytes
+
+    lines = [f.serialize() for f in FLAGS.get_key_flags_for_module(flags_Agglomerator)]
+    atomic_write_bytes(run_dir / "flags.cfg", ("\n".join(line for line in lines if line) + "\n").encode())
+
+
+def run_train() -> None:
+    from agglomerator.checkpoints import is_own_checkpoint, read_checkpoint
+    from agglomerator.engine import make_run_dir
+    from agglomerator.lit_module import load_backbone_weights
+
+    objective = objective_from_flags()
+    module = module_from_flags(objective)
+    resume_path = None
+    if FLAGS.resume_training:
+        checkpoint = read_checkpoint(FLAGS.load_checkpoint_dir)
+        same_run = is_own_checkpoint(checkpoint) and checkpoint["hyper_parameters"]["objective"] == objective
+        if same_run:
+            resume_path = FLAGS.load_checkpoint_dir  # continue: same epoch, step, optimizer state
+            print(f"resuming {objective} from {resume_path} (epoch {checkpoint.get('epoch')}, step {checkpoint.get('global_step')})")
+        else:
+            load_backbone_weights(module, FLAGS.load_checkpoint_dir)
+            print(f"loaded backbone weights from {FLAGS.load_checkpoint_dir} for {objective}")
+    elif objective == "classify":
+        log.warning("--supervise without --resume_training: fine-tuning a randomly initialised backbone (a baseline)")
+    run_dir = make_run_dir(FLAGS.output_dir, FLAGS.exp_name, objective, resume_path)
+    datamodule = datamodule_for(module, objective)
+    write_flags(run_dir)
+    module.islands_dir = run_dir / "islands" if FLAGS.plot_islands else None
+    module.val_mask_paths = val_mask_paths(datamodule)
+    monitor, mode = ("val/accuracy", "max") if objective == "classify" else ("val/loss", "min")
+    trainer = trainer_for(run_dir, train=True, monitor=monitor, monitor_mode=mode)
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path)
+    seconds = time.perf_counter() - start
+    checkpoint_cb = trainer.checkpoint_callback
+    best, last = checkpoint_cb.best_model_path, checkpoint_cb.last_model_path
+    best = best or last
+    results = trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=True) if best else []
+    metrics = ", ".join(f"{k}={v:.4f}" for k, v in (results[0] if results else {}).items())
+    write_results(run_dir, {"objective": objective, "epochs": trainer.current_epoch, "steps": trainer.global_step,
+                            "seconds": seconds, "best": best, "last": last, "test": results[0] if results else {}})
+    print(f"train ({objective}): {trainer.current_epoch} epochs, {trainer.global_step} steps in {seconds:.1f} s; "
+          f"run {run_dir}; best {best}; last {last}" + (f"; test {metrics}" if metrics else ""))
+
+
+def run_test() -> None:
+    from agglomerator.engine import make_run_dir
+
+    module = module_from_checkpoint(FLAGS.load_checkpoint_dir, objective_from_flags())
+    datamodule = datamodule_for(module, module.objective)
+    run_dir = make_run_dir(FLAGS.output_dir, FLAGS.exp_name, "test")
+    trainer = trainer_for(run_dir, train=False)
+    results = trainer.test(module, datamodule=datamodule, verbose=True)
+    metrics = ", ".join(f"{k}={v:.4f}" for k, v in results[0].items())
+    write_results(run_dir, {"objective": module.objective, "checkpoint": FLAGS.load_checkpoint_dir, "test": results[0]})
+    print(f"test ({module.objective}) of {FLAGS.load_checkpoint_dir}: {metrics}")
+
+
+def run_freeze() -> None:
+    from agglomerator.engine import make_run_dir
+    from hierarchical_masks.mask_io import atomic_write_bytes
+
+    module = module_from_checkpoint(FLAGS.load_checkpoint_dir, objective_from_flags())
+    datamodule = datamodule_for(module, "classify")  # eval transforms, no teacher embeddings needed
+    run_dir = make_run_dir(FLAGS.output_dir, FLAGS.exp_name, "freeze")
+    trainer = trainer_for(run_dir, train=False)
+    for split in ("train", "val", "test"):
+        batches = trainer.predict(module, dataloaders=datamodule.eval_loader(split))
+        features = np.concatenate([b["features"].numpy() for b in batches])
+        labels = np.concatenate([b["labels"].numpy() for b in batches])
+        for name, array in ((f"features_{split}.npy", features), (f"labels_{split}.npy", labels)):
+            buffer = io.BytesIO()
+            np.save(buffer, array)
+            atomic_write_bytes(run_dir / name, buffer.getvalue())
+        print(f"freeze: {split} features {features.shape} labels {labels.shape} -> {run_dir}")
+
+
+def run_islands() -> None:
+    from agglomerator.islands_cli import draw_islands_for_checkpoint
+
+    module = module_from_checkpoint(FLAGS.load_checkpoint_dir, objective_from_flags())
+    draw_islands_for_checkpoint(
+        module, dataset=FLAGS.dataset, data_dir=FLAGS.data_dir, split=FLAGS.islands_split,
+        count=FLAGS.islands_count, images=FLAGS.islands_images, output_dir=FLAGS.output_dir, exp_name=FLAGS.exp_name,
+    )
+
+
+def one_line(exc: BaseException) -> str:
+    """The last non-empty line of an error (DataLoader workers wrap ours in a traceback)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        sys.exit(f"error: unexpected arguments {argv[1:]}; flags take the form --name=value")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")  # tiny CPU runs set num_workers=0
+    import pytorch_lightning as pl
+    from hierarchical_masks.mask_io import InputError
+
+    pl.seed_everything(FLAGS.seed, workers=True)
+    try:
+        {"train": run_train, "test": run_test, "freeze": run_freeze, "islands": run_islands}[FLAGS.mode]()
+    except (InputError, ValueError, FileNotFoundError) as exc:
+        if os.environ.get("PARTWHOLE_DEBUG"):
+            raise
+        sys.exit(f"error: {one_line(exc)}")
+
+
+if __name__ == "__main__":
+    app.run(main)

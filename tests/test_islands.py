@@ -1,0 +1,152 @@
+"""Islands scores and figures: exact islands score at the maximum, shuffled columns near zero, PNGs of the right size."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchmetrics.functional.clustering import adjusted_rand_score
+
+from agglomerator.islands import (
+    adjusted_rand_index,
+    average_linkage_clusters,
+    islands_figure,
+    islands_scores,
+    islands_scores_batch,
+    islands_scores_from_labels,
+    mask_iou_matrix,
+    pca_rgb,
+    save_islands_figure,
+)
+from agglomerator.toy_dataset import oracle_masks, patch_grid_points, render_scene
+
+GRID, PATCH = 8, 8
+SIZE = GRID * PATCH
+
+
+def _segment_maps() -> list[np.ndarray]:
+    """Three nested partitions of the 8x8 patch grid (8, 4 and 2 segments), as pixel label maps."""
+    rows, cols = np.divmod(np.arange(GRID * GRID), GRID)
+    cells = [(rows // 4) * 4 + cols // 2, cols // 2, cols // 4]
+    return [np.kron(c.reshape(GRID, GRID), np.ones((PATCH, PATCH), np.int64)) for c in cells]
+
+
+def _exact_islands(dim: int = 12, seed: int | None = None):
+    """Columns equal within each segment, different across; masks = the segment under each point."""
+    maps = _segment_maps()
+    points = patch_grid_points(SIZE, PATCH)
+    rng = np.random.default_rng(seed)
+    levels, masks = [], []
+    for label_map in maps:
+        seg = label_map[points[:, 1], points[:, 0]]
+        if seed is None:  # one-hot: different segments are orthogonal
+            levels.append(np.eye(dim)[seg])
+        else:
+            levels.append(rng.normal(size=(seg.max() + 1, dim))[seg])
+        masks.append(label_map[None] == seg[:, None, None])
+    return np.stack(levels, 1), np.stack(masks, 1), maps, points
+
+
+def test_exact_islands_score_at_maximum():
+    levels, masks, maps, points = _exact_islands()
+    assert levels.shape == (64, 3, 12) and masks.shape == (64, 3, SIZE, SIZE)
+    for scores in (islands_scores(levels, masks), islands_scores_from_labels(levels, maps, points)):
+        assert set(scores) == {0, 1, 2}
+        for level in scores.values():
+            assert level["pair_corr"] == pytest.approx(1.0, abs=1e-9)
+            assert level["ari"] == pytest.approx(1.0)
+    # Non-orthogonal island vectors: still the same partition; correlation stays high.
+    levels, masks, _, _ = _exact_islands(seed=1)
+    for level in islands_scores(torch.from_numpy(levels).float(), torch.from_numpy(masks)).values():
+        assert level["ari"] == pytest.approx(1.0) and level["pair_corr"] > 0.6
+
+
+def test_shuffled_columns_score_near_zero():
+    levels, masks, maps, points = _exact_islands()
+    corr, ari = [], []
+    for seed in range(10):
+        shuffled = levels[np.random.default_rng(seed).permutation(len(levels))]
+        for level in islands_scores(shuffled, masks).values():
+            corr.append(level["pair_corr"])
+            ari.append(level["ari"])
+    assert abs(np.mean(corr)) < 0.2 and abs(np.mean(ari)) < 0.2
+    assert max(ari) < 0.6  # no single shuffle comes close to the exact islands
+
+
+def test_level_mapping_batch_and_labels_agree_with_masks():
+    levels, masks, maps, points = _exact_islands()
+    five = np.concatenate([levels, levels[:, 2:], levels[:, 2:]], 1)  # 5 model levels, 3 mask levels
+    scores = islands_scores(five, masks)
+    assert set(scores) == set(range(5)) and scores[4]["ari"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="level_map"):
+        islands_scores(five, masks, level_map=[0, 1, 2])
+    mixed = islands_scores(five, masks, level_map=[2, 1, 0, 0, 0])
+    assert mixed[0]["ari"] < 1.0 and mixed[2]["ari"] < 1.0 and mixed[1]["ari"] == pytest.approx(1.0)
+    shuffled = levels[np.random.default_rng(0).permutation(64)]
+    batch = islands_scores_batch(np.stack([levels, shuffled]), np.stack([masks, masks]))
+    single = islands_scores(shuffled, masks)
+    for level in range(3):
+        assert batch[level]["ari"] == pytest.approx((1.0 + single[level]["ari"]) / 2)
+        assert batch[level]["pair_corr"] == pytest.approx((1.0 + single[level]["pair_corr"]) / 2)
+
+
+def test_toy_oracle_masks_and_ground_truth_give_same_scores():
+    scene = render_scene(4, SIZE, np.random.default_rng(2), distractor_prob=1.0)
+    masks = oracle_masks(scene, PATCH)
+    points = patch_grid_points(SIZE, PATCH)
+    on_object = scene.objects > 0
+    label_maps = [
+        np.where(on_object, scene.parts, 100 + scene.background),
+        np.where(on_object, scene.objects, 100),
+        on_object.astype(np.int64),
+    ]
+    noisy_islands = []
+    rng = np.random.default_rng(0)
+    for label_map in label_maps:
+        seg = label_map[points[:, 1], points[:, 0]]
+        noisy_islands.append(rng.normal(size=(seg.max() + 1, 16))[seg] + 0.05 * rng.normal(size=(64, 16)))
+    levels = np.stack(noisy_islands, 1)
+    from_masks, from_labels = islands_scores(levels, masks), islands_scores_from_labels(levels, label_maps)
+    for level in range(3):
+        assert from_masks[level]["ari"] == pytest.approx(1.0)
+        assert from_masks[level] == pytest.approx(from_labels[level])
+
+
+@pytest.mark.filterwarnings("ignore:Sparse invariant checks")
+def test_helpers():
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        a, b = rng.integers(0, 4, 50), rng.integers(0, 3, 50)
+        assert adjusted_rand_index(a, b) == pytest.approx(float(adjusted_rand_score(torch.from_numpy(a), torch.from_numpy(b))), abs=1e-6)
+    assert adjusted_rand_index([0, 0, 1, 1], [5, 5, 2, 2]) == 1.0 and adjusted_rand_index([1, 1, 1], [0, 0, 0]) == 1.0
+    masks = np.zeros((3, 4, 4), bool)
+    masks[0, :2] = masks[1, :1] = True
+    np.testing.assert_allclose(mask_iou_matrix(masks), [[1, 0.5, 0], [0.5, 1, 0], [0, 0, 0]])
+    vectors = np.array([[1, 0], [0.9, 0.1], [0, 1], [0.1, 1], [-1, 0]])
+    assert list(average_linkage_clusters(vectors, 3)) == [0, 0, 1, 1, 2]
+    colours = pca_rgb(vectors)
+    assert colours.shape == (5, 3) and colours.min() >= 0 and colours.max() <= 1
+    np.testing.assert_allclose(pca_rgb(np.ones((4, 6))), 0.5)
+
+
+@pytest.mark.parametrize("with_teacher", [False, True])
+def test_figure_png_of_expected_size(tmp_path, with_teacher):
+    levels, _, _, _ = _exact_islands(seed=3)
+    levels = torch.from_numpy(np.concatenate([levels, levels[:, :2]], 1)).float()  # 5 levels
+    image = torch.randn(3, SIZE, SIZE)  # a normalised image
+    teacher = torch.randn(64, 3, 20, dtype=torch.float16) if with_teacher else None
+    fig = islands_figure(image, levels, teacher=teacher, title="epoch 0 step 10")
+    path = save_islands_figure(fig, tmp_path / "figs" / "islands.png", dpi=50)
+    with Image.open(path) as png:
+        assert png.format == "PNG"
+        assert png.size == (6 * 2 * 50, (2 if with_teacher else 1) * 2 * 50)
+    assert not list((tmp_path / "figs").glob("*.tmp"))
+
+
+def test_figure_accepts_uint8_hwc_and_rejects_bad_shapes(tmp_path):
+    image = np.random.default_rng(0).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+    levels = np.random.default_rng(1).normal(size=(64, 3, 8))
+    save_islands_figure(islands_figure(image, levels, boundary_threshold=None), tmp_path / "a.png")
+    with Image.open(tmp_path / "a.png") as png:
+        assert png.size == (800, 200)
+    with pytest.raises(ValueError, match="square grid"):
+        islands_figure(image, levels[:60])

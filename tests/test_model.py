@@ -1,0 +1,143 @@
+"""The Agglomerator: reference state-dict compatibility, same maths as the reference, objectives learn."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from agglomerator.lit_module import AgglomeratorLitModule, load_backbone_weights, one_cycle_factor
+from agglomerator.model import Agglomerator, AgglomeratorConfig
+from agglomerator.objectives import levels_distill_loss, supcon_loss
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from reference_agglomerator import ReferenceAgglomerator, reference_levels_loss  # noqa: E402
+
+REFERENCE_JSON = Path(__file__).resolve().parents[2] / "shared" / "reference" / "reference_state_dict_IMAGENETTE.json"
+TINY = dict(image_size=32, conv_image_size=8, patch_size=2, patch_dim=16, levels=3, n_classes=4)
+
+
+@pytest.mark.parametrize("levels_encoder", [False, True])
+def test_state_dict_matches_reference_imagenette(levels_encoder):
+    if not REFERENCE_JSON.is_file():
+        pytest.skip(f"{REFERENCE_JSON} not present")
+    expected = json.loads(REFERENCE_JSON.read_text())[f"levels_encoder={levels_encoder}"]
+    model = Agglomerator(AgglomeratorConfig(levels_encoder=levels_encoder))  # config_IMAGENETTE.cfg sizes
+    got = {k: list(v.shape) for k, v in model.state_dict().items()}
+    assert got == expected
+
+
+@pytest.mark.parametrize("levels_encoder", [False, True])
+def test_forward_equals_reference_maths(levels_encoder):
+    torch.manual_seed(0)
+    config = AgglomeratorConfig(**TINY, levels_encoder=levels_encoder, levels_encoder_dim=8)
+    ours, ref = Agglomerator(config).double().eval(), ReferenceAgglomerator(config).double().eval()
+    ref.load_state_dict(ours.state_dict())
+    image = torch.randn(3, 3, 32, 32, dtype=torch.float64)
+    out = ours(image)
+    ref_top, ref_levels, ref_encoded = ref(image)
+    torch.testing.assert_close(out.top_level, ref_top, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(out.levels, ref_levels, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(out.encoded, ref_encoded, rtol=1e-5, atol=1e-7)
+    embeds = torch.randn_like(out.encoded)
+    torch.testing.assert_close(levels_distill_loss(out.encoded, embeds), reference_levels_loss(ref_encoded, embeds).float(),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_shapes_and_finite():
+    config = AgglomeratorConfig(**TINY, iters=3, denoise_iter=1)
+    model = Agglomerator(config)
+    out = model(torch.randn(2, 3, 32, 32))
+    n = config.num_patches
+    assert out.top_level.shape == (2, n, 16)
+    assert out.levels.shape == (2, n, 3, 16)
+    assert out.encoded.shape == (2, n, 3, 16)
+    assert model.classify(out.top_level).shape == (2, 4)
+    for tensor in out:
+        assert torch.isfinite(tensor).all()
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(conv_image_size=7), "conv_image_size"),
+    (dict(patch_size=3), "patch_size"),
+    (dict(levels=1), "levels"),
+])
+def test_inconsistent_config_names_the_flag(bad, message):
+    with pytest.raises(ValueError, match=message):
+        AgglomeratorConfig(**{**TINY, **bad}).validate()
+
+
+def _overfit(objective, steps=30):
+    torch.manual_seed(0)
+    module = AgglomeratorLitModule(model=TINY, objective=objective, learning_rate=3e-3, optimizer="adamw",
+                                   weight_decay=0.0, scheduler="constant", finetune_backbone=objective == "classify")
+    optimizer = module.configure_optimizers()
+    module.log = lambda *a, **k: None  # no trainer attached
+    labels = torch.tensor([0, 1, 2, 3])
+    if objective == "supcon":
+        batch = {"image": torch.randn(4, 2, 3, 32, 32), "label": labels}
+    else:
+        batch = {"image": torch.randn(4, 3, 32, 32), "label": labels, "embeds": torch.randn(4, 16, 3, 16)}
+    losses = []
+    module.train()
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = module.shared_step(batch, "train")
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("objective", ["sam_distill", "supcon", "classify"])
+def test_each_objective_loss_falls_on_a_fixed_batch(objective):
+    losses = _overfit(objective, steps=60 if objective == "sam_distill" else 30)
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_supcon_loss_prefers_aligned_views():
+    torch.manual_seed(0)
+    a = torch.nn.functional.normalize(torch.randn(8, 16), dim=1)
+    aligned = torch.stack([a, a], dim=1)
+    random = torch.nn.functional.normalize(torch.randn(8, 2, 16), dim=2)
+    assert supcon_loss(aligned) < supcon_loss(random)
+
+
+def test_frozen_backbone_only_trains_the_head():
+    module = AgglomeratorLitModule(model=TINY, objective="classify")
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith("model.classification_head_from_last_level.") for n in trainable)
+    module.train()
+    assert not module.model.image_to_tokens.training  # BatchNorm statistics stay the pretrained ones
+
+
+def test_reference_style_checkpoint_loads_for_finetuning(tmp_path):
+    pretrained = Agglomerator(AgglomeratorConfig(**TINY))
+    path = tmp_path / "reference.ckpt"
+    # Reference checkpoints: weights under state_dict, no prefix, no hyper-parameters (heads may be absent).
+    state = {k: v for k, v in pretrained.state_dict().items() if not k.startswith("classification_head")}
+    torch.save({"state_dict": state, "epoch": 3}, path)
+    module = AgglomeratorLitModule(model=TINY, objective="classify")
+    load_backbone_weights(module, path)
+    torch.testing.assert_close(module.model.init_levels, pretrained.init_levels)
+    torch.testing.assert_close(module.model.bottom_up.net[2].weight, pretrained.bottom_up.net[2].weight)
+
+
+def test_checkpoint_that_does_not_fit_is_a_clear_error(tmp_path):
+    other = Agglomerator(AgglomeratorConfig(**{**TINY, "patch_dim": 32}))
+    path = tmp_path / "other.ckpt"
+    torch.save({"state_dict": other.state_dict()}, path)
+    module = AgglomeratorLitModule(model=TINY, objective="classify")
+    with pytest.raises(ValueError, match="do not fit"):
+        load_backbone_weights(module, path)
+
+
+def test_one_cycle_schedule_warms_up_then_anneals():
+    total = 100
+    values = [one_cycle_factor(s, total) for s in range(total + 5)]
+    peak = max(values)
+    assert values[0] == pytest.approx(1 / 25)
+    assert peak == pytest.approx(1.0)
+    assert values.index(peak) == 30
+    assert values[-1] == pytest.approx(1 / 25e4)

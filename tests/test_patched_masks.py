@@ -1,0 +1,352 @@
+"""Stage 1 (patched_masks.py): point grid, masks vs SamPredictor, file format, resume, DDP, bad input.
+
+Everything runs the real segment_anything code on CPU with the random-weight
+``vit_tiny`` SAM (a 256 px model built from segment_anything's own modules).
+"""
+
+import os
+import pickle
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from segment_anything import SamPredictor
+
+from hierarchical_masks import patched_masks
+from hierarchical_masks.mask_io import InputError, list_image_folder, load_masks, read_mask_record, save_masks
+from hierarchical_masks.sam_points import PointGridMasker, build_sam, load_sam_checkpoint, patch_grid_points
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "src" / "hierarchical_masks" / "patched_masks.py"
+# one OpenMP thread: on a shared 2-core machine two threads stall each other badly
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_sam():
+    return build_sam("vit_tiny")
+
+
+def synthetic_image(seed: int, size=(240, 180)) -> np.ndarray:
+    """A uint8 RGB image with a few flat rectangles and an ellipse (something for SAM to cut)."""
+    rng = np.random.default_rng(seed)
+    width, height = size
+    image = np.full((height, width, 3), rng.integers(0, 60, 3), np.uint8)
+    for _ in range(3):
+        y, x = rng.integers(0, height - 40), rng.integers(0, width - 40)
+        image[y : y + rng.integers(20, 80), x : x + rng.integers(20, 100)] = rng.integers(0, 256, 3)
+    yy, xx = np.mgrid[:height, :width]
+    image[((yy - height / 2) / 30) ** 2 + ((xx - width / 3) / 45) ** 2 < 1] = rng.integers(0, 256, 3)
+    return image
+
+
+def make_image_folder(root: Path, per_class: int = 2, classes=("cat", "dog")) -> Path:
+    for label, name in enumerate(classes):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            Image.fromarray(synthetic_image(10 * label + i)).save(root / name / f"img{i}.png")
+    return root
+
+
+def mask_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU over the last two axes; two empty masks count as 1."""
+    inter = (a & b).sum((-2, -1))
+    union = (a | b).sum((-2, -1))
+    return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
+
+
+def run_stage(in_dir, out_dir, **kwargs):
+    args = dict(sam_model_type="vit_tiny", sam_checkpoint=None, device="cpu", batch_size=2, show_progress=False)
+    return patched_masks.run(in_data_path=str(in_dir), out_data_path=str(out_dir), **{**args, **kwargs})
+
+
+def run_cli(*args, timeout=120):
+    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True, env=ENV, cwd=REPO, timeout=timeout)
+
+
+def snapshot(folder: Path) -> dict:
+    return {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# --------------------------------------------------------------------------- points and masks
+
+
+def test_patch_grid_points_row_major_patch_centres():
+    points = patch_grid_points(224, 16)
+    assert points.shape == (196, 2)
+    grid = 14
+    for k in (0, 1, 13, 14, 100, 195):
+        row, col = divmod(k, grid)
+        assert tuple(points[k]) == (col * 16 + 8, row * 16 + 8)  # (x, y)
+    with pytest.raises(ValueError, match="multiple of patch_size"):
+        patch_grid_points(225, 16)
+
+
+@pytest.mark.parametrize("point_labels", ["foreground", "reference"])
+def test_batched_masks_match_sam_predictor_one_point_at_a_time(tiny_sam, point_labels):
+    images = [synthetic_image(1, (224, 224)), synthetic_image(2, (224, 224))]
+    masker = PointGridMasker(tiny_sam, img_size=224, patch_size=16, point_labels=point_labels, points_per_batch=64)
+    masks = masker(images).numpy()
+    assert masks.shape == (2, 196, 3, 224, 224) and masks.dtype == bool
+
+    predictor = SamPredictor(tiny_sam)
+    points = patch_grid_points(224, 16)
+    for image, ours in zip(images, masks):
+        predictor.set_image(image)
+        for k in range(len(points)):
+            label = 1 if point_labels == "foreground" else k
+            theirs, _, _ = predictor.predict(points[k : k + 1], np.array([label]), multimask_output=True)
+            iou = mask_iou(ours[k], theirs)
+            assert iou.min() >= 0.99, (k, iou)
+    # the masks are not degenerate: they differ between images and points
+    assert (masks[0] != masks[1]).any() and (masks[0, 0] != masks[0, 100]).any()
+
+
+def test_precisions_run_and_bf16_mostly_agrees(tiny_sam):
+    image = [synthetic_image(3, (64, 64))]
+    fp32 = PointGridMasker(tiny_sam, img_size=64, patch_size=16)(image).numpy()
+    bf16 = PointGridMasker(tiny_sam, img_size=64, patch_size=16, precision="bf16")(image).numpy()
+    assert bf16.shape == fp32.shape == (1, 16, 3, 64, 64)
+    assert mask_iou(fp32, bf16).mean() >= 0.9  # random weights sit near the threshold; real SAM agrees far better
+
+
+# --------------------------------------------------------------------------- file format
+
+
+def test_format_round_trip_meta_and_reference_format(tmp_path, tiny_sam):
+    out = tmp_path / "masks"
+    run_stage(make_image_folder(tmp_path / "val", per_class=1), out, img_size=64, patch_size=16)
+    masks, meta = read_mask_record(out / "cat" / "img0.pkl")
+    assert masks.shape == (16, 3, 64, 64) and masks.dtype == bool
+    for key, value in dict(grid=4, img_size=64, patch_size=16, levels=3, sam_model="vit_tiny", point_labels="foreground").items():
+        assert meta[key] == value
+    # the same masks as the library computes on the same resized image
+    image = np.asarray(Image.open(tmp_path / "val" / "cat" / "img0.png").convert("RGB").resize((64, 64), Image.BICUBIC))
+    np.testing.assert_array_equal(masks, PointGridMasker(tiny_sam, img_size=64, patch_size=16)([image])[0].numpy())
+
+    # the reference format: a pickled list of N bool arrays (3, H, W)
+    reference = tmp_path / "reference.pkl"
+    reference.write_bytes(pickle.dumps([m for m in masks], protocol=pickle.HIGHEST_PROTOCOL))
+    loaded = load_masks(reference)
+    assert loaded.dtype == bool and loaded.shape == (16, 3, 64, 64)
+    np.testing.assert_array_equal(loaded, masks)
+
+
+def blob_masks(grid=14, size=224, seed=0) -> np.ndarray:
+    """Nested blobby masks around every grid point, like real SAM part/object/whole masks."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size].astype(np.float32)
+    masks = np.zeros((grid * grid, 3, size, size), bool)
+    for k, (x, y) in enumerate(patch_grid_points(size, size // grid)):
+        angle = np.arctan2(yy - y, xx - x)
+        radius = np.hypot(yy - y, xx - x)
+        wobble = 1 + 0.2 * np.sin(3 * angle + rng.uniform(0, 6)) + 0.1 * np.cos(5 * angle + rng.uniform(0, 6))
+        for level, base in enumerate(sorted(rng.uniform(8, 120, 3))):
+            masks[k, level] = radius < base * wobble
+    return masks
+
+
+def test_blob_masks_fit_in_0_3_mb_and_round_trip(tmp_path):
+    masks = blob_masks()
+    path = tmp_path / "blob.pkl"
+    save_masks(path, masks, grid=14, img_size=224, patch_size=16, levels=3, sam_model="synthetic")
+    assert path.stat().st_size <= 300_000, path.stat().st_size
+    np.testing.assert_array_equal(load_masks(path), masks)
+
+
+# --------------------------------------------------------------------------- resume, overwrite, DDP
+
+
+def test_resume_skips_finished_files_and_overwrite_rewrites(tmp_path):
+    images, out = make_image_folder(tmp_path / "val"), tmp_path / "masks"
+    first = run_stage(images, out, img_size=64)
+    assert (first.written, first.skipped) == (4, 0)
+    before = snapshot(out)
+
+    again = run_stage(images, out, img_size=64)
+    assert (again.written, again.skipped) == (0, 4)
+    assert snapshot(out) == before
+
+    lost = out / "dog" / "img1.pkl"
+    lost.unlink()  # as if the run had been killed before writing it
+    resumed = run_stage(images, out, img_size=64)
+    assert (resumed.written, resumed.skipped) == (1, 3)
+    after = snapshot(out)
+    assert {p: b for p, (_, b) in after.items()} == {p: b for p, (_, b) in before.items()}  # seeded weights: same bytes
+    assert {p: v for p, v in after.items() if p != lost} == {p: v for p, v in before.items() if p != lost}
+
+    rewritten = run_stage(images, out, img_size=64, overwrite=True)
+    assert (rewritten.written, rewritten.skipped) == (4, 0)
+    assert all(p.stat().st_mtime_ns != before[p][0] for p in before)
+
+
+def test_killed_run_leaves_complete_files_and_resumes(tmp_path, monkeypatch):
+    images, out = make_image_folder(tmp_path / "val"), tmp_path / "masks"
+    calls = {"n": 0}
+    real = PointGridMasker.predict_model_inputs
+
+    def dies_on_second_batch(self, inputs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(self, inputs)
+
+    monkeypatch.setattr(PointGridMasker, "predict_model_inputs", dies_on_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        run_stage(images, out, img_size=64, batch_size=2)
+    written = sorted(out.rglob("*.pkl"))
+    assert len(written) == 2 and not list(out.rglob("*.tmp"))
+    for path in written:
+        assert load_masks(path).shape == (16, 3, 64, 64)
+    monkeypatch.undo()
+
+    resumed = run_stage(images, out, img_size=64)
+    assert (resumed.written, resumed.skipped) == (2, 2)
+
+
+def test_two_cpu_processes_split_the_images(tmp_path):
+    images, out = make_image_folder(tmp_path / "val", per_class=3), tmp_path / "masks"
+    result = run_cli(
+        "--device=cpu", "--num_processes=2", "--sam_model_type=vit_tiny", "--img_size=64", "--batch_size=2",
+        f"--in_data_path={images}", f"--out_data_path={out}", timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    summaries = [line for line in result.stdout.splitlines() if line.startswith("patched_masks")]
+    assert sorted(summaries, key=len)[0].startswith("patched_masks: 3 written"), summaries
+    assert any(line.startswith("patched_masks [rank 1]: 3 written") for line in summaries), summaries
+    assert len(list(out.rglob("*.pkl"))) == 6  # 3 + 3 written, 6 distinct files: disjoint and complete
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_reference_command_parses_and_fails_cleanly_without_gpu(tmp_path):
+    """The reference command verbatim; on this CPU-only test machine it must stop at --device, in one line."""
+    result = run_cli(
+        "--device=cuda:1", "--split=val", "--in_data_path=datasets/imagenette2/val", "--out_data_path=datasets/imagenette2/val_masks",
+        "--sam_checkpoint=sam_vit_h_4b8939.pth", "--sam_model_type=vit_h", "--img_size", "224", "--patch_size=16",
+    )
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1].startswith("error: --device=cuda:1")
+    assert "Traceback" not in result.stderr
+
+
+def test_corrupt_image_is_named_or_skipped_into_failed_txt(tmp_path):
+    images, out = make_image_folder(tmp_path / "val"), tmp_path / "masks"
+    bad = images / "dog" / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (out / "cat").mkdir(parents=True)
+    keep = out / "cat" / "old.pkl"
+    keep.write_bytes(b"already here")
+
+    result = run_cli("--device=cpu", "--sam_model_type=vit_tiny", "--img_size=64", f"--in_data_path={images}", f"--out_data_path={out}")
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "broken.jpg" in last and "--skip_bad_images" in last
+    assert "Traceback" not in result.stderr
+    assert keep.read_bytes() == b"already here"
+
+    progress = run_stage(images, out, img_size=64, skip_bad_images=True)
+    assert (progress.failed, len(list(out.rglob("img*.pkl")))) == (1, 4)
+    failed = (out / "failed.txt").read_text().splitlines()
+    assert len(failed) == 1 and failed[0].startswith(str(bad))
+
+
+def test_grayscale_cmyk_rgba_images_are_converted(tmp_path):
+    folder = tmp_path / "val" / "mixed"
+    folder.mkdir(parents=True)
+    rgb = Image.fromarray(synthetic_image(5))
+    rgb.convert("L").save(folder / "gray.png")
+    rgb.convert("CMYK").save(folder / "cmyk.jpg")
+    rgb.convert("RGBA").save(folder / "rgba.png")
+    progress = run_stage(tmp_path / "val", tmp_path / "masks", img_size=64)
+    assert (progress.written, progress.failed) == (3, 0)
+    assert all(load_masks(p).shape == (16, 3, 64, 64) for p in (tmp_path / "masks" / "mixed").glob("*.pkl"))
+
+
+def test_tiny_checkpoint_loads_and_mismatches_are_explained(tmp_path, tiny_sam):
+    good = tmp_path / "tiny.pth"
+    torch.save(tiny_sam.state_dict(), good)
+    loaded = build_sam("vit_tiny", good)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), tiny_sam.state_dict().values()))
+
+    looks_like_vit_b = dict(tiny_sam.state_dict(), **{"image_encoder.pos_embed": torch.zeros(1, 64, 64, 768)})
+    wrong = tmp_path / "wrong.pth"
+    torch.save(looks_like_vit_b, wrong)
+    with pytest.raises(InputError, match=r"does not fit --sam_model_type=vit_tiny.*--sam_model_type=vit_b"):
+        load_sam_checkpoint(build_sam("vit_tiny"), wrong, "vit_tiny")
+
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(InputError, match="not a readable SAM state dict"):
+        build_sam("vit_tiny", garbage)
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("img_size", "img_size=100 must be a positive multiple of patch_size=16"),
+        ("missing_checkpoint", "--sam_checkpoint=.*missing.pth: file not found; download it from https://"),
+        ("mismatched_checkpoint", "does not fit --sam_model_type=vit_b"),
+        ("no_class_folders", "no class folders found"),
+        ("unwritable_output", "--out_data_path=.*cannot write there"),
+    ],
+)
+def test_bad_input_is_one_line_error_and_touches_nothing(tmp_path, tiny_sam, case, message):
+    images, out = make_image_folder(tmp_path / "val"), tmp_path / "masks"
+    (out / "cat").mkdir(parents=True)
+    (out / "cat" / "img0.pkl").write_bytes(b"finished earlier")
+    kwargs = dict(sam_model_type="vit_tiny", sam_checkpoint=None, img_size=64, in_data_path=images, out_data_path=out)
+    if case == "img_size":
+        kwargs["img_size"] = 100
+    elif case == "missing_checkpoint":
+        kwargs.update(sam_model_type="vit_h", sam_checkpoint=tmp_path / "missing.pth")
+    elif case == "mismatched_checkpoint":
+        torch.save(tiny_sam.state_dict(), tmp_path / "tiny.pth")
+        kwargs.update(sam_model_type="vit_b", sam_checkpoint=tmp_path / "tiny.pth")
+    elif case == "no_class_folders":
+        flat = tmp_path / "flat"
+        flat.mkdir()
+        Image.fromarray(synthetic_image(0)).save(flat / "a.png")
+        kwargs["in_data_path"] = flat
+    elif case == "unwritable_output":
+        blocker = tmp_path / "a_file"
+        blocker.write_text("x")
+        kwargs["out_data_path"] = blocker / "masks"
+    before = snapshot(out)
+
+    if case == "mismatched_checkpoint":  # the CLI edge is checked once; the rest in-process (fast)
+        args = [f"--{k}={v}" for k, v in kwargs.items()] + ["--device=cpu"]
+        result = run_cli(*args)
+        assert result.returncode != 0 and "Traceback" not in result.stderr
+        last = result.stderr.strip().splitlines()[-1]
+        assert last.startswith("error: ") and "looks like a vit_tiny checkpoint" in last
+        assert re.search(message, last)
+    else:
+        with pytest.raises(ValueError, match=message):  # InputError is a ValueError
+            patched_masks.run(device="cpu", show_progress=False, **{k: str(v) if isinstance(v, Path) else v for k, v in kwargs.items()})
+    assert snapshot(out) == before
+    assert not list(out.rglob("*.tmp"))
+
+
+def test_model_type_alias_and_default_tiny_random_weights(tmp_path):
+    images, out = make_image_folder(tmp_path / "val", per_class=1), tmp_path / "masks"
+    result = run_cli("--device=cpu", "--model_type=vit_tiny", "--img_size=32", "--patch_size=16", f"--in_data_path={images}", f"--out_data_path={out}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "patched_masks: 2 written, 0 skipped (already done), 0 failed" in result.stdout
+    meta = read_mask_record(out / "dog" / "img0.pkl")[1]
+    assert (meta["sam_model"], meta["grid"], meta["sam_checkpoint"]) == ("vit_tiny", 2, None)
+    assert list_image_folder(images)  # the images were left alone
