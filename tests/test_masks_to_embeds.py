@@ -1,8 +1,9 @@
 """Stage 2 (masks_to_embeds): fast path == reference PIL path, files, resume, processes, bad input.
 
 Tiny on purpose: 32x32 images, a 2x2 point grid (12 masked images per image),
-timm ``test_*`` models and a resnet18 with fixed random weights read from a
-local checkpoint file.
+timm ``test_*`` models and a small real backbone (lcnet_050) with fixed random
+weights read from a local checkpoint file; resnet18 and the paper's
+maxvit_rmlp_pico_rw_256 run in the slow tests.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import pickle
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -26,9 +28,18 @@ from hierarchical_masks.mask_embedding import (
     MaskedImageEncoder,
     build_encoder,
     embed_image_reference,
+    masked_pil_image,
     reference_transform,
+    unpack_masks,
 )
-from hierarchical_masks.mask_io import InputError, load_embeddings, load_rgb_image, safe_pickle_load, save_masks
+from hierarchical_masks.mask_io import (
+    InputError,
+    load_embeddings,
+    load_rgb_image,
+    read_packed_masks,
+    safe_pickle_load,
+    save_masks,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 CLI = REPO / "src" / "hierarchical_masks" / "masks_to_embeds.py"
@@ -87,14 +98,18 @@ def make_dataset(root: Path, classes=("cat", "dog"), per_class: int = 2, referen
     return images, masks_root, root / "embeds"
 
 
-@pytest.fixture(scope="module")
-def resnet_checkpoint(tmp_path_factory) -> Path:
-    """resnet18 with fixed (seeded) random weights, saved as a local state dict."""
+def fixed_weights_file(folder: Path, model_name: str) -> Path:
+    """``model_name`` with fixed (seeded) random weights, saved as a local state dict."""
     torch.manual_seed(1234)
-    model = timm.create_model("resnet18", pretrained=False)  # with its classifier head, like a real file
-    path = tmp_path_factory.mktemp("weights") / "resnet18_fixed.pth"
+    model = timm.create_model(model_name, pretrained=False)  # with its classifier head, like a real file
+    path = folder / f"{model_name}_fixed.pth"
     torch.save(model.state_dict(), path)
     return path
+
+
+@pytest.fixture(scope="module")
+def real_checkpoint(tmp_path_factory) -> Path:
+    return fixed_weights_file(tmp_path_factory.mktemp("weights"), "lcnet_050")
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -131,13 +146,26 @@ def test_batched_transform_equals_pil_transform(model_name, crop):
         image = np.array(make_image(7, (width, height)))
         masks = make_masks(3, height=height, width=width).reshape(-1, height, width)
         ours = batched(torch.from_numpy(image).permute(2, 0, 1), torch.from_numpy(masks), crop=crop)
-        from hierarchical_masks.mask_embedding import masked_pil_image
-
         ref = torch.stack([pil_transform(masked_pil_image(image, m, crop)) for m in masks])
         assert ours.shape == ref.shape
         steps = (ours - ref).abs() * 255 * torch.tensor(batched.std).view(1, 3, 1, 1)  # in 8-bit units
         assert steps.max() <= 2.001  # a flipped rounding in Pillow's first pass can add up in the second
         assert (steps > 0.01).float().mean() < 2e-3
+
+
+@pytest.mark.parametrize("reference_format", [False, True])
+def test_packed_masks_unpack_on_the_device_side(tmp_path, reference_format):
+    masks = make_masks(9, height=13, width=11)  # sizes that are not multiples of 8
+    path = tmp_path / "m.pkl"
+    if reference_format:
+        path.write_bytes(pickle.dumps(list(masks)))
+    else:
+        save_masks(path, masks, grid=GRID)
+    bits, shape, meta = read_packed_masks(path)
+    assert shape == masks.shape and meta["grid"] == GRID
+    unpacked = unpack_masks(torch.from_numpy(bits.copy()), shape)
+    assert unpacked.dtype == torch.bool
+    np.testing.assert_array_equal(unpacked.numpy(), masks)
 
 
 def _encoder(name: str, checkpoint: Path | None):
@@ -147,13 +175,15 @@ def _encoder(name: str, checkpoint: Path | None):
 
 
 @pytest.mark.parametrize("crop", [False, True], ids=["nocrop", "crop"])
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-@pytest.mark.parametrize("model_name", ["test_vit", "test_efficientnet", "resnet18"])
-def test_fast_path_matches_reference_path(model_name, precision, crop, resnet_checkpoint):
+@pytest.mark.parametrize("model_name, precision", [
+    ("test_vit", "fp32"), ("test_vit", "bf16"), ("test_efficientnet", "fp32"), ("test_efficientnet", "bf16"),
+    ("lcnet_050", "fp32"), pytest.param("lcnet_050", "bf16", marks=pytest.mark.slow),  # bf16 depthwise convs are slow on CPU
+])
+def test_fast_path_matches_reference_path(model_name, precision, crop, real_checkpoint):
     """Every embedding of the fast path has cosine >= 0.99 with the reference per-image PIL path."""
-    model = _encoder(model_name, resnet_checkpoint if model_name == "resnet18" else None)
+    model = _encoder(model_name, real_checkpoint if model_name == "lcnet_050" else None)
     transform = reference_transform(model)
-    images = [make_image(s) .resize((SIZE, SIZE), Image.BICUBIC) for s in (1, 2)]
+    images = [make_image(s).resize((SIZE, SIZE), Image.BICUBIC) for s in (1, 2)]
     masks = [make_masks(s) for s in (1, 2)]
     reference = [embed_image_reference(model, transform, im, m, crop=crop) for im, m in zip(images, masks)]
 
@@ -162,7 +192,7 @@ def test_fast_path_matches_reference_path(model_name, precision, crop, resnet_ch
     fast = dict(encoder.embed_stream(items))
 
     for i, ref in enumerate(reference):
-        assert fast[i].shape == ref.shape == (GRID * GRID, 3, model.num_features)
+        assert fast[i].shape == ref.shape == (GRID * GRID, 3, model(torch.zeros(1, 3, 64, 64)).shape[-1])
         assert fast[i].dtype == np.float32
         assert cosine(fast[i], ref).min() >= 0.99
     # not a vacuous check: different masks give clearly different embeddings
@@ -172,9 +202,10 @@ def test_fast_path_matches_reference_path(model_name, precision, crop, resnet_ch
 
 @pytest.mark.slow
 @pytest.mark.parametrize("crop", [False, True], ids=["nocrop", "crop"])
-def test_fast_path_matches_reference_path_maxvit(crop):
-    """The paper's architecture (random fixed weights): fast path vs reference, bf16 as on a GPU."""
-    model = build_encoder("maxvit_rmlp_pico_rw_256", pretrained=False)
+@pytest.mark.parametrize("model_name", ["resnet18", "maxvit_rmlp_pico_rw_256"])
+def test_fast_path_matches_reference_path_bigger_backbones(model_name, crop, tmp_path):
+    """resnet18 and the paper's architecture (fixed random weights): fast path vs reference, bf16 as on a GPU."""
+    model = build_encoder(model_name, checkpoint=fixed_weights_file(tmp_path, model_name))
     image, masks = make_image(5).resize((SIZE, SIZE), Image.BICUBIC), make_masks(5)[:2]
     ref = embed_image_reference(model, reference_transform(model), image, masks, crop=crop)
     fast = MaskedImageEncoder(model, crop=crop, batch_size=6, precision="bf16").embed(image, masks)
@@ -241,12 +272,13 @@ def test_reference_format_masks_give_the_same_embeddings(tmp_path):
         np.testing.assert_array_equal(a[key], b[key])
 
 
-def test_checkpoint_file_weights_are_used(tmp_path, resnet_checkpoint):
-    saved = torch.load(resnet_checkpoint, weights_only=True)
-    model = build_encoder("resnet18", checkpoint=resnet_checkpoint)
+def test_checkpoint_file_weights_are_used(real_checkpoint):
+    saved = torch.load(real_checkpoint, weights_only=True)
+    assert any(key.startswith("classifier.") for key in saved)
+    model = build_encoder("lcnet_050", checkpoint=real_checkpoint)
     for key, value in model.state_dict().items():
         torch.testing.assert_close(value, saved[key])
-    assert not any(key.startswith("fc.") for key in model.state_dict())  # the file's head is dropped
+    assert not any(key.startswith("classifier.") for key in model.state_dict())  # the file's head is dropped
 
 
 def test_random_weights_warn_loudly(caplog):
@@ -298,9 +330,9 @@ def test_unknown_model_name_suggests_close_matches():
         build_encoder("maxvit_rmlp_pico_rw256", pretrained=False)
 
 
-def test_checkpoint_that_does_not_fit_is_an_error(tmp_path, resnet_checkpoint):
-    with pytest.raises(InputError, match=r"resnet18_fixed\.pth: weights do not fit"):
-        build_encoder("test_resnet", checkpoint=resnet_checkpoint)
+def test_checkpoint_that_does_not_fit_is_an_error(tmp_path, real_checkpoint):
+    with pytest.raises(InputError, match=r"lcnet_050_fixed\.pth: weights do not fit"):
+        build_encoder("test_resnet", checkpoint=real_checkpoint)
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"not a checkpoint")
     with pytest.raises(InputError, match=r"garbage\.pth: cannot read weights"):
@@ -341,6 +373,32 @@ def test_cli_two_processes_split_the_images(tmp_path):
     assert sorted(single) == sorted(split)
     for key in single:
         assert cosine(split[key], single[key]).min() >= 0.999  # bf16: batches and threads differ
+
+
+@pytest.mark.slow
+def test_cli_killed_run_resumes_without_truncated_files(tmp_path):
+    images, masks, out = make_dataset(tmp_path, per_class=6)
+    args = [str(CLI), f"--in_masks_path={masks}", f"--in_images_path={images}", f"--out_data_path={out}",
+            "--encoder_model_name=test_vit", "--pretrained=False", f"--img_height={SIZE}", f"--img_width={SIZE}",
+            "--device=cpu", "--batch_size=1", "--noprogress"]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(out.rglob("*.pkl")) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        proc.kill()  # SIGKILL: no clean-up runs
+        proc.wait()
+    done = sorted(out.rglob("*.pkl"))
+    assert done, "the run wrote nothing before it was killed"
+    for path in done:  # every file there is whole
+        assert load_embeddings(path).shape == (GRID * GRID, 3, 64)
+    result = run_cli(*args[1:])
+    assert result.returncode == 0, result.stderr[-2000:]
+    written, skipped = map(int, re.search(r"(\d+) written, (\d+) skipped", result.stdout).groups())
+    assert skipped == len(done) and written + skipped == 12
+    assert len(outputs(out)) == 12
 
 
 def test_shared_masks_are_embedded_once_and_scattered_back():

@@ -202,8 +202,22 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
     if device.type == "cpu":
-        return "bf16" if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+        try:  # oneDNN's own test for native bf16 (AVX512-BF16 / AMX); emulated bf16 is slower than fp32
+            native = torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            native = False
+        return "bf16" if native else "fp32"
     return "fp32"
+
+
+def unpack_masks(bits: torch.Tensor, shape: tuple[int, ...] | list[int]) -> torch.Tensor:
+    """Bool masks of ``shape`` from ``np.packbits(masks, axis=None)`` bytes, on ``bits``' device.
+
+    Stage 2 moves masks to the GPU packed (8x fewer bytes) and unpacks them there.
+    """
+    shifts = torch.arange(7, -1, -1, dtype=torch.uint8, device=bits.device)  # numpy packs big-endian
+    count = int(np.prod(shape))
+    return ((bits[:, None] >> shifts) & 1).flatten()[:count].view(*shape).bool()
 
 
 @dataclass
