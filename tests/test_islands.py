@@ -33,7 +33,7 @@ def _segment_maps() -> list[np.ndarray]:
 def _exact_islands(dim: int = 12, seed: int | None = None):
     """Columns equal within each segment, different across; masks = the segment under each point."""
     maps = _segment_maps()
-    points = patch_grid_points(SIZE, PATCH)
+    points = patch_grid_points(SIZE, PATCH).astype(int)
     rng = np.random.default_rng(seed)
     levels, masks = [], []
     for label_map in maps:
@@ -92,7 +92,7 @@ def test_level_mapping_batch_and_labels_agree_with_masks():
 def test_toy_oracle_masks_and_ground_truth_give_same_scores():
     scene = render_scene(4, SIZE, np.random.default_rng(2), distractor_prob=1.0)
     masks = oracle_masks(scene, PATCH)
-    points = patch_grid_points(SIZE, PATCH)
+    points = patch_grid_points(SIZE, PATCH).astype(int)
     on_object = scene.objects > 0
     label_maps = [
         np.where(on_object, scene.parts, 100 + scene.background),
