@@ -17,7 +17,6 @@ Datasets:
 from __future__ import annotations
 
 import gzip
-import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +31,6 @@ from torchvision import transforms as T
 
 from hierarchical_masks.mask_io import InputError, ImageRecord, list_image_folder, load_embeddings, load_rgb_image
 
-log = logging.getLogger(__name__)
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 NORMALIZATION = {

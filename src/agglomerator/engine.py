@@ -88,7 +88,7 @@ def build_trainer(run_dir: Path, *, accelerator: str, devices: int, num_nodes: i
                   monitor: str | None = None, monitor_mode: str = "min", train: bool = True) -> pl.Trainer:
     """A Lightning Trainer writing logs and checkpoints (``last.ckpt`` + best) under ``run_dir``."""
     callbacks = []
-    the_logger = make_logger(logger, run_dir, exp_name) if train or logger != "wandb" else False
+    the_logger = make_logger(logger, run_dir, exp_name)
     if train:
         callbacks.append(ModelCheckpoint(
             dirpath=run_dir / "checkpoints", filename="best-{epoch:03d}", monitor=monitor, mode=monitor_mode,

@@ -46,9 +46,9 @@ def ground_truth_label_maps(path: Path) -> list[np.ndarray] | None:
 
 
 def format_scores(name: str, scores: dict) -> str:
-    rows = [f"{name}: " + ", ".join(
-        f"L{level} pair_corr={s['pair_corr']:.3f} ari={s['ari']:.3f}" for level, s in sorted(scores.items()))]
-    return rows[0]
+    """One line: ``name: L0 pair_corr=... ari=..., L1 ...``."""
+    return f"{name}: " + ", ".join(
+        f"L{level} pair_corr={s['pair_corr']:.3f} ari={s['ari']:.3f}" for level, s in sorted(scores.items()))
 
 
 @torch.no_grad()

@@ -174,8 +174,6 @@ class AgglomeratorLitModule(pl.LightningModule):
         """Draw the islands of one image (and its teacher embeddings) into the run folder and the logger."""
         from agglomerator.islands import islands_figure, save_islands_figure
 
-        import matplotlib.pyplot as plt
-
         title = f"{stage} step {self.global_step}"
         fig = islands_figure(image.float().cpu(), levels.float().cpu(),
                              teacher=None if teacher is None else teacher.float().cpu(), title=title)
@@ -183,7 +181,6 @@ class AgglomeratorLitModule(pl.LightningModule):
         experiment = getattr(self.logger, "experiment", None)
         if hasattr(experiment, "add_figure"):  # TensorBoard
             experiment.add_figure(f"islands/{stage}", fig, global_step=self.global_step)
-        plt.close(fig)
 
     # ------------------------------------------------------------------ optimisation
 
