@@ -130,7 +130,8 @@ def main(argv) -> None:
         shutil.copyfile(figure[len(figure) // 2], FLAGS.readme_figure)
 
     lines = [f"Toy demo: {FLAGS.train_per_class * 10} train / {FLAGS.val_per_class * 10} test images, 10 classes; "
-             f"stage 1: {mask_note}; stage 2: {FLAGS.encoder}, {weights_note}.", "",
+             f"stage 1: {mask_note}; stage 2: {FLAGS.encoder}, {weights_note}; sam_distill targets z-scored "
+             f"per dimension (--teacher_norm=dataset, config/config_TOY.cfg).", "",
              "| backbone (frozen) | test accuracy |", "| --- | --- |"]
     lines += [f"| {name} | {100 * acc:.1f} % |" for name, acc in accuracy.items()]
     lines += ["", "| pretraining | against | " + " | ".join(f"L{i} pair_corr / ARI" for i in range(3)) + " |",

@@ -49,6 +49,9 @@ flags.DEFINE_enum("pretrain_objective", "sam_distill", ["sam_distill", "supcon"]
                   "Pretraining objective when not --supervise: sam_distill (the paper) or supcon (original Agglomerator).")
 flags.DEFINE_bool("finetune_backbone", False, "With --supervise, also train the backbone (default: frozen, as the reference).")
 flags.DEFINE_list("level_weights", ["0.1", "0.2", "0.7"], "sam_distill loss weight per level, low to high.")
+flags.DEFINE_enum("teacher_norm", "none", ["none", "dataset"],
+                  "sam_distill targets: none (the reference: raw embeddings) or dataset (z-scored per dimension with "
+                  "train-set statistics, so the loss weighs how masks differ rather than the embeddings' common mean).")
 flags.DEFINE_integer("levels_encoder_dim", 256, "Output dimension of the levels encoder (the teacher's D).")
 flags.DEFINE_enum("optimizer", "lion", ["lion", "adamw"], "Optimizer: lion (timm.optim.Lion, the reference's) or adamw.")
 flags.DEFINE_list("lion_betas", ["0.95", "0.98"], "Lion betas (reference values).")

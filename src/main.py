@@ -63,6 +63,7 @@ def module_from_flags(objective: str):
         weight_decay=FLAGS.weight_decay, optimizer=FLAGS.optimizer, lion_betas=floats("lion_betas"),
         scheduler=FLAGS.scheduler, level_weights=floats("level_weights"), temperature=FLAGS.temperature,
         finetune_backbone=FLAGS.finetune_backbone, plot_islands=FLAGS.plot_islands, plot_every=FLAGS.plot_every,
+        teacher_norm=FLAGS.teacher_norm if objective == "sam_distill" else "none",
     )
 
 
@@ -164,6 +165,8 @@ def run_train() -> None:
     if FLAGS.compile:
         module.model.compile()  # in place: parameter names (and so checkpoints) stay the same
     module.val_mask_paths = val_mask_paths(datamodule)
+    if getattr(module.hparams, "teacher_norm", "none") == "dataset" and resume_path is None:
+        module.set_teacher_stats(*datamodule.splits["train"].embedding_stats())
     monitor, mode = ("val/accuracy", "max") if objective == "classify" else ("val/loss", "min")
     trainer = trainer_for(run_dir, train=True, monitor=monitor, monitor_mode=mode)
     start = time.perf_counter()

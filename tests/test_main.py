@@ -156,3 +156,18 @@ def test_more_gpus_than_present_falls_back_with_a_warning(caplog):
         assert resolve_devices(2) == ("cpu", 1)
     assert "no CUDA GPU" in caplog.text
     assert resolve_devices(0) == ("cpu", 1)
+
+
+def test_teacher_norm_dataset_stores_the_train_statistics(data_dir, tmp_path):
+    """--teacher_norm=dataset z-scores the targets with train-set statistics kept in the checkpoint."""
+    from agglomerator.data import DataConfig, PartWholeDataModule
+
+    run_main(*TINY_FLAGS, f"--data_dir={data_dir}", "--teacher_norm=dataset", "--max_epochs=1", f"--output_dir={tmp_path}")
+    state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    datamodule = PartWholeDataModule(DataConfig(data_dir=str(data_dir), image_size=32, objective="sam_distill"),
+                                     expected_embed_shape=(4, 3, 32))
+    datamodule.setup()
+    mean, std = datamodule.splits["train"].embedding_stats()
+    torch.testing.assert_close(state["teacher_mean"], torch.from_numpy(mean))
+    torch.testing.assert_close(state["teacher_std"], torch.from_numpy(std))
+    assert not any(k.startswith("model.teacher") for k in state)  # the backbone's names stay the reference's

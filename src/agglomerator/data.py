@@ -168,6 +168,15 @@ class ImageFolderWithEmbeddings(Dataset):
             )
         self._check_shape(load_embeddings(self.embeds_path(0)), self.embeds_path(0))
 
+    def embedding_stats(self, max_files: int = 500) -> tuple[np.ndarray, np.ndarray]:
+        """Per-dimension mean and std ``(D,)`` of the teacher embeddings, over up to ``max_files`` files
+        spread over the split (for ``--teacher_norm=dataset``)."""
+        picks = np.linspace(0, len(self) - 1, min(max_files, len(self))).round().astype(int)
+        flat = np.concatenate([load_embeddings(self.embeds_path(i)).reshape(-1, self.expected_embed_shape[-1]
+                                                                           if self.expected_embed_shape else -1)
+                               for i in np.unique(picks)])
+        return flat.mean(0), flat.std(0)
+
     def _check_shape(self, embeds: np.ndarray, path: Path) -> None:
         expected = self.expected_embed_shape
         if expected is not None and tuple(embeds.shape) != tuple(expected):

@@ -50,6 +50,8 @@ class AgglomeratorLitModule(pl.LightningModule):
         finetune_backbone: bool = False,
         plot_islands: bool = False,
         plot_every: int = 50,
+        teacher_norm: str = "none",
+        embed_dim: int | None = None,
     ):
         super().__init__()
         if objective not in OBJECTIVES:
@@ -71,10 +73,22 @@ class AgglomeratorLitModule(pl.LightningModule):
             self.accuracy = torch.nn.ModuleDict(
                 {f"{stage}_acc": MulticlassAccuracy(num_classes=config.n_classes, average="micro") for stage in ("train", "val", "test")}
             )
+        if teacher_norm not in ("none", "dataset"):
+            raise ValueError(f"--teacher_norm={teacher_norm!r}: choose none or dataset")
+        if teacher_norm == "dataset":
+            # Filled by set_teacher_stats() before training; saved in checkpoints (outside model.*).
+            dim = embed_dim or self.model.embed_dim
+            self.register_buffer("teacher_mean", torch.zeros(dim))
+            self.register_buffer("teacher_std", torch.ones(dim))
         self.islands_dir: Path | None = None  # set by main.py to <run>/islands
         self.val_mask_paths: list[Path] | None = None  # set by main.py: stage-1 masks of the val images, by index
 
     # ------------------------------------------------------------------ forward / steps
+
+    def set_teacher_stats(self, mean, std) -> None:
+        """Per-dimension mean/std of the teacher's embeddings (``--teacher_norm=dataset``)."""
+        self.teacher_mean.copy_(torch.as_tensor(mean, dtype=torch.float32))
+        self.teacher_std.copy_(torch.as_tensor(std, dtype=torch.float32))
 
     def train(self, mode: bool = True):
         """Keep a frozen backbone in eval mode (its BatchNorm statistics stay the pretrained ones)."""
@@ -100,7 +114,10 @@ class AgglomeratorLitModule(pl.LightningModule):
             out = self.model(flat)
         batch_size = image.shape[0]
         if self.objective == "sam_distill":
-            loss = levels_distill_loss(out.encoded, batch["embeds"], self.level_weights)
+            targets = batch["embeds"]
+            if self.hparams.teacher_norm == "dataset":
+                targets = (targets - self.teacher_mean) / self.teacher_std.clamp(min=1e-6)
+            loss = levels_distill_loss(out.encoded, targets, self.level_weights)
         elif self.objective == "supcon":
             feats = self.model.project(out.top_level)
             feats = feats.view(batch_size, 2, -1) if two_crops else feats.unsqueeze(1)
