@@ -29,7 +29,7 @@ flags.DEFINE_string("out_dir", "runs/demo", "Where runs, figures and summary.md 
 flags.DEFINE_string("data_dir", "datasets", "The toy set is written to <data_dir>/toy.")
 flags.DEFINE_integer("train_per_class", 100, "Toy training images per class.")
 flags.DEFINE_integer("val_per_class", 30, "Toy validation (= test) images per class.")
-flags.DEFINE_integer("pretrain_epochs", 12, "Epochs of each pretraining.")
+flags.DEFINE_integer("pretrain_epochs", 10, "Epochs of each pretraining.")
 flags.DEFINE_integer("finetune_epochs", 8, "Epochs of each classifier fine-tuning.")
 flags.DEFINE_string("encoder", "test_convnext.r160_in1k", "timm backbone of stage 2 (its features are the teacher's D).")
 flags.DEFINE_enum("pretrained_encoder", "auto", ["auto", "yes", "no"],
