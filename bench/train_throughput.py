@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from agglomerator.engine import bf16_native  # noqa: E402
+from hierarchical_masks.per_image_runner import bf16_native  # noqa: E402
 from agglomerator.model import Agglomerator, AgglomeratorConfig  # noqa: E402
 from agglomerator.objectives import levels_distill_loss  # noqa: E402
 from reference_agglomerator import ReferenceAgglomerator, reference_levels_loss  # noqa: E402
@@ -64,7 +64,7 @@ def main() -> None:
     reference.load_state_dict(ours.state_dict())
     images = torch.randn(args.batch_size, 3, config.image_size, config.image_size, device=device)
     embeds = torch.randn(args.batch_size, config.num_patches, config.levels, ours.embed_dim, device=device)
-    bf16 = bf16_native("gpu" if device.type == "cuda" else "cpu")
+    bf16 = bf16_native(device.type)
 
     def reference_step():
         reference.zero_grad(set_to_none=True)

@@ -172,9 +172,8 @@ class ImageFolderWithEmbeddings(Dataset):
         """Per-dimension mean and std ``(D,)`` of the teacher embeddings, over up to ``max_files`` files
         spread over the split (for ``--teacher_norm=dataset``)."""
         picks = np.linspace(0, len(self) - 1, min(max_files, len(self))).round().astype(int)
-        flat = np.concatenate([load_embeddings(self.embeds_path(i)).reshape(-1, self.expected_embed_shape[-1]
-                                                                           if self.expected_embed_shape else -1)
-                               for i in np.unique(picks)])
+        arrays = [load_embeddings(self.embeds_path(i)) for i in np.unique(picks)]  # each (n, levels, D)
+        flat = np.concatenate([a.reshape(-1, a.shape[-1]) for a in arrays])
         return flat.mean(0), flat.std(0)
 
     def _check_shape(self, embeds: np.ndarray, path: Path) -> None:

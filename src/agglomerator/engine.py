@@ -13,6 +13,8 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 
+from hierarchical_masks.per_image_runner import bf16_native
+
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "32", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "64", "64-true")
@@ -30,22 +32,12 @@ def resolve_devices(num_gpus: int) -> tuple[str, int]:
     return "gpu", min(num_gpus, available)
 
 
-def bf16_native(accelerator: str) -> bool:
-    """Whether the device computes bf16 natively (Ampere+ GPUs; CPUs with AVX512-BF16 or AMX)."""
-    if accelerator == "gpu":
-        return torch.cuda.is_bf16_supported()
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
 def resolve_precision(precision: str, accelerator: str) -> str:
     """``--precision`` for Lightning; ``auto`` is bf16-mixed where bf16 is native, else 32."""
     if precision not in PRECISIONS:
         raise ValueError(f"--precision={precision}: choose one of {', '.join(PRECISIONS)}")
     if precision == "auto":
-        return "bf16-mixed" if bf16_native(accelerator) else "32-true"
+        return "bf16-mixed" if bf16_native("cuda" if accelerator == "gpu" else "cpu") else "32-true"
     if precision == "16-mixed" and accelerator == "cpu":
         raise ValueError("--precision=16-mixed needs a GPU; use bf16-mixed or 32 on CPU")
     return precision

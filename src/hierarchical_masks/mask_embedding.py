@@ -38,6 +38,7 @@ from torch import nn
 
 from hierarchical_masks.eval_transform import BatchedEvalTransform
 from hierarchical_masks.mask_io import InputError
+from hierarchical_masks.per_image_runner import bf16_native
 
 log = logging.getLogger(__name__)
 
@@ -199,15 +200,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
         raise InputError(f"--precision={precision!r}: use one of {', '.join(PRECISIONS)}")
     if precision != "auto":
         return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    if device.type == "cpu":
-        try:  # oneDNN's own test for native bf16 (AVX512-BF16 / AMX); emulated bf16 is slower than fp32
-            native = torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        except (AttributeError, RuntimeError):
-            native = False
-        return "bf16" if native else "fp32"
-    return "fp32"
+    return "bf16" if bf16_native(device.type) else "fp32"
 
 
 def unpack_masks(bits: torch.Tensor, shape: tuple[int, ...] | list[int]) -> torch.Tensor:

@@ -62,6 +62,21 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
+def bf16_native(device_type: str) -> bool:
+    """Whether the device computes bf16 natively (Ampere+ GPUs; CPUs with AVX512-BF16 or AMX).
+
+    On other CPUs bf16 is emulated and slower than fp32, so ``auto`` precisions pick fp32 there.
+    """
+    if device_type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device_type != "cpu":
+        return False
+    try:  # oneDNN's own test
+        return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def launch_workers(device: str = "cpu", num_processes: int = 1, num_nodes: int = 1) -> WorkerContext:
     """Start this rank's worker.
 
