@@ -300,6 +300,8 @@ def test_missing_masks_are_an_error_or_skipped(tmp_path):
     assert sorted(outputs(out)) == ["cat/cat_0.pkl", "dog/dog_1.pkl"]
     failed = (out / "failed.txt").read_text()
     assert "cat_1.png" in failed and "dog_0.png" in failed
+    run_stage(config(images, masks, out, skip_missing=True))  # a rerun lists each failure once
+    assert (out / "failed.txt").read_text() == failed
 
 
 def test_mask_size_or_levels_mismatch_names_the_file(tmp_path):
@@ -424,3 +426,38 @@ def test_shared_masks_are_embedded_once_and_scattered_back():
     assert not np.allclose(embeds[0, 2], embeds[2, 2])
     single = encoder.embed(image, masks[2:3])
     np.testing.assert_allclose(single[0], embeds[2], rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- CPU allocator
+
+ALLOCATION_PROBE = """
+import resource, sys
+sys.path.insert(0, {src!r})
+import numpy as np
+from hierarchical_masks.per_image_runner import keep_freed_memory
+if {keep}:
+    assert keep_freed_memory(), "mallopt refused"
+def faults_of_one_allocation():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    np.ones(64 * 2**20 // 8)  # 64 MB from malloc, written, then freed
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+faults_of_one_allocation()
+print(min(faults_of_one_allocation() for _ in range(3)))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings")
+def test_keep_freed_memory_reuses_large_blocks_without_page_faults():
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES" and not k.startswith("MALLOC_")}
+    env["NUMPY_MADVISE_HUGEPAGE"] = "0"  # 4 KB pages: the faults count what malloc does
+
+    def faults(keep: bool) -> int:
+        code = ALLOCATION_PROBE.format(src=str(REPO / "src"), keep=keep)
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+        assert done.returncode == 0, done.stderr
+        return int(done.stdout.split()[-1])
+
+    default, kept = faults(False), faults(True)
+    if default < 100:
+        pytest.skip(f"this system maps a 64 MB block with {default} page faults: nothing to save")
+    assert kept < default / 10, (default, kept)  # glibc's default: a fresh mmap (and its page faults) per allocation

@@ -46,7 +46,7 @@ from hierarchical_masks.mask_io import (
     read_packed_masks,
     save_embeddings,
 )
-from hierarchical_masks.per_image_runner import Progress, WorkerContext, plan_work, record_failure
+from hierarchical_masks.per_image_runner import Progress, WorkerContext, keep_freed_memory, plan_work, record_failure
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ class EmbedFolderConfig:
     img_height: int = 224
     img_width: int = 224
     embed_dtype: str = "float32"
-    batch_size: int | None = None  # None: 256 on CUDA, 64 elsewhere
+    batch_size: int | None = None  # None: mask_embedding.default_batch_size (device dependent)
     precision: str = "auto"
     overwrite: bool = False
     skip_missing: bool = False
@@ -236,23 +236,25 @@ def embed_folder(cfg: EmbedFolderConfig, inputs: CheckedInputs, worker: WorkerCo
     device = worker.device
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    elif worker.world_size > 1 and "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // worker.world_size))
+    else:
+        if worker.world_size > 1 and "OMP_NUM_THREADS" not in os.environ:
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // worker.world_size))
+        if keep_freed_memory():
+            log.info("glibc malloc keeps freed memory (no per-batch page faults; see per_image_runner.keep_freed_memory)")
     if worker.is_main:
         for record in inputs.missing:
             record_failure(cfg.out_data_path, record.path, f"no mask file {cfg.mask_path(record)} (skipped: --skip_missing)")
     todo, skipped = plan_work(inputs.records, cfg.out_data_path, rank=worker.rank, world_size=worker.world_size,
                               overwrite=cfg.overwrite)
-    batch_size = cfg.batch_size or (256 if device.type == "cuda" else 64)
     num_workers = cfg.num_workers if cfg.num_workers is not None else _default_num_workers(device, worker.world_size)
     dtype = EMBED_DTYPES[cfg.embed_dtype]
 
     if not todo:
         return Progress(STAGE_NAME, total=0, skipped=skipped, rank=worker.rank, enabled=False).close()
     model = build_encoder(cfg.encoder_model_name, pretrained=cfg.pretrained, checkpoint=cfg.encoder_checkpoint, device=device)
-    encoder = MaskedImageEncoder(model, device=device, crop=cfg.crop, batch_size=batch_size, precision=cfg.precision)
+    encoder = MaskedImageEncoder(model, device=device, crop=cfg.crop, batch_size=cfg.batch_size, precision=cfg.precision)
     log.info("rank %d/%d: %d images to embed (%d already done) on %s, %s, batch %d, %d loader workers, crop=%s",
-             worker.rank, worker.world_size, len(todo), skipped, device, encoder.precision, batch_size, num_workers, cfg.crop)
+             worker.rank, worker.world_size, len(todo), skipped, device, encoder.precision, encoder.batch_size, num_workers, cfg.crop)
 
     dataset = MaskedImageDataset(todo, cfg, inputs.num_points, cfg.mask_path(inputs.records[0]))
     loader = DataLoader(dataset, batch_size=None, shuffle=False, num_workers=num_workers,

@@ -203,6 +203,17 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "bf16" if bf16_native(device.type) else "fp32"
 
 
+def default_batch_size(device: torch.device) -> int:
+    """``--batch_size`` default: masked images per forward pass, 256 on CUDA, 64 on CPU.
+
+    On CPU, batch 64 is the fastest measured once malloc keeps freed memory
+    (``per_image_runner.keep_freed_memory``, which stage 2 sets on CPU); under
+    glibc's defaults each pass would page-fault its large activations afresh and
+    batch 8 would win (bench/RESULTS.md, stage 2).
+    """
+    return 256 if device.type == "cuda" else 64
+
+
 def unpack_masks(bits: torch.Tensor, shape: tuple[int, ...] | list[int]) -> torch.Tensor:
     """Bool masks of ``shape`` from ``np.packbits(masks, axis=None)`` bytes, on ``bits``' device.
 
@@ -243,16 +254,18 @@ class MaskedImageEncoder:
         model: the encoder from :func:`build_encoder` (copied, not changed).
         device: where masks, transform and model run.
         crop: cut each masked image to its mask's bounding box.
-        batch_size: masked images per forward (batches span image boundaries).
+        batch_size: masked images per forward (batches span image boundaries);
+            ``None``: :func:`default_batch_size`.
         precision: ``auto`` / ``fp32`` / ``bf16``. bf16 is autocast on CUDA and a
             bf16 copy of the model on CPU (autocast there is slower).
     """
 
     def __init__(self, model: nn.Module, *, device: str | torch.device = "cpu", crop: bool = False,
-                 batch_size: int = 64, precision: str = "auto"):
+                 batch_size: int | None = None, precision: str = "auto"):
+        self.device = torch.device(device)
+        batch_size = default_batch_size(self.device) if batch_size is None else batch_size
         if batch_size < 1:
             raise InputError(f"--batch_size={batch_size}: must be at least 1")
-        self.device = torch.device(device)
         self.crop, self.batch_size = crop, batch_size
         self.precision = resolve_precision(precision, self.device)
         self.pil_transform = reference_transform(model)

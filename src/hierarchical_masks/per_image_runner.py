@@ -9,11 +9,13 @@ what they share, so each stage script only says how to compute one batch:
   outputs (resume after a kill), unless ``overwrite``;
 * :class:`Progress`: a progress bar (images, images/s, time left) and a closing
   summary line (written, skipped, failed, time, throughput);
-* :func:`record_failure`: one line per bad input in ``<out>/failed.txt``.
+* :func:`record_failure`: one line per bad input in ``<out>/failed.txt``;
+* :func:`keep_freed_memory`: glibc malloc settings for CPU runs.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import sys
@@ -112,13 +114,54 @@ def plan_work(
     return todo, len(share) - len(todo)
 
 
+# glibc mallopt(3) parameters
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_MAX = -4
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed memory for reuse; True if it took effect.
+
+    By default glibc serves every allocation above a threshold (at most 32 MB)
+    with a fresh ``mmap`` and unmaps it on free, and trims the heap's top; a CPU
+    forward pass that allocates and frees the same large activations every
+    batch then pays a page fault per 4 KB each time (30-45% of stage 2's CPU
+    time in bench/RESULTS.md). With mmap off and trimming raised to 2 GB, freed
+    blocks are reused (allocations a thread arena cannot hold fall back to the
+    main heap). The cost: the process keeps its peak memory until it exits.
+    Left alone when the user set ``GLIBC_TUNABLES`` or ``MALLOC_*_`` variables,
+    and off Linux or without glibc.
+    """
+    if sys.platform != "linux" or "GLIBC_TUNABLES" in os.environ or any(
+        k.startswith("MALLOC_") and k.endswith("_") for k in os.environ
+    ):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.gnu_get_libc_version  # glibc only (musl has its own malloc)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+
+
 def record_failure(out_root: str | os.PathLike, image_path: str | os.PathLike, reason: str) -> None:
-    """Append ``<image path>\\t<reason>`` to ``<out_root>/failed.txt`` (one short append: safe across ranks)."""
+    """Append ``<image path>\\t<reason>`` to ``<out_root>/failed.txt`` (one short append: safe across ranks).
+
+    A line already in the file (the same failure met again by a rerun) is not added twice.
+    """
     out_root = Path(out_root)
     out_root.mkdir(parents=True, exist_ok=True)
     line = f"{image_path}\t{' '.join(reason.split())}\n"
-    with open(out_root / "failed.txt", "a", encoding="utf-8") as handle:
-        handle.write(line)
+    failed = out_root / "failed.txt"
+    try:
+        known = line in failed.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)
+    except FileNotFoundError:
+        known = False
+    if not known:
+        with open(failed, "a", encoding="utf-8") as handle:
+            handle.write(line)
     log.warning("skipped %s: %s", image_path, reason)
 
 
