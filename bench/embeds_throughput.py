@@ -1,15 +1,30 @@
 """Stage 2 benchmark: masked images/s of our fast path against the reference per-image PIL loop.
 
-Both paths run in the same process on the same files (synthetic images and
-SAM-like nested masks written with ``mask_io``), the same model object and
-weights, and read their inputs the same way; each gets a warm-up batch that is
-not timed; the paths alternate for ``--rounds`` rounds and the best
-round of each counts (the machine's load changes). The reference loop is the reference's algorithm (PIL masked image ->
-timm transform -> model, forward passes of 32, float32) as kept in
-``mask_embedding.embed_image_reference``; the fast path is
-``MaskedImageEncoder`` fed by stage 2's own DataLoader.
+All paths read the same files (synthetic images and SAM-like nested masks
+written with ``mask_io``) with the same model and fixed random weights.
+Two baselines, both the reference's algorithm (PIL masked image ->
+timm transform -> model, forward passes of 32, float32, model as timm builds
+it):
 
-    nice python bench/embeds_throughput.py                 # CPU: 2 images x 16 points
+* the reference loop, idealised: ``mask_embedding.embed_image_reference``
+  (autograd off, image and masks read once per image) -- the stricter one;
+* the reference script's loop as written: autograd left on, image and masks
+  re-read for each level.
+
+The fast path is ``MaskedImageEncoder`` fed by stage 2's own DataLoader, at
+stage 2's default batch size unless ``--batch_size`` names others.
+
+Each path runs in a fresh child process per round (as a real run would: one
+path's allocations cannot change another's page-fault pattern), builds the
+same fixed random weights, makes one untimed pass over all images (warm-up),
+then times a second; the parent alternates the paths for ``--rounds`` rounds and keeps the
+best round of each. The fast path's process sets glibc's malloc as stage 2
+does on CPU (``per_image_runner.keep_freed_memory``); the reference loops run
+with glibc's defaults, as the reference script does. To give every path the
+same allocator, run the whole benchmark under
+``GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1099511627776``.
+
+    python bench/embeds_throughput.py                      # CPU: 1 image x 64 points
     python bench/embeds_throughput.py --device cuda        # GPU: 8 images x 196 points
 
 Random weights (the default, ``--pretrained`` off) time the same as trained
@@ -19,6 +34,8 @@ ones; ``--encoder_checkpoint FILE`` loads real ones.
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
 import sys
 import tempfile
 import time
@@ -39,11 +56,13 @@ from hierarchical_masks.embed_folder import (  # noqa: E402
 from hierarchical_masks.mask_embedding import (  # noqa: E402
     MaskedImageEncoder,
     build_encoder,
+    default_batch_size,
     embed_image_reference,
     masked_pil_image,
     reference_transform,
 )
 from hierarchical_masks.mask_io import list_image_folder, load_masks, load_rgb_image, save_masks  # noqa: E402
+from hierarchical_masks.per_image_runner import keep_freed_memory  # noqa: E402
 
 
 def sam_like_masks(rng: np.random.Generator, grid: int, size: int) -> np.ndarray:
@@ -69,128 +88,156 @@ def make_dataset(root: Path, images: int, grid: int, size: int, seed: int = 0) -
         save_masks(root / "masks" / folder / f"img_{i}.pkl", sam_like_masks(rng, grid, size), grid=grid, img_size=size)
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--model", default="maxvit_rmlp_pico_rw_256")
     parser.add_argument("--encoder_checkpoint", default=None, help="local weights (default: fixed random weights)")
-    parser.add_argument("--images", type=int, default=None, help="default: 2 on CPU, 8 on CUDA")
-    parser.add_argument("--grid", type=int, default=None, help="points per side; default 4 on CPU, 14 on CUDA")
+    parser.add_argument("--images", type=int, default=None, help="default: 1 on CPU, 8 on CUDA")
+    parser.add_argument("--grid", type=int, default=None, help="points per side; default 8 on CPU, 14 on CUDA")
     parser.add_argument("--img_size", type=int, default=224)
-    parser.add_argument("--batch_size", type=int, default=None, help="fast path; default 64 on CPU, 256 on CUDA")
+    parser.add_argument("--batch_size", type=int, nargs="+", default=None,
+                        help="fast path, one or more sizes; default: stage 2's (256 on CUDA, 64 on CPU)")
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     parser.add_argument("--also_fp32", action="store_true", help="also time the fast path in float32")
     parser.add_argument("--crop", action="store_true")
     parser.add_argument("--reference_batch", type=int, default=32)
-    parser.add_argument("--as_written", action="store_true",
-                        help="also time the reference script's loop as written (autograd on, masks re-read per level)")
-    parser.add_argument("--rounds", type=int, default=2, help="interleaved timing rounds; the best of each path counts")
-    args = parser.parse_args()
+    parser.add_argument("--rounds", type=int, default=3, help="alternating timing rounds; the best of each path counts")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: time one path in this process
+    parser.add_argument("--root", default=None, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
 
+
+def time_one_path(args: argparse.Namespace) -> None:
+    """Child process: warm up, time one pass of path ``args.child`` over the data in ``args.root``; print JSON."""
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    images = args.images or (8 if cuda else 2)
-    grid = args.grid or (14 if cuda else 4)
-    batch_size = args.batch_size or (256 if cuda else 64)
     if cuda:
         torch.backends.cudnn.benchmark = True
+    root = Path(args.root)
+    cfg = EmbedFolderConfig(in_masks_path=root / "masks", in_images_path=root / "images", out_data_path=root / "out",
+                            img_height=args.img_size, img_width=args.img_size)
+    records = list_image_folder(root / "images")
+    size = (args.img_size, args.img_size)
+    model = build_encoder(args.model, pretrained=False, checkpoint=args.encoder_checkpoint, device=device)
+    transform = reference_transform(model)
 
     def sync() -> None:
         if cuda:
             torch.cuda.synchronize(device)
 
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        make_dataset(root, images, grid, args.img_size)
-        cfg = EmbedFolderConfig(in_masks_path=root / "masks", in_images_path=root / "images", out_data_path=root / "out",
-                                img_height=args.img_size, img_width=args.img_size)
-        records = list_image_folder(root / "images")
-        model = build_encoder(args.model, pretrained=False, checkpoint=args.encoder_checkpoint, device=device)
-        transform = reference_transform(model)
-        n_masked = images * grid * grid * 3
-        name = f"{args.model} ({'checkpoint' if args.encoder_checkpoint else 'random weights'})"
-        print(f"device {device} ({torch.cuda.get_device_name(device) if cuda else f'{torch.get_num_threads()} threads'}), "
-              f"{name}, {images} images x {grid * grid} points x 3 levels = {n_masked} masked images, crop={args.crop}")
+    def run_reference() -> list[np.ndarray]:
+        """The reference loop, idealised: per image, masks and image read once, PIL masked images,
+        passes of 32, fp32, autograd off."""
+        return [embed_image_reference(model, transform, load_rgb_image(r.path, size), load_masks(cfg.mask_path(r)),
+                                      crop=args.crop, batch_size=args.reference_batch) for r in records]
 
-        warm = load_rgb_image(records[0].path, (args.img_size, args.img_size))
-        embed_image_reference(model, transform, warm, load_masks(cfg.mask_path(records[0]))[:2, :1], crop=args.crop)
-        precisions = [args.precision] + (["fp32"] if args.also_fp32 and args.precision != "fp32" else [])
-        encoders = [MaskedImageEncoder(model, device=device, crop=args.crop, batch_size=batch_size, precision=p) for p in precisions]
-        dataset = MaskedImageDataset(records, cfg, grid * grid, cfg.mask_path(records[0]))
+    def run_as_written() -> list[np.ndarray]:
+        """The reference script's loop as written: masks and image re-read for each level, autograd left on."""
+        out = []
+        for r in records:
+            levels = []
+            for level in range(3):
+                masks = load_masks(cfg.mask_path(r))
+                pixels = np.asarray(load_rgb_image(r.path, size))
+                masked = [masked_pil_image(pixels, m[level], args.crop) for m in masks]
+                feats = []
+                for i in range(0, len(masked), args.reference_batch):
+                    batch = torch.stack([transform(im) for im in masked[i : i + args.reference_batch]]).to(device)
+                    feats.extend(model(batch).cpu().detach().numpy())
+                levels.append(feats)
+            out.append(np.stack(levels, axis=1))
+        return out
+
+    if args.child in ("reference", "as_written"):
+        run = run_reference if args.child == "reference" else run_as_written
+        label = args.child
+    else:
+        if device.type == "cpu":
+            keep_freed_memory()  # as stage 2 does on CPU (embed_folder)
+        _, precision, batch = args.child.split(":")
+        encoder = MaskedImageEncoder(model, device=device, crop=args.crop, batch_size=int(batch), precision=precision)
+        label = f"{encoder.precision}, batch {encoder.batch_size}"
+        dataset = MaskedImageDataset(records, cfg, load_masks(cfg.mask_path(records[0])).shape[0], cfg.mask_path(records[0]))
         num_workers = _default_num_workers(device, 1)
-        for encoder in encoders:  # warm-up, not timed
-            item = dataset[0]
-            list(encoder.embed_stream([(0, item["image"], item_masks(item, device)[: max(1, batch_size // 3)])]))
-        sync()
 
-        def run_reference() -> list[np.ndarray]:
-            """The reference loop: per image, masks and image from disk, PIL masked images, passes of 32, fp32."""
-            return [embed_image_reference(model, transform, load_rgb_image(r.path, (args.img_size, args.img_size)),
-                                          load_masks(cfg.mask_path(r)), crop=args.crop, batch_size=args.reference_batch)
-                    for r in records]
-
-        def run_as_written() -> list[np.ndarray]:
-            """The reference script's loop as written: masks and image re-read for each level, autograd left on."""
-            out = []
-            for r in records:
-                levels = []
-                for level in range(3):
-                    masks = load_masks(cfg.mask_path(r))
-                    pixels = np.asarray(load_rgb_image(r.path, (args.img_size, args.img_size)))
-                    masked = [masked_pil_image(pixels, m[level], args.crop) for m in masks]
-                    feats = []
-                    for i in range(0, len(masked), args.reference_batch):
-                        batch = torch.stack([transform(im) for im in masked[i : i + args.reference_batch]]).to(device)
-                        feats.extend(model(batch).cpu().detach().numpy())
-                    levels.append(feats)
-                out.append(np.stack(levels, axis=1))
-            return out
-
-        def run_fast(encoder: MaskedImageEncoder) -> list[np.ndarray]:
+        def run() -> list[np.ndarray]:
             """Our path: stage 2's DataLoader feeding MaskedImageEncoder."""
             loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=cuda,
                                                  prefetch_factor=4 if num_workers else None)
             out = dict(encoder.embed_stream((int(it["index"]), it["image"], item_masks(it, device)) for it in loader))
-            return [out[i] for i in range(images)]
+            return [out[i] for i in range(len(records))]
 
-        def timed(fn, *fn_args) -> tuple[float, list[np.ndarray]]:
-            sync()
-            start = time.perf_counter()
-            result = fn(*fn_args)
-            sync()
-            return n_masked / (time.perf_counter() - start), result
+    run()  # warm-up: one untimed pass (kernels, caches, the allocator's steady state)
+    sync()
+    start = time.perf_counter()
+    embeds = run()
+    sync()
+    seconds = time.perf_counter() - start
+    n_masked = sum(e.shape[0] * e.shape[1] for e in embeds)
+    out_file = root / f"embeds_{args.child.replace(':', '_')}.npy"
+    np.save(out_file, np.stack(embeds))
+    print(json.dumps({"label": label, "rate": n_masked / seconds, "embeds": str(out_file),
+                      "threads": torch.get_num_threads()}))
 
-        # Interleaved rounds, best of each: on a shared machine the load changes between paths.
-        ref_rates, fast_rates, reference, cos = [], [[] for _ in encoders], None, [1.0] * len(encoders)
-        written_rates = []
+
+def min_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    return float(((a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))).min())
+
+
+def main() -> None:
+    args = parse_args()
+    if args.child:
+        time_one_path(args)
+        return
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    images = args.images or (8 if cuda else 1)
+    grid = args.grid or (14 if cuda else 8)
+    batch_sizes = args.batch_size or [default_batch_size(device)]
+    precisions = [args.precision] + (["fp32"] if args.also_fp32 and args.precision != "fp32" else [])
+    paths = ["reference", "as_written"] + [f"fast:{p}:{b}" for p in precisions for b in batch_sizes]
+    n_masked = images * grid * grid * 3
+    name = f"{args.model} ({'checkpoint' if args.encoder_checkpoint else 'random weights'})"
+    print(f"device {device} ({torch.cuda.get_device_name(device) if cuda else f'{torch.get_num_threads()} threads'}, "
+          f"torch {torch.__version__}), {name}, {images} images x {grid * grid} points x 3 levels = {n_masked} masked "
+          f"images, crop={args.crop}; each path in its own process", flush=True)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        make_dataset(Path(tmp), images, grid, args.img_size)
+        common = [sys.executable, __file__, "--root", tmp, "--device", args.device, "--model", args.model,
+                  "--img_size", str(args.img_size), "--reference_batch", str(args.reference_batch)]
+        common += ["--crop"] if args.crop else []
+        common += ["--encoder_checkpoint", args.encoder_checkpoint] if args.encoder_checkpoint else []
+        rates: dict[str, list[float]] = {p: [] for p in paths}
+        labels, cosines, threads = {}, {}, None
         for round_index in range(args.rounds):
-            rate, reference = timed(run_reference)
-            ref_rates.append(rate)
-            if args.as_written:
-                written_rates.append(timed(run_as_written)[0])
-            for e, encoder in enumerate(encoders):
-                rate, fast = timed(run_fast, encoder)
-                fast_rates[e].append(rate)
-                cos[e] = min(float(((a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))).min())
-                             for a, b in zip(fast, reference))
-            print(f"round {round_index + 1}: reference {ref_rates[-1]:.2f}, "
-                  + (f"reference as written {written_rates[-1]:.2f}, " if args.as_written else "")
-                  + ", ".join(f"fast {enc.precision} {r[-1]:.2f}" for enc, r in zip(encoders, fast_rates)) + " masked images/s")
-        ref_rate = max(ref_rates)
-        print(f"reference per-image PIL loop (batches of {args.reference_batch}, fp32): {ref_rate:.2f} masked images/s (best of {args.rounds})")
-        if args.as_written:
-            print(f"reference script's loop as written (autograd on, inputs re-read per level): {max(written_rates):.2f} masked images/s")
-        rows = []
-        for encoder, rates, c in zip(encoders, fast_rates, cos):
-            rate = max(rates)
-            print(f"fast path ({encoder.precision}, batch {batch_size}, {num_workers} loader workers): {rate:.2f} masked images/s, "
-                  f"{rate / ref_rate:.2f}x the reference; min cosine vs reference {c:.5f}"
-                  + (f"; {rate / max(written_rates):.2f}x the loop as written" if args.as_written else ""))
-            rows.append((encoder.precision, rate, c))
-        print("\nmarkdown rows:")
-        for precision, rate, cos in rows:
-            print(f"| {device.type} | {name} | {images}x{grid * grid}x3 | crop={args.crop} | {ref_rate:.2f} | "
-                  f"{precision}, batch {batch_size}: {rate:.2f} | **{rate / ref_rate:.2f}x** | {cos:.4f} |")
+            for path in paths:
+                done = subprocess.run(common + ["--child", path], capture_output=True, text=True)
+                if done.returncode != 0:
+                    sys.exit(f"error: the {path} run failed:\n{done.stderr[-3000:]}")
+                result = json.loads(done.stdout.strip().splitlines()[-1])
+                rates[path].append(result["rate"])
+                labels[path], threads = result["label"], result["threads"]
+                if round_index == 0:
+                    cosines[path] = np.load(result["embeds"])
+            print(f"round {round_index + 1}: " + ", ".join(f"{labels[p]} {rates[p][-1]:.2f}" for p in paths)
+                  + " masked images/s", flush=True)
+
+    ref_rate, written_rate = max(rates["reference"]), max(rates["as_written"])
+    reference = cosines["reference"]
+    print(f"reference loop, idealised (batches of {args.reference_batch}, fp32, autograd off, inputs read once): "
+          f"{ref_rate:.2f} masked images/s (best of {args.rounds})")
+    print(f"reference script's loop as written (autograd on, image and masks re-read per level): {written_rate:.2f} masked images/s")
+    rows = []
+    for path in paths[2:]:
+        rate, cos = max(rates[path]), min_cosine(cosines[path], reference)
+        print(f"fast path ({labels[path]}): {rate:.2f} masked images/s: {rate / ref_rate:.2f}x the idealised reference "
+              f"loop, {rate / written_rate:.2f}x the loop as written; min cosine vs reference {cos:.5f}")
+        rows.append(f"| {device.type}{'' if cuda else f', {threads} threads'} | {name} | {images}x{grid * grid}x3 | "
+                    f"{args.crop} | {ref_rate:.2f} | {written_rate:.2f} | {labels[path]}: {rate:.2f} | "
+                    f"**{rate / ref_rate:.2f}x** | {rate / written_rate:.2f}x | {cos:.4f} |")
+    print("\nmarkdown rows:\n" + "\n".join(rows))
 
 
 if __name__ == "__main__":
