@@ -125,7 +125,7 @@ def keep_freed_memory() -> bool:
     By default glibc serves every allocation above a threshold (at most 32 MB)
     with a fresh ``mmap`` and unmaps it on free, and trims the heap's top; a CPU
     forward pass that allocates and frees the same large activations every
-    batch then pays a page fault per 4 KB each time (30-45% of stage 2's CPU
+    batch then pays a page fault per 4 KB each time (30-50% of stage 2's CPU
     time in bench/RESULTS.md). With mmap off and trimming raised to 2 GB, freed
     blocks are reused (allocations a thread arena cannot hold fall back to the
     main heap). The cost: the process keeps its peak memory until it exits.
