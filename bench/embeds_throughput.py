@@ -154,40 +154,37 @@ def time_one_path(args: argparse.Namespace) -> None:
             out.append(np.stack(levels, axis=1))
         return out
 
-    if args.child.startswith("bare:"):
-        _, precision, batch = args.child.split(":")
-        if device.type == "cpu":
-            keep_freed_memory()
-        encoder = MaskedImageEncoder(model, device=device, batch_size=int(batch), precision=precision)
-        label = f"bare model forward ({encoder.precision}, batch {encoder.batch_size})"
-        n_rows = len(records) * load_masks(cfg.mask_path(records[0])).shape[0] * 3
-        inputs = torch.randn(n_rows, *timm.data.resolve_model_data_config(model)["input_size"], generator=torch.Generator().manual_seed(0))
-        inputs = inputs.to(device)
-
-        @torch.inference_mode()
-        def run() -> list[np.ndarray]:
-            """The model alone on ready inputs, in passes of the fast path's batch size."""
-            feats = np.concatenate([encoder._forward(x) for x in inputs.split(encoder.batch_size)])
-            return list(feats.reshape(len(records), -1, 3, feats.shape[-1]))
-
-    elif args.child in ("reference", "as_written"):
+    if args.child in ("reference", "as_written"):
         run = run_reference if args.child == "reference" else run_as_written
         label = args.child
-    else:
+    else:  # "fast:<precision>:<batch>" or "bare:<precision>:<batch>"
+        kind, precision, batch = args.child.split(":")
         if device.type == "cpu":
             keep_freed_memory()  # as stage 2 does on CPU (embed_folder)
-        _, precision, batch = args.child.split(":")
         encoder = MaskedImageEncoder(model, device=device, crop=args.crop, batch_size=int(batch), precision=precision)
         label = f"{encoder.precision}, batch {encoder.batch_size}"
-        dataset = MaskedImageDataset(records, cfg, load_masks(cfg.mask_path(records[0])).shape[0], cfg.mask_path(records[0]))
-        num_workers = _default_num_workers(device, 1)
+        num_points = load_masks(cfg.mask_path(records[0])).shape[0]
+        if kind == "bare":
+            label = f"bare model forward ({label})"
+            input_size = timm.data.resolve_model_data_config(model)["input_size"]
+            inputs = torch.randn(len(records) * num_points * 3, *input_size, generator=torch.Generator().manual_seed(0))
+            inputs = inputs.to(device)
 
-        def run() -> list[np.ndarray]:
-            """Our path: stage 2's DataLoader feeding MaskedImageEncoder."""
-            loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=cuda,
-                                                 prefetch_factor=4 if num_workers else None)
-            out = dict(encoder.embed_stream((int(it["index"]), it["image"], item_masks(it, device)) for it in loader))
-            return [out[i] for i in range(len(records))]
+            @torch.inference_mode()
+            def run() -> list[np.ndarray]:
+                """The model alone on ready inputs, in passes of the fast path's batch size (its forward)."""
+                feats = np.concatenate([encoder._forward(x) for x in inputs.split(encoder.batch_size)])
+                return list(feats.reshape(len(records), num_points, 3, feats.shape[-1]))
+        else:
+            dataset = MaskedImageDataset(records, cfg, num_points, cfg.mask_path(records[0]))
+            num_workers = _default_num_workers(device, 1)
+
+            def run() -> list[np.ndarray]:
+                """Our path: stage 2's DataLoader feeding MaskedImageEncoder."""
+                loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=cuda,
+                                                     prefetch_factor=4 if num_workers else None)
+                out = dict(encoder.embed_stream((int(it["index"]), it["image"], item_masks(it, device)) for it in loader))
+                return [out[i] for i in range(len(records))]
 
     run()  # warm-up: one untimed pass (kernels, caches, the allocator's steady state)
     sync()
@@ -217,8 +214,9 @@ def main() -> None:
     grid = args.grid or (14 if cuda else 8)
     batch_sizes = args.batch_size or [default_batch_size(device)]
     precisions = [args.precision] + (["fp32"] if args.also_fp32 and args.precision != "fp32" else [])
-    paths = ["reference", "as_written"] + [f"fast:{p}:{b}" for p in precisions for b in batch_sizes]
-    paths += [f"bare:{precisions[0]}:{batch_sizes[0]}"] if args.ceiling else []
+    fast_paths = [f"fast:{p}:{b}" for p in precisions for b in batch_sizes]
+    bare_path = f"bare:{precisions[0]}:{batch_sizes[0]}"  # the first fast path's model forward alone
+    paths = ["reference", "as_written"] + fast_paths + ([bare_path] if args.ceiling else [])
     n_masked = images * grid * grid * 3
     name = f"{args.model} ({'checkpoint' if args.encoder_checkpoint else 'random weights'})"
     print(f"device {device} ({torch.cuda.get_device_name(device) if cuda else f'{torch.get_num_threads()} threads'}, "
@@ -241,7 +239,7 @@ def main() -> None:
                 result = json.loads(done.stdout.strip().splitlines()[-1])
                 rates[path].append(result["rate"])
                 labels[path], threads = result["label"], result["threads"]
-                if round_index == 0 and not path.startswith("bare:"):
+                if round_index == 0 and path != bare_path:
                     cosines[path] = np.load(result["embeds"])
             print(f"round {round_index + 1}: " + ", ".join(f"{labels[p]} {rates[p][-1]:.2f}" for p in paths)
                   + " masked images/s", flush=True)
@@ -252,7 +250,7 @@ def main() -> None:
           f"{ref_rate:.2f} masked images/s (best of {args.rounds})")
     print(f"reference script's loop as written (autograd on, image and masks re-read per level): {written_rate:.2f} masked images/s")
     rows = []
-    for path in [p for p in paths if p.startswith("fast:")]:
+    for path in fast_paths:
         rate, cos = max(rates[path]), min_cosine(cosines[path], reference)
         print(f"fast path ({labels[path]}): {rate:.2f} masked images/s: {rate / ref_rate:.2f}x the idealised reference "
               f"loop, {rate / written_rate:.2f}x the loop as written; min cosine vs reference {cos:.5f}")
@@ -260,9 +258,9 @@ def main() -> None:
                     f"{args.crop} | {ref_rate:.2f} | {written_rate:.2f} | {labels[path]}: {rate:.2f} | "
                     f"**{rate / ref_rate:.2f}x** | {rate / written_rate:.2f}x | {cos:.4f} |")
     if args.ceiling:
-        bare, first = max(rates[paths[-1]]), max(rates[paths[2]])
-        print(f"{labels[paths[-1]]}: {bare:.2f} masked images/s = {bare / ref_rate:.2f}x the idealised reference loop; "
-              f"the fast path ({labels[paths[2]]}) runs at {first / bare:.0%} of it")
+        bare, first = max(rates[bare_path]), max(rates[fast_paths[0]])
+        print(f"{labels[bare_path]}: {bare:.2f} masked images/s = {bare / ref_rate:.2f}x the idealised reference loop; "
+              f"the fast path ({labels[fast_paths[0]]}) runs at {first / bare:.0%} of it")
     print("\nmarkdown rows:\n" + "\n".join(rows))
 
 
