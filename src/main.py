@@ -141,7 +141,7 @@ def write_flags(run_dir: Path) -> None:
 
 def run_train() -> None:
     from agglomerator.checkpoints import is_own_checkpoint, read_checkpoint
-    from agglomerator.engine import make_run_dir
+    from agglomerator.engine import checkpoint_paths, make_run_dir
     from agglomerator.lit_module import load_backbone_weights
 
     objective = objective_from_flags()
@@ -172,9 +172,7 @@ def run_train() -> None:
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path)
     seconds = time.perf_counter() - start
-    checkpoint_cb = trainer.checkpoint_callback
-    best, last = checkpoint_cb.best_model_path, checkpoint_cb.last_model_path
-    best = best or last
+    best, last = checkpoint_paths(trainer)
     results = trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=True) if best else []
     metrics = ", ".join(f"{k}={v:.4f}" for k, v in (results[0] if results else {}).items())
     write_results(run_dir, {"objective": objective, "epochs": trainer.current_epoch, "steps": trainer.global_step,

@@ -75,6 +75,23 @@ def test_resume_continues_from_the_same_step(data_dir, tmp_path):
     assert len(list((tmp_path / "run" / "logs").glob("version_*/metrics.csv"))) == 2  # earlier logs kept
 
 
+def test_last_checkpoint_is_the_final_step_when_the_monitor_stops_improving(data_dir, tmp_path):
+    """Lightning's save_last writes last.ckpt only when the monitored metric improves; ours every epoch.
+
+    A fine-tuning run at learning rate 0 has the same val/accuracy every epoch, so only epoch 0 is "best".
+    """
+    common = [*TINY_FLAGS, f"--data_dir={data_dir}"]
+    run_main(*common, "--max_epochs=1", f"--output_dir={tmp_path / 'pre'}")
+    pre = tmp_path / "pre" / "checkpoints" / "last.ckpt"
+    run_main(*common, "--supervise", "--resume_training", f"--load_checkpoint_dir={pre}", "--max_epochs=3",
+             "--learning_rate=0", "--scheduler=constant", f"--output_dir={tmp_path / 'fine'}")
+    folder = tmp_path / "fine" / "checkpoints"
+    assert [p.name for p in folder.glob("best-*.ckpt")] == ["best-000.ckpt"]
+    last = torch.load(folder / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 6 and last["epoch"] == 2  # 2 steps per epoch, 3 epochs: the end of training
+    assert torch.load(folder / "best-000.ckpt", weights_only=True)["global_step"] == 2
+
+
 def test_supcon_pretraining_runs(data_dir, tmp_path):
     proc = run_main(*TINY_FLAGS, f"--data_dir={data_dir}", "--pretrain_objective=supcon", "--optimizer=adamw",
                     "--max_epochs=1", f"--output_dir={tmp_path}")

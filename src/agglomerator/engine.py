@@ -75,17 +75,41 @@ def make_logger(kind: str, run_dir: Path, exp_name: str):
     return WandbLogger(project="partwhole-agglomerator", name=exp_name, save_dir=str(run_dir))
 
 
+def checkpoint_callbacks(folder: Path, monitor: str | None, monitor_mode: str = "min") -> list[ModelCheckpoint]:
+    """``best-<epoch>.ckpt`` (the best ``monitor`` so far) and ``last.ckpt`` (the end of every epoch), in ``folder``.
+
+    Two callbacks, one concern each: Lightning's ``save_last=True`` writes ``last.ckpt`` only in
+    the steps where a top-k checkpoint is written, i.e. only when ``monitor`` improves, so a run
+    whose validation loss stopped improving would resume (or be fine-tuned) from an old epoch.
+    ``last`` is here a monitor-less top-1 checkpoint named ``last``, rewritten every epoch.
+    """
+    callbacks = [ModelCheckpoint(dirpath=folder, filename="last", save_top_k=1, monitor=None,
+                                 enable_version_counter=False)]
+    if monitor:
+        callbacks.append(ModelCheckpoint(dirpath=folder, filename="best-{epoch:03d}", monitor=monitor, mode=monitor_mode,
+                                         save_top_k=1, auto_insert_metric_name=False))
+    return callbacks
+
+
+def checkpoint_paths(trainer: pl.Trainer) -> tuple[str, str]:
+    """``(best, last)`` checkpoint paths of a trainer built by :func:`build_trainer` (best = last without a monitor)."""
+    last = best = ""
+    for callback in trainer.checkpoint_callbacks:
+        if callback.monitor is None:
+            last = callback.best_model_path
+        else:
+            best = callback.best_model_path
+    return best or last, last
+
+
 def build_trainer(run_dir: Path, *, accelerator: str, devices: int, num_nodes: int, precision: str, max_epochs: int,
                   limit_train: float, limit_val: float, limit_test: float, logger: str, exp_name: str,
                   monitor: str | None = None, monitor_mode: str = "min", train: bool = True) -> pl.Trainer:
-    """A Lightning Trainer writing logs and checkpoints (``last.ckpt`` + best) under ``run_dir``."""
+    """A Lightning Trainer writing logs and checkpoints (:func:`checkpoint_callbacks`) under ``run_dir``."""
     callbacks = []
     the_logger = make_logger(logger, run_dir, exp_name)
     if train:
-        callbacks.append(ModelCheckpoint(
-            dirpath=run_dir / "checkpoints", filename="best-{epoch:03d}", monitor=monitor, mode=monitor_mode,
-            save_last=True, save_top_k=1 if monitor else 0, auto_insert_metric_name=False,
-        ))
+        callbacks += checkpoint_callbacks(run_dir / "checkpoints", monitor, monitor_mode)
         if the_logger:
             callbacks.append(LearningRateMonitor(logging_interval="step"))
     strategy = "ddp" if devices * num_nodes > 1 else "auto"
