@@ -57,6 +57,11 @@ flags.DEFINE_enum("optimizer", "lion", ["lion", "adamw"], "Optimizer: lion (timm
 flags.DEFINE_list("lion_betas", ["0.95", "0.98"], "Lion betas (reference values).")
 flags.DEFINE_enum("scheduler", "onecycle", ["onecycle", "constant"], "Learning-rate schedule (OneCycle over the real number of steps).")
 flags.DEFINE_string("data_dir", "datasets", "Folder holding the datasets (imagenette2/, toy/, CIFAR10/, ...).")
+flags.DEFINE_string("embeds_suffix", "_masks_embeds", "sam_distill teacher: embeddings in <root>/<split><embeds_suffix> "
+                    "(e.g. _masks_embeds_random for a second teacher's files).")
+flags.DEFINE_float("val_from_train", 0.0, "Image-folder datasets: hold out this seeded fraction of train (per class) as "
+                   "the validation split and keep the val folder as the test split only, to tune without touching it. "
+                   "0: val = test = the val folder (the reference).")
 flags.DEFINE_string("output_dir", "", "Run folder (default runs/<exp_name>/<time>-<objective>).")
 flags.DEFINE_enum("logger", "csv", ["csv", "tensorboard", "wandb", "none"], "Metrics logger (wandb is optional).")
 flags.DEFINE_string("precision", "auto",

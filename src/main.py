@@ -91,6 +91,7 @@ def datamodule_for(module, objective: str):
         dataset=FLAGS.dataset, data_dir=FLAGS.data_dir, image_size=FLAGS.image_size, n_channels=FLAGS.n_channels,
         batch_size=FLAGS.batch_size, num_workers=FLAGS.num_workers, objective=objective, seed=FLAGS.seed,
         crop_size=model_input_size() if model_input_size() != FLAGS.image_size else None,
+        embeds_suffix=FLAGS.embeds_suffix, val_from_train=FLAGS.val_from_train,
     )
     model = module.model
     shape = (model.config.num_patches, model.config.levels, model.embed_dim)
@@ -116,7 +117,7 @@ def val_mask_paths(datamodule) -> list[Path] | None:
     from agglomerator.data import MASKS_SUFFIX, ImageFolderWithEmbeddings
 
     val = datamodule.splits.get("val")
-    masks_root = datamodule.config.root / f"val{MASKS_SUFFIX}"
+    masks_root = datamodule.config.root / f"{val.root.name}{MASKS_SUFFIX}"  # val, or train with --val_from_train
     if not isinstance(val, ImageFolderWithEmbeddings) or not masks_root.is_dir():
         return None
     return [record.output_path(masks_root) for record in val.records]
@@ -220,6 +221,7 @@ def run_islands() -> None:
     draw_islands_for_checkpoint(
         module, dataset=FLAGS.dataset, data_dir=FLAGS.data_dir, split=FLAGS.islands_split,
         count=FLAGS.islands_count, images=FLAGS.islands_images, output_dir=FLAGS.output_dir, exp_name=FLAGS.exp_name,
+        embeds_suffix=FLAGS.embeds_suffix,
     )
 
 

@@ -14,7 +14,7 @@ def test_reduced_demo_runs_end_to_end(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(DEMO), f"--out_dir={tmp_path / 'runs'}", f"--data_dir={tmp_path / 'data'}",
          "--train_per_class=3", "--val_per_class=1", "--pretrain_epochs=1", "--finetune_epochs=1",
-         "--pretrained_encoder=no", f"--readme_figure={tmp_path / 'figure.png'}"],
+         "--teacher=random", f"--readme_figure={tmp_path / 'figure.png'}"],
         capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]

@@ -92,6 +92,30 @@ def test_last_checkpoint_is_the_final_step_when_the_monitor_stops_improving(data
     assert torch.load(folder / "best-000.ckpt", weights_only=True)["global_step"] == 2
 
 
+def test_val_from_train_holds_out_part_of_train_and_tests_on_the_val_folder(data_dir):
+    from agglomerator.data import DataConfig, PartWholeDataModule
+
+    config = DataConfig(dataset="IMAGENETTE", data_dir=str(data_dir), image_size=32, val_from_train=0.25, seed=3)
+    datamodule = PartWholeDataModule(config, expected_embed_shape=(4, 3, 32))
+    datamodule.setup()
+    train, val, test = (datamodule.splits[s] for s in ("train", "val", "test"))
+    assert (len(train), len(val), len(test)) == (6, 2, 8)  # 4 per class: 1 of each class held out; test = the val folder
+    assert sorted(r.label for r in val.records) == [0, 1]
+    assert not {r.path for r in train.records} & {r.path for r in val.records}
+    assert all(r.path.parent.parent.name == "train" for r in val.records) and test.root.name == "val"
+    assert val[0]["embeds"].shape == (4, 3, 32)  # held-out images keep their (train) teacher embeddings
+    assert len(datamodule.eval_loader("train").dataset) == 6
+    again = PartWholeDataModule(config, expected_embed_shape=(4, 3, 32))
+    again.setup()
+    assert [r.path for r in again.splits["val"].records] == [r.path for r in val.records]  # seeded
+
+
+def test_embeds_suffix_picks_another_teachers_files(data_dir, tmp_path):
+    proc = run_main(*TINY_FLAGS, f"--data_dir={data_dir}", "--embeds_suffix=_masks_embeds_other", "--max_epochs=1",
+                    f"--output_dir={tmp_path}", expect_ok=False)
+    assert proc.returncode != 0 and "train_masks_embeds_other" in proc.stderr.strip().splitlines()[-1]
+
+
 def test_supcon_pretraining_runs(data_dir, tmp_path):
     proc = run_main(*TINY_FLAGS, f"--data_dir={data_dir}", "--pretrain_objective=supcon", "--optimizer=adamw",
                     "--max_epochs=1", f"--output_dir={tmp_path}")

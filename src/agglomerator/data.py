@@ -7,7 +7,9 @@ two-crop ``supcon`` objective), ``label`` ``(b,)``, ``index`` ``(b,)`` and, for
 Datasets:
 * image folders with stage-2 embeddings: ``IMAGENETTE`` (``datasets/imagenette2``)
   and the embedded ``TOY`` set (``datasets/toy``), each ``{train,val}/<class>/<img>``
-  plus ``{train,val}_masks_embeds/<class>/<stem>.pkl``; test = val;
+  plus ``{train,val}_masks_embeds/<class>/<stem>.pkl`` (another teacher's files:
+  ``embeds_suffix``); test = val, or, with ``val_from_train``, val = a seeded
+  fraction of train (for tuning) and test = the val folder;
 * ``IMAGENET`` (``datasets/imagenet/{train,val}``, an image folder);
 * torchvision's ``CIFAR10``, ``CIFAR100``, ``MNIST``, ``FashionMNIST`` and
   ``smallNORB`` (our reader of the official files); val = a seeded 10 % of train,
@@ -64,6 +66,8 @@ class DataConfig:
     val_fraction: float = 0.1
     seed: int = 42
     crop_size: int | None = None  # smallNORB (reference): resize to image_size, then crop to crop_size
+    embeds_suffix: str = EMBEDDINGS_SUFFIX  # folder datasets: teacher embeddings in <root>/<split><embeds_suffix>
+    val_from_train: float = 0.0  # folder datasets: >0 holds out this fraction of train as val; test = the val folder
 
     @property
     def root(self) -> Path:
@@ -137,13 +141,14 @@ class ImageFolderWithEmbeddings(Dataset):
 
     ``embeds_root`` (``<root>/<split>_masks_embeds``) holds ``<class>/<stem>.pkl``
     arrays ``(n, levels, D)``; with ``expected_embed_shape`` each one is checked on
-    load (an error names the file).
+    load (an error names the file). ``records`` restricts it to some of the folder's
+    images (a held-out part of train).
     """
 
     def __init__(self, root: str | os.PathLike, transform: Callable, embeds_root: str | os.PathLike | None = None,
-                 expected_embed_shape: tuple[int, int, int] | None = None):
+                 expected_embed_shape: tuple[int, int, int] | None = None, records: list[ImageRecord] | None = None):
         self.root = Path(root)
-        self.records: list[ImageRecord] = list_image_folder(self.root)
+        self.records: list[ImageRecord] = list_image_folder(self.root) if records is None else records
         if not self.records:
             raise InputError(f"{self.root}: no images found (expected <class>/<image> files)")
         self.classes = sorted({r.class_name for r in self.records})
@@ -299,11 +304,12 @@ class PartWholeDataModule(pl.LightningDataModule):
     def with_embeddings(self) -> bool:
         return self.config.objective == "sam_distill"
 
-    def folder_split(self, split: str, train: bool) -> ImageFolderWithEmbeddings:
-        """The image-folder dataset of ``split`` (``train`` or ``val``) of IMAGENETTE/TOY/IMAGENET."""
+    def folder_split(self, split: str, train: bool, records: list[ImageRecord] | None = None) -> ImageFolderWithEmbeddings:
+        """The image-folder dataset of ``split`` (``train`` or ``val``) of IMAGENETTE/TOY/IMAGENET (or of some of its ``records``)."""
         root = self.config.root
-        embeds_root = root / f"{split}{EMBEDDINGS_SUFFIX}" if self.with_embeddings else None
-        dataset = ImageFolderWithEmbeddings(root / split, build_transform(self.config, train), embeds_root, self.expected_embed_shape)
+        embeds_root = root / f"{split}{self.config.embeds_suffix}" if self.with_embeddings else None
+        dataset = ImageFolderWithEmbeddings(root / split, build_transform(self.config, train), embeds_root,
+                                            self.expected_embed_shape, records=records)
         if embeds_root is not None:
             dataset.check_embeddings()
         return dataset
@@ -315,6 +321,12 @@ class PartWholeDataModule(pl.LightningDataModule):
         if c.dataset in FOLDER_DATASETS:
             if self.with_embeddings and c.dataset == "IMAGENET":
                 raise InputError("--dataset=IMAGENET has no stage-2 embeddings: use --pretrain_objective=supcon or --supervise")
+            if c.val_from_train > 0:
+                train_records, val_records = self.hold_out(list_image_folder(c.root / "train"))
+                self.splits["train"] = self.folder_split("train", train=True, records=train_records)
+                self.splits["val"] = self.folder_split("train", train=False, records=val_records)
+                self.splits["test"] = self.folder_split("val", train=False)
+                return
             self.splits["train"] = self.folder_split("train", train=True)
             self.splits["val"] = self.folder_split("val", train=False)
             self.splits["test"] = self.splits["val"]
@@ -327,6 +339,19 @@ class PartWholeDataModule(pl.LightningDataModule):
         self.splits["train"] = TupleAsDict(train_full, build_transform(c, train=True), order[n_val:])
         self.splits["val"] = TupleAsDict(train_full, build_transform(c, train=False), order[:n_val])
         self.splits["test"] = TupleAsDict(_torchvision_split(c, train=False), build_transform(c, train=False))
+
+    def hold_out(self, records: list[ImageRecord]) -> tuple[list[ImageRecord], list[ImageRecord]]:
+        """Split train records into (train, val): a seeded ``val_from_train`` fraction of each class, in folder order."""
+        c = self.config
+        if not 0 < c.val_from_train < 1:
+            raise InputError(f"--val_from_train={c.val_from_train}: give a fraction between 0 and 1 (0: val = the val folder)")
+        rng = np.random.default_rng(c.seed)
+        held = set()
+        for label in sorted({r.label for r in records}):
+            members = [i for i, r in enumerate(records) if r.label == label]
+            count = max(1, int(round(len(members) * c.val_from_train)))
+            held.update(rng.choice(members, size=min(count, len(members) - 1), replace=False).tolist())
+        return [r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held]
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         workers = self.config.num_workers
@@ -351,7 +376,8 @@ class PartWholeDataModule(pl.LightningDataModule):
     def eval_loader(self, split: str) -> DataLoader:
         """A non-shuffled loader with eval transforms for ``split`` (freeze mode)."""
         if split == "train" and self.config.dataset in FOLDER_DATASETS:
-            dataset: Dataset = ImageFolderWithEmbeddings(self.config.root / "train", build_transform(self.config, train=False))
+            dataset: Dataset = ImageFolderWithEmbeddings(self.config.root / "train", build_transform(self.config, train=False),
+                                                         records=self.splits["train"].records)
         elif split == "train":
             base = self.splits["train"]
             dataset = TupleAsDict(base.dataset, build_transform(self.config, train=False), base.indices)

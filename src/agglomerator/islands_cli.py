@@ -53,7 +53,8 @@ def format_scores(name: str, scores: dict) -> str:
 
 @torch.no_grad()
 def draw_islands_for_checkpoint(module, *, dataset: str, data_dir: str, split: str = "val", count: int = 8,
-                                images: list[str] | None = None, output_dir: str = "", exp_name: str = "islands") -> dict:
+                                images: list[str] | None = None, output_dir: str = "", exp_name: str = "islands",
+                                embeds_suffix: str = EMBEDDINGS_SUFFIX) -> dict:
     """Draw and score the islands of ``module`` (an ``AgglomeratorLitModule``); returns the averaged scores."""
     from agglomerator.engine import make_run_dir
 
@@ -77,7 +78,7 @@ def draw_islands_for_checkpoint(module, *, dataset: str, data_dir: str, split: s
         out = model(image[None].to(module.device))
         levels = out.levels[0].float().cpu()
         teacher = None
-        embeds_path = record.output_path(root / f"{split}{EMBEDDINGS_SUFFIX}")
+        embeds_path = record.output_path(root / f"{split}{embeds_suffix}")
         if not images and embeds_path.is_file():
             teacher = torch.from_numpy(load_embeddings(embeds_path))
         fig = islands_figure(image, levels, teacher=teacher, title=f"{record.class_name}/{record.path.name}")

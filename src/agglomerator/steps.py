@@ -1,0 +1,48 @@
+"""Running the project's own CLIs as steps of a longer job (the demo, the toy study).
+
+Each step is one of the project's scripts run as a subprocess, exactly as a user
+would run it; a training step whose ``results.json`` exists is reused, so a
+killed demo or study, rerun, picks up where it stopped.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run_step(step: str, args: list[str], quiet: bool = False) -> subprocess.CompletedProcess:
+    """Run ``python <args>`` in the repository; print its last lines (no progress bars) and its time.
+
+    Exits with a one-line error naming the step if it fails.
+    """
+    print(f"\n=== {step}: {' '.join(args)}", flush=True)
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    tail = [line for line in proc.stdout.splitlines() if line.strip() and "%|" not in line][-4:]
+    if not quiet or proc.returncode != 0:
+        print("\n".join(tail), flush=True)
+    print(f"--- {step}: {time.perf_counter() - start:.0f} s", flush=True)
+    if proc.returncode != 0:
+        sys.exit(f"error: step '{step}' failed (exit {proc.returncode}); see the output above")
+    return proc
+
+
+def train_once(step: str, folder: Path, args: list[str], overwrite: bool = False, quiet: bool = False) -> bool:
+    """Run a ``src/main.py`` training step into ``folder`` unless an earlier run finished it (``results.json``).
+
+    Returns True if it ran. An unfinished earlier attempt (a folder without
+    ``results.json``) is removed first.
+    """
+    if (folder / "results.json").is_file() and not overwrite:
+        print(f"\n=== {step}: done in an earlier run ({folder}/results.json); --overwrite redoes it", flush=True)
+        return False
+    if folder.exists():
+        shutil.rmtree(folder)
+    run_step(step, ["src/main.py", *args, f"--output_dir={folder}"], quiet=quiet)
+    return True
