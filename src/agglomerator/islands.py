@@ -16,6 +16,19 @@ the stage-1 grid):
   :func:`islands_scores_from_labels` against ground-truth label maps;
   :func:`islands_scores_batch` / :func:`average_islands_scores` average over images.
 
+Islands over the iterations (GLOM's dynamics: agreement should grow as columns
+iterate), from the model's ``iterations`` ``(t+1, n, l, d)`` of one image, the
+initial state first:
+
+* :func:`islands_scores_per_iteration` / :func:`islands_scores_from_labels_per_iteration`
+  score every state (the targets are computed once);
+* :func:`iteration_colours` fits one PCA per level on the vectors of all states
+  together, so a colour means the same vector in every frame;
+* :func:`islands_iteration_frames` draws each state like :func:`islands_figure`
+  and :func:`save_islands_gif` writes them as an animated GIF;
+  :func:`islands_strip_figure` draws one row per level and one column per state
+  (a static figure for papers).
+
 Score definitions (docs/islands.md quotes them). For model level ``i``, compare
 with mask level ``m = min(i, L - 1)`` (or ``level_map[i]``); over all pairs
 ``j < k`` of the ``n`` columns:
@@ -49,12 +62,14 @@ import io
 import math
 import os
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 from matplotlib.collections import LineCollection
 from matplotlib.figure import Figure
+from PIL import Image
 
 from hierarchical_masks.mask_io import atomic_write_bytes
 
@@ -223,6 +238,56 @@ def _score_level(vectors: np.ndarray, overlap: np.ndarray, segments: np.ndarray)
     }
 
 
+Targets = dict[int, tuple[np.ndarray, np.ndarray]]  # target level -> (pairwise overlap (n, n), segments (n,))
+
+
+def _mask_targets(masks: ArrayLike, n: int, num_levels: int, level_map: Sequence[int] | None,
+                  iou_threshold: float) -> tuple[list[int], Targets]:
+    """Per target mask level used: the IoU matrix and the mask segments (computed once)."""
+    m = torch.as_tensor(masks).bool() if isinstance(masks, torch.Tensor) else torch.from_numpy(np.asarray(masks, bool))
+    if m.ndim != 4 or m.shape[0] != n:
+        raise ValueError(f"masks must be (n, L, H, W) with n = {n} columns like the levels, got {tuple(m.shape)}")
+    mapping = _resolve_level_map(num_levels, m.shape[1], level_map)
+    targets: Targets = {}
+    for target in sorted(set(mapping)):
+        iou = mask_iou_matrix(m[:, target])
+        targets[target] = (iou, mask_segments(None, iou_threshold, iou=iou))
+    return mapping, targets
+
+
+def _label_targets(label_maps: Sequence[ArrayLike], points_xy: ArrayLike | None, n: int, num_levels: int,
+                   level_map: Sequence[int] | None) -> tuple[list[int], Targets]:
+    """Per target label map used: "IoU" 1 for points sharing a label (else 0), and the labels as segments."""
+    maps = [_numpy(lm, np.int64) for lm in label_maps]
+    if not maps or any(lm.ndim != 2 for lm in maps):
+        raise ValueError("label_maps must be a non-empty list of (H, W) integer maps")
+    if points_xy is None:
+        grid = _grid_side(n)
+        patch = maps[0].shape[0] // grid
+        rows, cols = np.divmod(np.arange(grid * grid), grid)
+        points_xy = np.stack([cols * patch + patch // 2, rows * patch + patch // 2], axis=1)
+    points = _numpy(points_xy, np.int64)
+    if points.shape != (n, 2):
+        raise ValueError(f"points_xy must be (n, 2) with n = {n}, got {points.shape}")
+    mapping = _resolve_level_map(num_levels, len(maps), level_map)
+    targets: Targets = {}
+    for target in sorted(set(mapping)):
+        segments = label_segments(maps[target], points)
+        targets[target] = ((segments[:, None] == segments[None, :]).astype(np.float64), segments)
+    return mapping, targets
+
+
+def _score_levels(x: np.ndarray, mapping: list[int], targets: Targets) -> Scores:
+    return {i: _score_level(x[:, i], *targets[target]) for i, target in enumerate(mapping)}
+
+
+def _iteration_vectors(iterations: ArrayLike) -> np.ndarray:
+    x = _numpy(iterations)
+    if x.ndim != 4:
+        raise ValueError(f"iterations must be one image's states (t+1, n, l, d), got shape {x.shape}")
+    return x
+
+
 def islands_scores(
     levels: ArrayLike,
     masks: ArrayLike,
@@ -243,19 +308,24 @@ def islands_scores(
         (definitions in the module docstring).
     """
     x = _level_vectors(levels)
-    m = torch.as_tensor(masks).bool() if isinstance(masks, torch.Tensor) else torch.from_numpy(np.asarray(masks, bool))
-    if m.ndim != 4 or m.shape[0] != x.shape[0]:
-        raise ValueError(f"masks must be (n, L, H, W) with n = {x.shape[0]} like levels {tuple(x.shape)}, got {tuple(m.shape)}")
-    mapping = _resolve_level_map(x.shape[1], m.shape[1], level_map)
-    cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-    scores: Scores = {}
-    for i, target in enumerate(mapping):
-        if target not in cache:
-            iou = mask_iou_matrix(m[:, target])
-            cache[target] = (iou, mask_segments(None, iou_threshold, iou=iou))
-        iou, segments = cache[target]
-        scores[i] = _score_level(x[:, i], iou, segments)
-    return scores
+    mapping, targets = _mask_targets(masks, x.shape[0], x.shape[1], level_map, iou_threshold)
+    return _score_levels(x, mapping, targets)
+
+
+def islands_scores_per_iteration(
+    iterations: ArrayLike,
+    masks: ArrayLike,
+    *,
+    level_map: Sequence[int] | None = None,
+    iou_threshold: float = IOU_SEGMENT_THRESHOLD,
+) -> list[Scores]:
+    """:func:`islands_scores` of every state ``iterations`` ``(t+1, n, l, d)``: a list, index = iteration.
+
+    The initial state (index 0) has every column alike, so its ``pair_corr`` is NaN.
+    """
+    x = _iteration_vectors(iterations)
+    mapping, targets = _mask_targets(masks, x.shape[1], x.shape[2], level_map, iou_threshold)
+    return [_score_levels(state, mapping, targets) for state in x]
 
 
 def islands_scores_from_labels(
@@ -279,24 +349,21 @@ def islands_scores_from_labels(
         share a label, else 0, and the segments are the labels.
     """
     x = _level_vectors(levels)
-    maps = [_numpy(lm, np.int64) for lm in label_maps]
-    if not maps or any(lm.ndim != 2 for lm in maps):
-        raise ValueError("label_maps must be a non-empty list of (H, W) integer maps")
-    if points_xy is None:
-        grid = _grid_side(x.shape[0])
-        patch = maps[0].shape[0] // grid
-        rows, cols = np.divmod(np.arange(grid * grid), grid)
-        points_xy = np.stack([cols * patch + patch // 2, rows * patch + patch // 2], axis=1)
-    points = _numpy(points_xy, np.int64)
-    if points.shape != (x.shape[0], 2):
-        raise ValueError(f"points_xy must be (n, 2) with n = {x.shape[0]}, got {points.shape}")
-    mapping = _resolve_level_map(x.shape[1], len(maps), level_map)
-    scores: Scores = {}
-    for i, target in enumerate(mapping):
-        segments = label_segments(maps[target], points)
-        same = (segments[:, None] == segments[None, :]).astype(np.float64)
-        scores[i] = _score_level(x[:, i], same, segments)
-    return scores
+    mapping, targets = _label_targets(label_maps, points_xy, x.shape[0], x.shape[1], level_map)
+    return _score_levels(x, mapping, targets)
+
+
+def islands_scores_from_labels_per_iteration(
+    iterations: ArrayLike,
+    label_maps: Sequence[ArrayLike],
+    points_xy: ArrayLike | None = None,
+    *,
+    level_map: Sequence[int] | None = None,
+) -> list[Scores]:
+    """:func:`islands_scores_from_labels` of every state ``iterations`` ``(t+1, n, l, d)``."""
+    x = _iteration_vectors(iterations)
+    mapping, targets = _label_targets(label_maps, points_xy, x.shape[1], x.shape[2], level_map)
+    return [_score_levels(state, mapping, targets) for state in x]
 
 
 def average_islands_scores(per_image: Iterable[Mapping[int, Mapping[str, float]]]) -> Scores:
@@ -325,26 +392,58 @@ def islands_scores_batch(levels: ArrayLike, masks: ArrayLike | Sequence[ArrayLik
 # --------------------------------------------------------------------------- figures
 
 
-def pca_rgb(vectors: ArrayLike) -> np.ndarray:
-    """``(n, d)`` vectors -> ``(n, 3)`` colours in [0, 1]: top-3 principal components of the unit vectors.
+def _unit_rows(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
-    The three components share one scale (the largest absolute projection), so
-    a weak component stays faint; identical vectors give uniform grey. Signs are
-    fixed (largest-magnitude entry positive) so equal inputs give equal colours.
+
+@dataclass(frozen=True, eq=False)
+class PcaColours:
+    """A map from ``(n, d)`` vectors to RGB: the top-3 principal components of unit vectors, fitted once.
+
+    :meth:`fit` takes the mean and the principal axes of the (unit-length) fit
+    vectors; the three components share one scale (the largest absolute
+    projection of the fit vectors), so a weak component stays faint. Signs are
+    fixed (each component's largest-magnitude projection positive) so equal
+    inputs give equal colours. Applied to other vectors of the same space
+    (another iteration of the same level), the same vector gets the same colour;
+    projections beyond the fitted range are clipped to [0, 1].
     """
-    x = _numpy(vectors)
-    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-    x = x - x.mean(0, keepdims=True)
-    u, s, _ = np.linalg.svd(x, full_matrices=False)
-    proj = np.zeros((len(x), 3))
-    k = min(3, len(s))
-    proj[:, :k] = u[:, :k] * s[:k]
-    biggest = np.abs(proj).argmax(0)
-    proj *= np.where(proj[biggest, np.arange(3)] < 0, -1.0, 1.0)
-    scale = np.abs(proj).max()
-    if scale < 1e-6:
-        return np.full((len(x), 3), 0.5)
-    return 0.5 + 0.5 * proj / scale
+
+    mean: np.ndarray  # (d,)
+    axes: np.ndarray  # (d, 3), already divided by the scale and sign-fixed; zeros if the fit vectors were all alike
+
+    @classmethod
+    def fit(cls, vectors: ArrayLike) -> "PcaColours":
+        x = _unit_rows(_numpy(vectors))
+        mean = x.mean(0)
+        _, s, vt = np.linalg.svd(x - mean, full_matrices=False)
+        axes = np.zeros((x.shape[1], 3))
+        k = min(3, len(s))
+        axes[:, :k] = vt[:k].T
+        proj = (x - mean) @ axes
+        biggest = np.abs(proj).argmax(0)
+        axes *= np.where(proj[biggest, np.arange(3)] < 0, -1.0, 1.0)
+        scale = float(np.abs(proj).max()) if proj.size else 0.0
+        return cls(mean, axes / scale if scale >= 1e-6 else np.zeros_like(axes))  # all alike: uniform grey
+
+    def __call__(self, vectors: ArrayLike) -> np.ndarray:
+        """``(n, d)`` -> ``(n, 3)`` colours in [0, 1]."""
+        proj = (_unit_rows(_numpy(vectors)) - self.mean) @ self.axes
+        return np.clip(0.5 + 0.5 * proj, 0.0, 1.0)
+
+
+def pca_rgb(vectors: ArrayLike) -> np.ndarray:
+    """``(n, d)`` vectors -> ``(n, 3)`` colours in [0, 1]: :class:`PcaColours` fitted on these vectors.
+
+    Identical vectors give uniform grey.
+    """
+    return PcaColours.fit(vectors)(vectors)
+
+
+def iteration_colours(iterations: ArrayLike) -> list[PcaColours]:
+    """One :class:`PcaColours` per level, fitted on that level's vectors of all states ``(t+1, n, l, d)`` together."""
+    x = _iteration_vectors(iterations)
+    return [PcaColours.fit(x[:, :, i].reshape(-1, x.shape[-1])) for i in range(x.shape[2])]
 
 
 def _display_image(image: ArrayLike) -> np.ndarray:
@@ -365,8 +464,9 @@ def _display_image(image: ArrayLike) -> np.ndarray:
     return (x - lo) / max(hi - lo, 1e-12)  # normalised input: stretch to [0, 1]
 
 
-def _draw_level(ax, vectors: np.ndarray, gray: np.ndarray, grid: int, title: str, boundary_threshold: float | None) -> None:
-    colours = pca_rgb(vectors).reshape(grid, grid, 3)
+def _draw_level(ax, vectors: np.ndarray, gray: np.ndarray, grid: int, title: str, boundary_threshold: float | None,
+                colours: PcaColours | None = None) -> None:
+    colours = (colours or PcaColours.fit(vectors))(vectors).reshape(grid, grid, 3)
     sim = cosine_similarity_matrix(vectors)
     mean_cos = float(sim[np.triu_indices(len(sim), 1)].mean()) if len(sim) > 1 else 1.0
     ax.imshow(gray, cmap="gray", vmin=0, vmax=1, extent=(0, grid, grid, 0), interpolation="bilinear")
@@ -383,7 +483,7 @@ def _draw_level(ax, vectors: np.ndarray, gray: np.ndarray, grid: int, title: str
             ax.add_collection(LineCollection(segments, colors="black", linewidths=1.0))
     ax.set_xlim(0, grid)
     ax.set_ylim(grid, 0)
-    ax.set_title(f"{title}\nmean cos {mean_cos:.2f}", fontsize=8)
+    ax.set_title(f"{title}\nmean cos {mean_cos:.2f}" if title else f"mean cos {mean_cos:.2f}", fontsize=8)
     ax.set_axis_off()
 
 
@@ -395,6 +495,7 @@ def islands_figure(
     title: str | None = None,
     boundary_threshold: float | None = 0.9,
     panel_inches: float = 2.0,
+    level_colours: Sequence[PcaColours] | None = None,
 ) -> Figure:
     """Draw one image's islands: the image, then per level the ``G x G`` grid coloured by PCA.
 
@@ -408,6 +509,8 @@ def islands_figure(
             similarity is below it; ``None`` draws none.
         panel_inches: side of each panel; the figure is
             ``(1 + max(l, L)) * panel_inches`` wide and ``rows * panel_inches`` high.
+        level_colours: one :class:`PcaColours` per level (e.g. :func:`iteration_colours`);
+            default a PCA of each level of this image.
 
     Returns:
         A matplotlib ``Figure`` (not registered with pyplot: works headless, needs no ``close``).
@@ -418,6 +521,8 @@ def islands_figure(
     t = None if teacher is None else _level_vectors(teacher)
     if t is not None and t.shape[0] != n:
         raise ValueError(f"teacher has {t.shape[0]} columns but levels have {n}")
+    if level_colours is not None and len(level_colours) != num_levels:
+        raise ValueError(f"level_colours has {len(level_colours)} entries for {num_levels} levels")
     rgb = _display_image(image)
     gray = rgb @ np.array([0.299, 0.587, 0.114])
     rows = 1 if t is None else 2
@@ -429,7 +534,8 @@ def islands_figure(
     axes[0, 0].imshow(rgb, interpolation="nearest")
     axes[0, 0].set_title("image", fontsize=8)
     for i in range(num_levels):
-        _draw_level(axes[0, 1 + i], x[:, i], gray, grid, f"level {i}", boundary_threshold)
+        _draw_level(axes[0, 1 + i], x[:, i], gray, grid, f"level {i}", boundary_threshold,
+                    None if level_colours is None else level_colours[i])
     if t is not None:
         axes[1, 0].text(0.5, 0.5, "teacher\n(SAM-mask\nembeddings)", ha="center", va="center", fontsize=9, transform=axes[1, 0].transAxes)
         for i in range(t.shape[1]):
@@ -439,17 +545,118 @@ def islands_figure(
     return fig
 
 
-def save_islands_figure(fig: Figure, path: str | os.PathLike, dpi: int = 100) -> Path:
-    """Write ``fig`` as a PNG (``figsize * dpi`` pixels) atomically; returns the path."""
+def _png_bytes(fig: Figure, dpi: int) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi)
+    return buf.getvalue()
+
+
+def save_islands_figure(fig: Figure, path: str | os.PathLike, dpi: int = 100) -> Path:
+    """Write ``fig`` as a PNG (``figsize * dpi`` pixels) atomically; returns the path."""
+    atomic_write_bytes(path, _png_bytes(fig, dpi))
+    return Path(path)
+
+
+def _state_name(t: int) -> str:
+    return "initial" if t == 0 else f"iteration {t}"
+
+
+def islands_iteration_frames(
+    image: ArrayLike,
+    iterations: ArrayLike,
+    *,
+    teacher: ArrayLike | None = None,
+    title: str | None = None,
+    boundary_threshold: float | None = 0.9,
+    panel_inches: float = 2.0,
+) -> Iterator[Figure]:
+    """One :func:`islands_figure` per state of ``iterations`` ``(t+1, n, l, d)``, initial state first.
+
+    Colours come from :func:`iteration_colours` (one PCA per level over all
+    states), so a colour means the same vector in every frame; each frame's title
+    names its iteration. Figures are made one at a time (a generator).
+    """
+    x = _iteration_vectors(iterations)
+    colours = iteration_colours(x)
+    last = len(x) - 1
+    for t, state in enumerate(x):
+        name = f"{_state_name(t)} of {last}"
+        yield islands_figure(image, state, teacher=teacher, title=f"{title}: {name}" if title else name,
+                             boundary_threshold=boundary_threshold, panel_inches=panel_inches, level_colours=colours)
+
+
+def save_islands_gif(figures: Iterable[Figure], path: str | os.PathLike, *, dpi: int = 100, frame_ms: int = 700,
+                     last_frame_ms: int = 2000) -> Path:
+    """Write figures (all the same size) as an animated GIF that loops, atomically; returns the path.
+
+    Every figure is one frame (``figsize * dpi`` pixels) shown ``frame_ms``, the
+    last one ``last_frame_ms`` so the final islands can be read. Each frame gets
+    its own 256-colour palette, without dithering (flat cells stay flat).
+    """
+    frames = []
+    for fig in figures:
+        with Image.open(io.BytesIO(_png_bytes(fig, dpi))) as png:
+            frames.append(png.convert("RGB").quantize(256, dither=Image.Dither.NONE))
+    if not frames:
+        raise ValueError(f"{path}: no frames to write")
+    sizes = {frame.size for frame in frames}
+    if len(sizes) > 1:
+        raise ValueError(f"{path}: frames differ in size {sorted(sizes)}; draw them with the same figure size")
+    durations = [frame_ms] * (len(frames) - 1) + [last_frame_ms]
+    buf = io.BytesIO()
+    frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:], duration=durations, loop=0,
+                   disposal=1, optimize=False)
     atomic_write_bytes(path, buf.getvalue())
     return Path(path)
 
 
+def islands_strip_figure(
+    image: ArrayLike,
+    iterations: ArrayLike,
+    *,
+    title: str | None = None,
+    boundary_threshold: float | None = 0.9,
+    panel_inches: float = 1.5,
+) -> Figure:
+    """Islands forming, as one static figure: one row per level, one column per state (initial first).
+
+    The first column shows the image (top row). Colours are fixed per level over
+    the row (:func:`iteration_colours`); each panel gives its mean pairwise
+    cosine similarity. The figure is ``(1 + t+1) * panel_inches`` wide and
+    ``l * panel_inches`` high.
+    """
+    x = _iteration_vectors(iterations)
+    states, n, num_levels, _ = x.shape
+    grid = _grid_side(n)
+    colours = iteration_colours(x)
+    rgb = _display_image(image)
+    gray = rgb @ np.array([0.299, 0.587, 0.114])
+    fig = Figure(figsize=((1 + states) * panel_inches, num_levels * panel_inches), layout="constrained")
+    axes = fig.subplots(num_levels, 1 + states, squeeze=False)
+    for ax in axes[:, 0]:
+        ax.set_axis_off()
+    axes[0, 0].imshow(rgb, interpolation="nearest")
+    axes[0, 0].set_title("image", fontsize=8)
+    for i in range(num_levels):
+        for t in range(states):
+            header = ("initial" if t == 0 else f"t = {t}") if i == 0 else ""
+            _draw_level(axes[i, 1 + t], x[t, :, i], gray, grid, header, boundary_threshold, colours[i])
+        first = axes[i, 1]  # the row's label as the first panel's y label (an axis kept on, without ticks or frame)
+        first.set_axis_on()
+        first.set_xticks([])
+        first.set_yticks([])
+        for spine in first.spines.values():
+            spine.set_visible(False)
+        first.set_ylabel(f"level {i}", fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig
+
+
 __all__ = [
-    "adjusted_rand_index", "average_islands_scores", "average_linkage_clusters", "connected_segments",
-    "cosine_similarity_matrix", "islands_figure", "islands_scores", "islands_scores_batch",
-    "islands_scores_from_labels", "label_segments", "mask_iou_matrix", "mask_segments", "pca_rgb",
-    "pearson_correlation", "save_islands_figure",
+    "PcaColours", "adjusted_rand_index", "average_islands_scores", "average_linkage_clusters", "connected_segments",
+    "cosine_similarity_matrix", "islands_figure", "islands_iteration_frames", "islands_scores", "islands_scores_batch",
+    "islands_scores_from_labels", "islands_scores_from_labels_per_iteration", "islands_scores_per_iteration",
+    "islands_strip_figure", "iteration_colours", "label_segments", "mask_iou_matrix", "mask_segments", "pca_rgb",
+    "pearson_correlation", "save_islands_figure", "save_islands_gif",
 ]  # fmt: skip
