@@ -102,7 +102,7 @@ def _overfit(objective, steps=30):
     module.train()
     for _ in range(steps):
         optimizer.zero_grad()
-        loss = module.shared_step(batch, "train")
+        loss = module.shared_step(batch, "train")["loss"]
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
