@@ -213,6 +213,7 @@ def run_islands() -> None:
     draw_islands_for_checkpoint(
         module, dataset=FLAGS.dataset, data_dir=FLAGS.data_dir, split=FLAGS.islands_split,
         count=FLAGS.islands_count, images=FLAGS.islands_images, output_dir=FLAGS.output_dir, exp_name=FLAGS.exp_name,
+        animate=FLAGS.islands_animate,
     )
 
 
