@@ -46,6 +46,11 @@ with mask level ``m = min(i, L - 1)`` (or ``level_map[i]``); over all pairs
   identical partitions, about 0 for chance, can be negative. Two trivial
   identical partitions (one cluster, or all singletons) score 1.
 
+Columns that all hold the same vector (every cosine similarity within
+``ALIKE_TOLERANCE`` of 1, e.g. the initial state of the iterations) form one
+island: ``pair_corr`` is NaN and the clustering is a single cluster (``ari`` 0
+against non-trivial segments), rather than whatever rounding noise would split.
+
 With label maps instead of masks, the region under a point is the set of pixels
 holding the point's label, so the "IoU" of two points is 1 when they share a
 label and 0 otherwise, and the segments are the labels themselves.
@@ -76,6 +81,7 @@ from hierarchical_masks.mask_io import atomic_write_bytes
 ArrayLike = np.ndarray | torch.Tensor
 Scores = dict[int, dict[str, float]]
 IOU_SEGMENT_THRESHOLD = 0.5
+ALIKE_TOLERANCE = 1e-6  # float32 columns computed alike differ by rounding only, far below this
 
 
 # --------------------------------------------------------------------------- small maths
@@ -231,6 +237,8 @@ def _resolve_level_map(num_levels: int, num_targets: int, level_map: Sequence[in
 def _score_level(vectors: np.ndarray, overlap: np.ndarray, segments: np.ndarray) -> dict[str, float]:
     upper = np.triu_indices(len(vectors), 1)
     similarity = cosine_similarity_matrix(vectors)
+    if np.all(similarity[upper] > 1.0 - ALIKE_TOLERANCE):  # one island; ties would let rounding noise cluster
+        return {"pair_corr": float("nan"), "ari": adjusted_rand_index(np.zeros(len(vectors), np.int64), segments)}
     clusters = average_linkage_clusters(vectors, int(segments.max()) + 1)
     return {
         "pair_corr": pearson_correlation(similarity[upper], overlap[upper]),
