@@ -184,10 +184,10 @@ def test_per_iteration_scores_equal_the_single_state_scores_and_grow():
     for level in range(3):
         # Every column alike: one island, nothing to correlate, no better than chance.
         assert np.isnan(per_masks[0][level]["pair_corr"]) and per_masks[0][level]["ari"] == 0.0
-    rounding = torch.from_numpy(iterations[0]).float() * (1 + 1e-7 * torch.randn(iterations[0].shape))  # float32 noise
-    assert all(np.isnan(s["pair_corr"]) and s["ari"] == 0.0 for s in islands_scores(rounding, masks).values())
         assert per_masks[-1][level]["ari"] == pytest.approx(1.0)
         assert per_masks[-1][level]["pair_corr"] > per_masks[1][level]["pair_corr"]
+    rounding = torch.from_numpy(iterations[0]).float() * (1 + 1e-7 * torch.randn(iterations[0].shape))  # float32 noise
+    assert all(np.isnan(s["pair_corr"]) and s["ari"] == 0.0 for s in islands_scores(rounding, masks).values())
     with pytest.raises(ValueError, match=r"\(t\+1, n, l, d\)"):
         islands_scores_per_iteration(iterations[0], masks)
 
