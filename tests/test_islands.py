@@ -216,13 +216,23 @@ def test_iteration_gif_has_one_frame_per_state_and_strip_has_a_panel_per_state(t
     iterations, _, _, _ = _forming_islands(states=3)
     image = torch.randn(3, SIZE, SIZE)
     teacher = torch.randn(64, 3, 20)
-    frames = islands_iteration_frames(image, iterations, teacher=teacher, title="cls/img.png", panel_inches=1.0)
-    path = save_islands_gif(frames, tmp_path / "gifs" / "img.gif", dpi=40, frame_ms=100, last_frame_ms=500)
+    frames = islands_iteration_frames(image, iterations, teacher=teacher, title="cls/img.png", panel_inches=1.0, dpi=40)
+    path = save_islands_gif(frames, tmp_path / "gifs" / "img.gif", frame_ms=100, last_frame_ms=500)
     with Image.open(path) as gif:
         assert gif.format == "GIF" and gif.is_animated and gif.n_frames == 3
         assert gif.size == (4 * 40, 2 * 40)  # image + 3 levels wide, learned + teacher rows high
         durations = [frame.info["duration"] for frame in ImageSequence.Iterator(gif)]
         assert durations == [100, 100, 500]
+        last = np.asarray(gif.convert("RGB"), np.float64)  # the frame shown last (the iterator left it there)
+        gif.seek(0)
+        first = np.asarray(gif.convert("RGB"), np.float64)
+    # The last frame, redrawn in place, looks like a fresh figure of the last state with the same colours
+    # (mean difference ~1.3 of 255 from the palettes; ~7 from the first frame).
+    fresh = islands_figure(image, iterations[-1], teacher=teacher, title="cls/img.png: iteration 2 of 2",
+                           panel_inches=1.0, level_colours=iteration_colours(iterations))
+    with Image.open(save_islands_figure(fresh, tmp_path / "fresh.png", dpi=40)) as png:
+        fresh_pixels = np.asarray(png.convert("RGB"), np.float64)
+    assert np.abs(fresh_pixels - last).mean() < 3.0 < np.abs(fresh_pixels - first).mean()
     strip = save_islands_figure(islands_strip_figure(image, iterations, panel_inches=1.0), tmp_path / "strip.png", dpi=40)
     with Image.open(strip) as png:
         assert png.size == ((1 + 3) * 40, 3 * 40)  # image + 3 states wide, 3 levels high

@@ -472,27 +472,51 @@ def _display_image(image: ArrayLike) -> np.ndarray:
     return (x - lo) / max(hi - lo, 1e-12)  # normalised input: stretch to [0, 1]
 
 
+class _LevelPanel:
+    """One level's panel: its ``G x G`` grid coloured by PCA over a grey copy of the image, thin lines between
+    neighbouring cells less similar than ``boundary_threshold``, and the mean pairwise cosine in the title.
+
+    It keeps its artists, so :meth:`show` can draw another state of the level into the same axes: an
+    animation lays the figure out once and redraws only what changes (a new layout per frame costs more
+    than the drawing, and could move the panels between frames).
+    """
+
+    def __init__(self, ax, gray: np.ndarray, grid: int, title: str, boundary_threshold: float | None,
+                 colours: PcaColours | None = None):
+        self.ax, self.grid, self.title = ax, grid, title
+        self.boundary_threshold, self.colours = boundary_threshold, colours
+        ax.imshow(gray, cmap="gray", vmin=0, vmax=1, extent=(0, grid, grid, 0), interpolation="bilinear")
+        self.cells = ax.imshow(np.full((grid, grid, 3), 0.5), extent=(0, grid, grid, 0), alpha=0.8, interpolation="nearest")
+        self.boundaries = None
+        if boundary_threshold is not None:
+            self.boundaries = ax.add_collection(LineCollection([], colors="black", linewidths=1.0), autolim=False)
+        ax.set_xlim(0, grid)
+        ax.set_ylim(grid, 0)
+        ax.set_axis_off()
+
+    def show(self, vectors: np.ndarray) -> None:
+        """Draw the level's column vectors ``(n, d)`` (colours fitted on them unless given at construction)."""
+        grid = self.grid
+        self.cells.set_data((self.colours or PcaColours.fit(vectors))(vectors).reshape(grid, grid, 3))
+        sim = cosine_similarity_matrix(vectors)
+        mean_cos = float(sim[np.triu_indices(len(sim), 1)].mean()) if len(sim) > 1 else 1.0
+        if self.boundaries is not None:
+            segments = []
+            for k in range(grid * grid):
+                row, col = divmod(k, grid)
+                if col + 1 < grid and sim[k, k + 1] < self.boundary_threshold:
+                    segments.append([(col + 1, row), (col + 1, row + 1)])
+                if row + 1 < grid and sim[k, k + grid] < self.boundary_threshold:
+                    segments.append([(col, row + 1), (col + 1, row + 1)])
+            self.boundaries.set_segments(segments)
+        self.ax.set_title(f"{self.title}\nmean cos {mean_cos:.2f}" if self.title else f"mean cos {mean_cos:.2f}", fontsize=8)
+
+
 def _draw_level(ax, vectors: np.ndarray, gray: np.ndarray, grid: int, title: str, boundary_threshold: float | None,
-                colours: PcaColours | None = None) -> None:
-    colours = (colours or PcaColours.fit(vectors))(vectors).reshape(grid, grid, 3)
-    sim = cosine_similarity_matrix(vectors)
-    mean_cos = float(sim[np.triu_indices(len(sim), 1)].mean()) if len(sim) > 1 else 1.0
-    ax.imshow(gray, cmap="gray", vmin=0, vmax=1, extent=(0, grid, grid, 0), interpolation="bilinear")
-    ax.imshow(colours, extent=(0, grid, grid, 0), alpha=0.8, interpolation="nearest")
-    if boundary_threshold is not None:
-        segments = []
-        for k in range(grid * grid):
-            row, col = divmod(k, grid)
-            if col + 1 < grid and sim[k, k + 1] < boundary_threshold:
-                segments.append([(col + 1, row), (col + 1, row + 1)])
-            if row + 1 < grid and sim[k, k + grid] < boundary_threshold:
-                segments.append([(col, row + 1), (col + 1, row + 1)])
-        if segments:
-            ax.add_collection(LineCollection(segments, colors="black", linewidths=1.0))
-    ax.set_xlim(0, grid)
-    ax.set_ylim(grid, 0)
-    ax.set_title(f"{title}\nmean cos {mean_cos:.2f}" if title else f"mean cos {mean_cos:.2f}", fontsize=8)
-    ax.set_axis_off()
+                colours: PcaColours | None = None) -> _LevelPanel:
+    panel = _LevelPanel(ax, gray, grid, title, boundary_threshold, colours)
+    panel.show(vectors)
+    return panel
 
 
 def islands_figure(
@@ -523,6 +547,14 @@ def islands_figure(
     Returns:
         A matplotlib ``Figure`` (not registered with pyplot: works headless, needs no ``close``).
     """
+    return _islands_figure_panels(image, levels, teacher=teacher, title=title, boundary_threshold=boundary_threshold,
+                                  panel_inches=panel_inches, level_colours=level_colours)[0]
+
+
+def _islands_figure_panels(image: ArrayLike, levels: ArrayLike, *, teacher: ArrayLike | None, title: str | None,
+                           boundary_threshold: float | None, panel_inches: float,
+                           level_colours: Sequence[PcaColours] | None) -> tuple[Figure, list[_LevelPanel]]:
+    """:func:`islands_figure` and the panels of the learned levels (to show other states in them)."""
     x = _level_vectors(levels)
     n, num_levels, _ = x.shape
     grid = _grid_side(n)
@@ -541,16 +573,15 @@ def islands_figure(
         ax.set_axis_off()
     axes[0, 0].imshow(rgb, interpolation="nearest")
     axes[0, 0].set_title("image", fontsize=8)
-    for i in range(num_levels):
-        _draw_level(axes[0, 1 + i], x[:, i], gray, grid, f"level {i}", boundary_threshold,
-                    None if level_colours is None else level_colours[i])
+    panels = [_draw_level(axes[0, 1 + i], x[:, i], gray, grid, f"level {i}", boundary_threshold,
+                          None if level_colours is None else level_colours[i]) for i in range(num_levels)]
     if t is not None:
         axes[1, 0].text(0.5, 0.5, "teacher\n(SAM-mask\nembeddings)", ha="center", va="center", fontsize=9, transform=axes[1, 0].transAxes)
         for i in range(t.shape[1]):
             _draw_level(axes[1, 1 + i], t[:, i], gray, grid, f"teacher level {i}", boundary_threshold)
     if title:
         fig.suptitle(title, fontsize=10)
-    return fig
+    return fig, panels
 
 
 def _png_bytes(fig: Figure, dpi: int) -> bytes:
@@ -577,43 +608,59 @@ def islands_iteration_frames(
     title: str | None = None,
     boundary_threshold: float | None = 0.9,
     panel_inches: float = 2.0,
-) -> Iterator[Figure]:
-    """One :func:`islands_figure` per state of ``iterations`` ``(t+1, n, l, d)``, initial state first.
+    dpi: int = 100,
+) -> Iterator[Image.Image]:
+    """One RGB frame per state of ``iterations`` ``(t+1, n, l, d)``, initial state first, for :func:`save_islands_gif`.
 
-    Colours come from :func:`iteration_colours` (one PCA per level over all
-    states), so a colour means the same vector in every frame; each frame's title
-    names its iteration. Figures are made one at a time (a generator).
+    Each frame is drawn like :func:`islands_figure` (``figsize * dpi`` pixels), its
+    title naming the iteration, with colours from :func:`iteration_colours` (one
+    PCA per level over all states), so a colour means the same vector in every
+    frame. The figure is laid out once, for the first frame; later frames redraw
+    the level panels in place (the image and teacher panels do not change).
     """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
     x = _iteration_vectors(iterations)
     colours = iteration_colours(x)
     last = len(x) - 1
-    for t, state in enumerate(x):
+
+    def heading(t: int) -> str:
         name = f"{_state_name(t)} of {last}"
-        yield islands_figure(image, state, teacher=teacher, title=f"{title}: {name}" if title else name,
-                             boundary_threshold=boundary_threshold, panel_inches=panel_inches, level_colours=colours)
+        return f"{title}: {name}" if title else name
+
+    fig, panels = _islands_figure_panels(image, x[0], teacher=teacher, title=heading(0), boundary_threshold=boundary_threshold,
+                                         panel_inches=panel_inches, level_colours=colours)
+    fig.set_dpi(dpi)
+    canvas = FigureCanvasAgg(fig)
+    for t, state in enumerate(x):
+        if t:
+            for i, panel in enumerate(panels):
+                panel.show(state[:, i])
+            fig.suptitle(heading(t), fontsize=10)
+        canvas.draw()
+        if t == 0:
+            fig.set_layout_engine("none")  # keep the first frame's layout: no jitter, no layout cost per frame
+        yield Image.fromarray(np.asarray(canvas.buffer_rgba())).convert("RGB")
 
 
-def save_islands_gif(figures: Iterable[Figure], path: str | os.PathLike, *, dpi: int = 100, frame_ms: int = 700,
+def save_islands_gif(frames: Iterable[Image.Image], path: str | os.PathLike, *, frame_ms: int = 700,
                      last_frame_ms: int = 2000) -> Path:
-    """Write figures (all the same size) as an animated GIF that loops, atomically; returns the path.
+    """Write frames (PIL images of one size, e.g. :func:`islands_iteration_frames`) as a looping GIF, atomically.
 
-    Every figure is one frame (``figsize * dpi`` pixels) shown ``frame_ms``, the
-    last one ``last_frame_ms`` so the final islands can be read. Each frame gets
-    its own 256-colour palette, without dithering (flat cells stay flat).
+    Every frame is shown ``frame_ms``, the last one ``last_frame_ms`` so the final
+    islands can be read. Each frame gets its own 256-colour palette, without
+    dithering (flat cells stay flat). Returns the path.
     """
-    frames = []
-    for fig in figures:
-        with Image.open(io.BytesIO(_png_bytes(fig, dpi))) as png:
-            frames.append(png.convert("RGB").quantize(256, dither=Image.Dither.NONE))
-    if not frames:
+    quantised = [frame.convert("RGB").quantize(256, dither=Image.Dither.NONE) for frame in frames]
+    if not quantised:
         raise ValueError(f"{path}: no frames to write")
-    sizes = {frame.size for frame in frames}
+    sizes = {frame.size for frame in quantised}
     if len(sizes) > 1:
         raise ValueError(f"{path}: frames differ in size {sorted(sizes)}; draw them with the same figure size")
-    durations = [frame_ms] * (len(frames) - 1) + [last_frame_ms]
+    durations = [frame_ms] * (len(quantised) - 1) + [last_frame_ms]
     buf = io.BytesIO()
-    frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:], duration=durations, loop=0,
-                   disposal=1, optimize=False)
+    quantised[0].save(buf, format="GIF", save_all=True, append_images=quantised[1:], duration=durations, loop=0,
+                      disposal=1, optimize=False)
     atomic_write_bytes(path, buf.getvalue())
     return Path(path)
 
