@@ -120,3 +120,9 @@ def test_scores_without_plot_and_mismatched_masks_are_skipped(tmp_path, caplog):
         assert callback.log_scores(Module(), "val", levels, [torch.zeros(9, 3, 16, 16, dtype=torch.bool)] * 3) == {}
     assert "9 points but the model 4 columns" in caplog.text
     assert not (tmp_path / "figs").exists()  # plot=False draws nothing
+
+
+def test_checkpoints_from_before_the_callback_still_load():
+    """Their hyper-parameters carry plot_islands/plot_every: accepted, ignored, not saved again."""
+    module = AgglomeratorLitModule(model=TINY_MODEL, plot_islands=True, plot_every=7)
+    assert "plot_islands" not in module.hparams and "plot_every" not in module.hparams
