@@ -71,4 +71,6 @@ flags.DEFINE_integer("plot_every", 50, "With --plot_islands: draw every N traini
 flags.DEFINE_string("islands_split", "val", "--mode islands: split whose images are drawn.")
 flags.DEFINE_integer("islands_count", 8, "--mode islands: how many images of --islands_split to draw.")
 flags.DEFINE_list("islands_images", [], "--mode islands: image files to draw instead of a split.")
+flags.DEFINE_bool("islands_animate", False, "--mode islands: also watch the islands form: per image an animated GIF "
+                  "(one frame per iteration, initial state first) and a strip PNG (level x iteration) in <run>/islands/iterations.")
 flags.DEFINE_bool("compile", False, "torch.compile the model (faster steps on GPU after a compile pause).")

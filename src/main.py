@@ -25,6 +25,7 @@ import flags_Agglomerator  # noqa: F401  (defines the flags)
 
 FLAGS = flags.FLAGS
 log = logging.getLogger("main")
+ISLANDS_SCORED_IMAGES = 4  # val images of the first batch whose islands are scored against their stage-1 masks
 
 
 def objective_from_flags() -> str:
@@ -62,7 +63,7 @@ def module_from_flags(objective: str):
         model=model_config_from_flags(), objective=objective, learning_rate=FLAGS.learning_rate,
         weight_decay=FLAGS.weight_decay, optimizer=FLAGS.optimizer, lion_betas=floats("lion_betas"),
         scheduler=FLAGS.scheduler, level_weights=floats("level_weights"), temperature=FLAGS.temperature,
-        finetune_backbone=FLAGS.finetune_backbone, plot_islands=FLAGS.plot_islands, plot_every=FLAGS.plot_every,
+        finetune_backbone=FLAGS.finetune_backbone,
         teacher_norm=FLAGS.teacher_norm if objective == "sam_distill" else "none",
     )
 
@@ -74,9 +75,7 @@ def module_from_checkpoint(path: str, objective: str):
 
     checkpoint = read_checkpoint(path)
     if is_own_checkpoint(checkpoint):
-        hparams = dict(checkpoint["hyper_parameters"])
-        hparams["plot_islands"], hparams["plot_every"] = FLAGS.plot_islands, FLAGS.plot_every
-        module = AgglomeratorLitModule(**hparams)
+        module = AgglomeratorLitModule(**checkpoint["hyper_parameters"])
         module.load_state_dict(checkpoint["state_dict"])
         return module
     module = module_from_flags(objective)
@@ -84,7 +83,8 @@ def module_from_checkpoint(path: str, objective: str):
     return module
 
 
-def datamodule_for(module, objective: str):
+def datamodule_for(module, objective: str, val_masks: bool = True):
+    """The data module; with ``val_masks`` the first val batch carries stage-1 masks for the islands scores."""
     from agglomerator.data import DataConfig, PartWholeDataModule
 
     config = DataConfig(
@@ -92,6 +92,7 @@ def datamodule_for(module, objective: str):
         batch_size=FLAGS.batch_size, num_workers=FLAGS.num_workers, objective=objective, seed=FLAGS.seed,
         crop_size=model_input_size() if model_input_size() != FLAGS.image_size else None,
         embeds_suffix=FLAGS.embeds_suffix, val_from_train=FLAGS.val_from_train,
+        val_masks_items=ISLANDS_SCORED_IMAGES if val_masks else 0,
     )
     model = module.model
     shape = (model.config.num_patches, model.config.levels, model.embed_dim)
@@ -100,27 +101,21 @@ def datamodule_for(module, objective: str):
     return datamodule
 
 
-def trainer_for(run_dir: Path, train: bool, monitor: str | None = None, monitor_mode: str = "min"):
+def trainer_for(run_dir: Path, train: bool, monitor: str | None = None, monitor_mode: str = "min", islands: bool = True):
+    """The Trainer; ``islands`` adds the islands figures (``--plot_islands``) and scores (:class:`IslandsCallback`)."""
     from agglomerator.engine import build_trainer, resolve_devices, resolve_precision
+    from agglomerator.islands_callback import IslandsCallback
 
     accelerator, devices = resolve_devices(FLAGS.num_gpus)
+    callbacks = [IslandsCallback(plot=FLAGS.plot_islands, plot_every=FLAGS.plot_every, out_dir=run_dir / "islands",
+                                 max_scored_images=ISLANDS_SCORED_IMAGES)] if islands else []
     return build_trainer(
         run_dir, accelerator=accelerator, devices=devices, num_nodes=FLAGS.num_nodes,
         precision=resolve_precision(FLAGS.precision, accelerator), max_epochs=FLAGS.max_epochs,
         limit_train=FLAGS.limit_train, limit_val=FLAGS.limit_val, limit_test=FLAGS.limit_test,
         logger=FLAGS.logger, exp_name=FLAGS.exp_name, monitor=monitor, monitor_mode=monitor_mode, train=train,
+        callbacks=callbacks,
     )
-
-
-def val_mask_paths(datamodule) -> list[Path] | None:
-    """Stage-1 mask files of the val images (image folders whose ``val_masks`` exist), for the islands score."""
-    from agglomerator.data import MASKS_SUFFIX, ImageFolderWithEmbeddings
-
-    val = datamodule.splits.get("val")
-    masks_root = datamodule.config.root / f"{val.root.name}{MASKS_SUFFIX}"  # val, or train with --val_from_train
-    if not isinstance(val, ImageFolderWithEmbeddings) or not masks_root.is_dir():
-        return None
-    return [record.output_path(masks_root) for record in val.records]
 
 
 def write_results(run_dir: Path, results: dict) -> None:
@@ -162,10 +157,8 @@ def run_train() -> None:
     run_dir = make_run_dir(FLAGS.output_dir, FLAGS.exp_name, objective, resume_path)
     datamodule = datamodule_for(module, objective)
     write_flags(run_dir)
-    module.islands_dir = run_dir / "islands" if FLAGS.plot_islands else None
     if FLAGS.compile:
         module.model.compile()  # in place: parameter names (and so checkpoints) stay the same
-    module.val_mask_paths = val_mask_paths(datamodule)
     if getattr(module.hparams, "teacher_norm", "none") == "dataset" and resume_path is None:
         module.set_teacher_stats(*datamodule.splits["train"].embedding_stats())
     monitor, mode = ("val/accuracy", "max") if objective == "classify" else ("val/loss", "min")
@@ -200,9 +193,9 @@ def run_freeze() -> None:
     from hierarchical_masks.mask_io import atomic_write_bytes
 
     module = module_from_checkpoint(FLAGS.load_checkpoint_dir, objective_from_flags())
-    datamodule = datamodule_for(module, "classify")  # eval transforms, no teacher embeddings needed
+    datamodule = datamodule_for(module, "classify", val_masks=False)  # eval transforms, no teacher embeddings needed
     run_dir = make_run_dir(FLAGS.output_dir, FLAGS.exp_name, "freeze")
-    trainer = trainer_for(run_dir, train=False)
+    trainer = trainer_for(run_dir, train=False, islands=False)
     for split in ("train", "val", "test"):
         batches = trainer.predict(module, dataloaders=datamodule.eval_loader(split))
         features = np.concatenate([b["features"].numpy() for b in batches])
@@ -221,7 +214,7 @@ def run_islands() -> None:
     draw_islands_for_checkpoint(
         module, dataset=FLAGS.dataset, data_dir=FLAGS.data_dir, split=FLAGS.islands_split,
         count=FLAGS.islands_count, images=FLAGS.islands_images, output_dir=FLAGS.output_dir, exp_name=FLAGS.exp_name,
-        embeds_suffix=FLAGS.embeds_suffix,
+        embeds_suffix=FLAGS.embeds_suffix, animate=FLAGS.islands_animate,
     )
 
 

@@ -1,21 +1,29 @@
-"""Islands scores and figures: exact islands score at the maximum, shuffled columns near zero, PNGs of the right size."""
+"""Islands scores and figures: exact islands score at the maximum, shuffled columns near zero, PNGs of the right size;
+islands over the iterations: per-state scores, colours fixed across states, GIF frames and strip."""
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageSequence
 from torchmetrics.functional.clustering import adjusted_rand_score
 
 from agglomerator.islands import (
+    PcaColours,
     adjusted_rand_index,
     average_linkage_clusters,
     islands_figure,
+    islands_iteration_frames,
     islands_scores,
     islands_scores_batch,
     islands_scores_from_labels,
+    islands_scores_from_labels_per_iteration,
+    islands_scores_per_iteration,
+    islands_strip_figure,
+    iteration_colours,
     mask_iou_matrix,
     pca_rgb,
     save_islands_figure,
+    save_islands_gif,
 )
 from agglomerator.toy_dataset import oracle_masks, patch_grid_points, render_scene
 
@@ -150,3 +158,84 @@ def test_figure_accepts_uint8_hwc_and_rejects_bad_shapes(tmp_path):
         assert png.size == (800, 200)
     with pytest.raises(ValueError, match="square grid"):
         islands_figure(image, levels[:60])
+
+
+def _forming_islands(states: int = 4):
+    """States from all-alike columns (t=0) to the exact islands (last), by linear blending, plus noise."""
+    levels, masks, maps, points = _exact_islands(seed=5)
+    start = np.broadcast_to(levels.mean(0, keepdims=True), levels.shape)
+    rng = np.random.default_rng(0)
+    iterations = np.stack([start + (t / (states - 1)) * (levels - start) for t in range(states)])
+    iterations[1:] += 0.3 * rng.normal(size=iterations[1:].shape) * (1 - np.linspace(0, 1, states)[1:, None, None, None])
+    return iterations, masks, maps, points
+
+
+def test_per_iteration_scores_equal_the_single_state_scores_and_grow():
+    iterations, masks, maps, points = _forming_islands()
+    per_masks = islands_scores_per_iteration(iterations, masks)
+    per_labels = islands_scores_from_labels_per_iteration(iterations, maps, points)
+    assert len(islands_scores_per_iteration(torch.from_numpy(iterations).float(), torch.from_numpy(masks))) == 4
+    assert len(per_masks) == len(per_labels) == 4
+    for t, state in enumerate(iterations):
+        single_masks, single_labels = islands_scores(state, masks), islands_scores_from_labels(state, maps, points)
+        for level in range(3):
+            assert per_masks[t][level] == pytest.approx(single_masks[level], nan_ok=True)
+            assert per_labels[t][level] == pytest.approx(single_labels[level], nan_ok=True)
+    for level in range(3):
+        # Every column alike: one island, nothing to correlate, no better than chance.
+        assert np.isnan(per_masks[0][level]["pair_corr"]) and per_masks[0][level]["ari"] == 0.0
+        assert per_masks[-1][level]["ari"] == pytest.approx(1.0)
+        assert per_masks[-1][level]["pair_corr"] > per_masks[1][level]["pair_corr"]
+    rounding = torch.from_numpy(iterations[0]).float() * (1 + 1e-7 * torch.randn(iterations[0].shape))  # float32 noise
+    assert all(np.isnan(s["pair_corr"]) and s["ari"] == 0.0 for s in islands_scores(rounding, masks).values())
+    with pytest.raises(ValueError, match=r"\(t\+1, n, l, d\)"):
+        islands_scores_per_iteration(iterations[0], masks)
+
+
+def test_pca_colours_are_fixed_across_states():
+    iterations, _, _, _ = _forming_islands()
+    colours = iteration_colours(iterations)
+    assert len(colours) == 3 and all(isinstance(c, PcaColours) for c in colours)
+    # A colour depends on the vector only, not on the state it appears in or the vectors beside it.
+    mixed = np.concatenate([iterations[0][:3, 2], iterations[-1][:3, 2]])
+    rgb = colours[2](mixed)
+    assert rgb.min() >= 0 and rgb.max() <= 1
+    np.testing.assert_allclose(colours[2](iterations[-1][:3, 2]), rgb[3:])
+    np.testing.assert_allclose(colours[2](iterations[0][:3, 2]), rgb[:3])
+    np.testing.assert_allclose(rgb[0], rgb[1])  # the initial state: every column alike, one colour
+    # A PCA fitted on the states together differs from one per state, which would recolour every frame.
+    assert not np.allclose(colours[0](iterations[1][:, 0]), pca_rgb(iterations[1][:, 0]))
+    # pca_rgb is the fit on its own vectors; on the fit vectors, the range is used to the full.
+    vectors = np.random.default_rng(0).normal(size=(30, 7))
+    fitted = PcaColours.fit(vectors)
+    np.testing.assert_allclose(pca_rgb(vectors), fitted(vectors))
+    assert np.abs(fitted(vectors) - 0.5).max() == pytest.approx(0.5)
+
+
+def test_iteration_gif_has_one_frame_per_state_and_strip_has_a_panel_per_state(tmp_path):
+    iterations, _, _, _ = _forming_islands(states=3)
+    image = torch.randn(3, SIZE, SIZE)
+    teacher = torch.randn(64, 3, 20)
+    frames = islands_iteration_frames(image, iterations, teacher=teacher, title="cls/img.png", panel_inches=1.0, dpi=40)
+    path = save_islands_gif(frames, tmp_path / "gifs" / "img.gif", frame_ms=100, last_frame_ms=500)
+    with Image.open(path) as gif:
+        assert gif.format == "GIF" and gif.is_animated and gif.n_frames == 3
+        assert gif.size == (4 * 40, 2 * 40)  # image + 3 levels wide, learned + teacher rows high
+        durations = [frame.info["duration"] for frame in ImageSequence.Iterator(gif)]
+        assert durations == [100, 100, 500]
+        last = np.asarray(gif.convert("RGB"), np.float64)  # the frame shown last (the iterator left it there)
+        gif.seek(0)
+        first = np.asarray(gif.convert("RGB"), np.float64)
+    # The last frame, redrawn in place, looks like a fresh figure of the last state with the same colours
+    # (mean difference ~1.3 of 255 from the palettes; ~7 from the first frame).
+    fresh = islands_figure(image, iterations[-1], teacher=teacher, title="cls/img.png: iteration 2 of 2",
+                           panel_inches=1.0, level_colours=iteration_colours(iterations))
+    with Image.open(save_islands_figure(fresh, tmp_path / "fresh.png", dpi=40)) as png:
+        fresh_pixels = np.asarray(png.convert("RGB"), np.float64)
+    assert np.abs(fresh_pixels - last).mean() < 3.0 < np.abs(fresh_pixels - first).mean()
+    strip = save_islands_figure(islands_strip_figure(image, iterations, panel_inches=1.0), tmp_path / "strip.png", dpi=40)
+    with Image.open(strip) as png:
+        assert png.size == ((1 + 3) * 40, 3 * 40)  # image + 3 states wide, 3 levels high
+    assert not list((tmp_path / "gifs").glob("*.tmp"))
+    with pytest.raises(ValueError, match="no frames"):
+        save_islands_gif([], tmp_path / "empty.gif")

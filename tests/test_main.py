@@ -212,3 +212,39 @@ def test_teacher_norm_dataset_stores_the_train_statistics(data_dir, tmp_path):
     torch.testing.assert_close(state["teacher_mean"], torch.from_numpy(mean))
     torch.testing.assert_close(state["teacher_std"], torch.from_numpy(std))
     assert not any(k.startswith("model.teacher") for k in state)  # the backbone's names stay the reference's
+
+
+def test_islands_mode_animates_the_iterations(tmp_path):
+    """--mode islands --islands_animate: per image a GIF with one frame per state and a strip; per-iteration scores."""
+    import json
+
+    from PIL import Image
+
+    from agglomerator.lit_module import AgglomeratorLitModule
+    from hierarchical_masks.mask_io import save_masks
+
+    torch.manual_seed(0)
+    model = dict(image_size=32, conv_image_size=8, patch_size=4, patch_dim=32, levels=3, n_classes=2)  # TINY_FLAGS
+    module = AgglomeratorLitModule(model=model, objective="sam_distill")
+    checkpoint = tmp_path / "tiny.ckpt"
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, checkpoint)
+    base = make_image_folder(tmp_path / "data", splits=("val",))
+    rng = np.random.default_rng(0)
+    for name in ("a_cls/img0.pkl", "b_cls/img3.pkl"):  # the two images --islands_count=2 picks
+        save_masks(base / "val_masks" / name, rng.random((4, 3, 32, 32)) > 0.5)
+    proc = run_main(*TINY_FLAGS, f"--data_dir={tmp_path / 'data'}", "--mode=islands", "--islands_animate",
+                    "--islands_count=2", f"--load_checkpoint_dir={checkpoint}", f"--output_dir={tmp_path / 'run'}")
+    folder = tmp_path / "run" / "islands"
+    assert sorted(p.name for p in folder.glob("*.png")) == ["a_cls_img0.png", "b_cls_img3.png"]  # as before
+    states = 1 + 6  # the initial state and iters = 2 * levels
+    for name in ("a_cls_img0", "b_cls_img3"):
+        with Image.open(folder / "iterations" / f"{name}.gif") as gif:
+            assert gif.n_frames == states and gif.size == (4 * 200, 2 * 200)  # image + 3 levels; learned + teacher rows
+        with Image.open(folder / "iterations" / f"{name}_strip.png") as strip:
+            assert strip.size == ((1 + states) * 150, 3 * 150)
+    scores = json.loads((folder / "scores.json").read_text())
+    per_iteration = scores["per_iteration"]["stage1_masks"]
+    assert scores["iterations"] == 6 and len(per_iteration) == states
+    assert per_iteration[-1] == scores["stage1_masks"]  # the last state is the final levels
+    assert "over the iterations, vs stage-1 masks (ari L0/L1/L2): t0 " in proc.stdout
+    assert "GIFs and strips (7 states each)" in proc.stdout

@@ -54,8 +54,27 @@ def test_shapes_and_finite():
     assert out.levels.shape == (2, n, 3, 16)
     assert out.encoded.shape == (2, n, 3, 16)
     assert model.classify(out.top_level).shape == (2, 4)
-    for tensor in out:
+    assert out.iterations is None  # only on request
+    for tensor in (out.top_level, out.levels, out.encoded):
         assert torch.isfinite(tensor).all()
+
+
+def test_iterations_hold_every_state_initial_first():
+    torch.manual_seed(0)
+    config = AgglomeratorConfig(**TINY, iters=4)
+    model = Agglomerator(config).eval()
+    image = torch.randn(2, 3, 32, 32)
+    plain = model(image)
+    out = model(image, return_iterations=True)
+    n = config.num_patches
+    assert out.iterations.shape == (2, 5, n, 3, 16)
+    torch.testing.assert_close(out.iterations[:, -1], plain.levels)
+    torch.testing.assert_close(out.levels, plain.levels)
+    torch.testing.assert_close(out.iterations[:, 0], model.init_levels.expand(2, n, 3, 16))  # every column starts alike
+    # Each state is one more iteration started from the one before.
+    one_more = Agglomerator(AgglomeratorConfig(**TINY, iters=1)).eval()
+    one_more.load_state_dict(model.state_dict())
+    torch.testing.assert_close(one_more(image, levels=out.iterations[:, 2]).levels, out.iterations[:, 3])
 
 
 @pytest.mark.parametrize("bad, message", [
@@ -83,7 +102,7 @@ def _overfit(objective, steps=30):
     module.train()
     for _ in range(steps):
         optimizer.zero_grad()
-        loss = module.shared_step(batch, "train")
+        loss = module.shared_step(batch, "train")["loss"]
         loss.backward()
         optimizer.step()
         losses.append(loss.item())

@@ -3,6 +3,11 @@
 Every batch is a dict: ``image`` ``(b, c, H, W)`` (``(b, 2, c, H, W)`` for the
 two-crop ``supcon`` objective), ``label`` ``(b,)``, ``index`` ``(b,)`` and, for
 ``sam_distill``, ``embeds`` ``(b, n, levels, D)`` from the stage-2 files.
+Val (and test) batches of image folders whose ``<root>/val_masks`` exist also
+carry ``masks``: a list of ``b`` entries, the stage-1 masks bool ``(n, 3, H, W)``
+of the first ``val_masks_items`` images of the split (by index) and None for the
+others (the islands scores of :mod:`agglomerator.islands_callback` use them; at
+224 px one image's masks are 30 MB, so only a few are loaded).
 
 Datasets:
 * image folders with stage-2 embeddings: ``IMAGENETTE`` (``datasets/imagenette2``)
@@ -28,10 +33,10 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision import transforms as T
 
-from hierarchical_masks.mask_io import InputError, ImageRecord, list_image_folder, load_embeddings, load_rgb_image
+from hierarchical_masks.mask_io import InputError, ImageRecord, list_image_folder, load_embeddings, load_masks, load_rgb_image
 
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -68,6 +73,7 @@ class DataConfig:
     crop_size: int | None = None  # smallNORB (reference): resize to image_size, then crop to crop_size
     embeds_suffix: str = EMBEDDINGS_SUFFIX  # folder datasets: teacher embeddings in <root>/<split><embeds_suffix>
     val_from_train: float = 0.0  # folder datasets: >0 holds out this fraction of train as val; test = the val folder
+    val_masks_items: int = 4  # the first val/test images that carry their stage-1 masks (when <root>/<folder>_masks exists)
 
     @property
     def root(self) -> Path:
@@ -136,17 +142,29 @@ def build_transform(config: DataConfig, train: bool) -> Callable:
 # --------------------------------------------------------------------------- image folders
 
 
+def collate_batch(items: list[dict]) -> dict:
+    """``default_collate``, except ``masks`` (carried by a few items only): a list, one entry per item, None where absent."""
+    masks = [item.get("masks") for item in items]
+    batch = default_collate([{k: v for k, v in item.items() if k != "masks"} for item in items])
+    if any(m is not None for m in masks):
+        batch["masks"] = masks
+    return batch
+
+
 class ImageFolderWithEmbeddings(Dataset):
-    """``<root>/<split>/<class>/<img>`` plus, optionally, the stage-2 embeddings.
+    """``<root>/<split>/<class>/<img>`` plus, optionally, the stage-2 embeddings and stage-1 masks.
 
     ``embeds_root`` (``<root>/<split>_masks_embeds``) holds ``<class>/<stem>.pkl``
     arrays ``(n, levels, D)``; with ``expected_embed_shape`` each one is checked on
-    load (an error names the file). ``records`` restricts it to some of the folder's
-    images (a held-out part of train).
+    load (an error names the file). ``masks_root`` (``<root>/<split>_masks``): items
+    with index below ``masks_items`` also carry ``masks``, their stage-1 masks
+    bool ``(n, 3, H, W)`` (when the file exists); batch them with :func:`collate_batch`.
+    ``records`` restricts it to some of the folder's images (a held-out part of train).
     """
 
     def __init__(self, root: str | os.PathLike, transform: Callable, embeds_root: str | os.PathLike | None = None,
-                 expected_embed_shape: tuple[int, int, int] | None = None, records: list[ImageRecord] | None = None):
+                 expected_embed_shape: tuple[int, int, int] | None = None, masks_root: str | os.PathLike | None = None,
+                 masks_items: int = 0, records: list[ImageRecord] | None = None):
         self.root = Path(root)
         self.records: list[ImageRecord] = list_image_folder(self.root) if records is None else records
         if not self.records:
@@ -155,6 +173,8 @@ class ImageFolderWithEmbeddings(Dataset):
         self.transform = transform
         self.embeds_root = Path(embeds_root) if embeds_root is not None else None
         self.expected_embed_shape = expected_embed_shape
+        self.masks_root = Path(masks_root) if masks_root is not None else None
+        self.masks_items = masks_items if masks_root is not None else 0
 
     def __len__(self) -> int:
         return len(self.records)
@@ -200,6 +220,10 @@ class ImageFolderWithEmbeddings(Dataset):
             embeds = load_embeddings(path)
             self._check_shape(embeds, path)
             item["embeds"] = torch.from_numpy(embeds)
+        if index < self.masks_items:
+            path = record.output_path(self.masks_root)
+            if path.is_file():
+                item["masks"] = torch.from_numpy(load_masks(path))
         return item
 
 
@@ -304,12 +328,20 @@ class PartWholeDataModule(pl.LightningDataModule):
     def with_embeddings(self) -> bool:
         return self.config.objective == "sam_distill"
 
-    def folder_split(self, split: str, train: bool, records: list[ImageRecord] | None = None) -> ImageFolderWithEmbeddings:
-        """The image-folder dataset of ``split`` (``train`` or ``val``) of IMAGENETTE/TOY/IMAGENET (or of some of its ``records``)."""
+    def folder_split(self, split: str, train: bool, records: list[ImageRecord] | None = None,
+                     with_masks: bool = False) -> ImageFolderWithEmbeddings:
+        """The image-folder dataset of folder ``split`` (``train`` or ``val``) of IMAGENETTE/TOY/IMAGENET (or of some of its ``records``).
+
+        With ``with_masks`` (the val and test splits), the first ``val_masks_items`` items carry their
+        stage-1 masks when ``<root>/<split>_masks`` exists.
+        """
         root = self.config.root
         embeds_root = root / f"{split}{self.config.embeds_suffix}" if self.with_embeddings else None
+        masks_root = root / f"{split}{MASKS_SUFFIX}"
+        with_masks = with_masks and self.config.val_masks_items > 0 and masks_root.is_dir()
         dataset = ImageFolderWithEmbeddings(root / split, build_transform(self.config, train), embeds_root,
-                                            self.expected_embed_shape, records=records)
+                                            self.expected_embed_shape, masks_root=masks_root if with_masks else None,
+                                            masks_items=self.config.val_masks_items, records=records)
         if embeds_root is not None:
             dataset.check_embeddings()
         return dataset
@@ -324,11 +356,11 @@ class PartWholeDataModule(pl.LightningDataModule):
             if c.val_from_train > 0:
                 train_records, val_records = self.hold_out(list_image_folder(c.root / "train"))
                 self.splits["train"] = self.folder_split("train", train=True, records=train_records)
-                self.splits["val"] = self.folder_split("train", train=False, records=val_records)
-                self.splits["test"] = self.folder_split("val", train=False)
+                self.splits["val"] = self.folder_split("train", train=False, records=val_records, with_masks=True)
+                self.splits["test"] = self.folder_split("val", train=False, with_masks=True)
                 return
             self.splits["train"] = self.folder_split("train", train=True)
-            self.splits["val"] = self.folder_split("val", train=False)
+            self.splits["val"] = self.folder_split("val", train=False, with_masks=True)
             self.splits["test"] = self.splits["val"]
             return
         if self.with_embeddings:
@@ -362,6 +394,7 @@ class PartWholeDataModule(pl.LightningDataModule):
             num_workers=workers,
             persistent_workers=workers > 0,
             pin_memory=torch.cuda.is_available(),
+            collate_fn=collate_batch,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -383,5 +416,6 @@ class PartWholeDataModule(pl.LightningDataModule):
             dataset = TupleAsDict(base.dataset, build_transform(self.config, train=False), base.indices)
         else:
             dataset = self.splits[split]
-        return DataLoader(dataset, batch_size=self.config.batch_size, shuffle=False, num_workers=self.config.num_workers)
+        return DataLoader(dataset, batch_size=self.config.batch_size, shuffle=False, num_workers=self.config.num_workers,
+                          collate_fn=collate_batch)
 

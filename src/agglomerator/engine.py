@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import Sequence
 
 import pytorch_lightning as pl
 import torch
@@ -104,14 +105,20 @@ def checkpoint_paths(trainer: pl.Trainer) -> tuple[str, str]:
 
 def build_trainer(run_dir: Path, *, accelerator: str, devices: int, num_nodes: int, precision: str, max_epochs: int,
                   limit_train: float, limit_val: float, limit_test: float, logger: str, exp_name: str,
-                  monitor: str | None = None, monitor_mode: str = "min", train: bool = True) -> pl.Trainer:
-    """A Lightning Trainer writing logs and checkpoints (:func:`checkpoint_callbacks`) under ``run_dir``."""
+                  monitor: str | None = None, monitor_mode: str = "min", train: bool = True,
+                  callbacks: Sequence[pl.Callback] = ()) -> pl.Trainer:
+    """A Lightning Trainer writing logs and checkpoints (:func:`checkpoint_callbacks`) under ``run_dir``.
+
+    ``callbacks``: more callbacks (e.g. :class:`~agglomerator.islands_callback.IslandsCallback`), run after ours.
+    """
+    extra_callbacks = list(callbacks)
     callbacks = []
     the_logger = make_logger(logger, run_dir, exp_name)
     if train:
         callbacks += checkpoint_callbacks(run_dir / "checkpoints", monitor, monitor_mode)
         if the_logger:
             callbacks.append(LearningRateMonitor(logging_interval="step"))
+    callbacks += extra_callbacks
     strategy = "ddp" if devices * num_nodes > 1 else "auto"
     as_limit = lambda x: int(x) if x > 1 else float(x)  # noqa: E731  (Lightning: float = fraction, int = batches)
     return pl.Trainer(

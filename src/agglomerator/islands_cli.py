@@ -5,21 +5,28 @@ embeddings when stage 2 wrote them) in ``<run>/islands/``; per level, the island
 scores (``agglomerator.islands``) against the stage-1 masks
 (``<root>/<split>_masks``) and, for the toy set, its ground-truth parts and
 objects (``<root>/<split>_gt``), averaged over the images into
-``<run>/islands/scores.json``.
+``<run>/islands/scores.json``, for the final levels and, under ``per_iteration``,
+for every state of the iterations (index 0: the initial state).
+
+With ``animate`` (``--islands_animate``), also per image in ``<run>/islands/iterations/``:
+``<class>_<stem>.gif``, one frame per state drawn like the PNG with colours fixed
+across frames, and ``<class>_<stem>_strip.png``, one row per level and one column per state.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from agglomerator.data import EMBEDDINGS_SUFFIX, FOLDER_DATASETS, MASKS_SUFFIX, DataConfig, build_transform
-from agglomerator.islands import (average_islands_scores, islands_figure, islands_scores, islands_scores_from_labels,
-                                  save_islands_figure)
+from agglomerator.islands import (average_islands_scores, islands_figure, islands_iteration_frames,
+                                  islands_scores_from_labels_per_iteration, islands_scores_per_iteration,
+                                  islands_strip_figure, save_islands_figure, save_islands_gif)
 from hierarchical_masks.mask_io import (InputError, ImageRecord, atomic_write_bytes, list_image_folder, load_embeddings,
                                         load_masks, load_rgb_image)
 
@@ -51,11 +58,27 @@ def format_scores(name: str, scores: dict) -> str:
         f"L{level} pair_corr={s['pair_corr']:.3f} ari={s['ari']:.3f}" for level, s in sorted(scores.items()))
 
 
+def format_iteration_scores(name: str, per_iteration: list[dict], score: str = "ari") -> str:
+    """One line: ``name (ari L0/L1/...): t0 a/b/c, t1 ...``; does agreement grow over the iterations?"""
+    levels = sorted(per_iteration[0])
+    states = ", ".join(f"t{t} " + "/".join(f"{scores[level][score]:.2f}" for level in levels)
+                       for t, scores in enumerate(per_iteration))
+    return f"{name} ({score} " + "/".join(f"L{level}" for level in levels) + f"): {states}"
+
+
+def average_per_iteration(per_image: list[list[dict]]) -> list[dict]:
+    """Per-image lists of per-state scores -> one list: each state's scores averaged over the images."""
+    return [average_islands_scores(image[t] for image in per_image) for t in range(len(per_image[0]))]
+
+
 @torch.no_grad()
 def draw_islands_for_checkpoint(module, *, dataset: str, data_dir: str, split: str = "val", count: int = 8,
                                 images: list[str] | None = None, output_dir: str = "", exp_name: str = "islands",
-                                embeds_suffix: str = EMBEDDINGS_SUFFIX) -> dict:
-    """Draw and score the islands of ``module`` (an ``AgglomeratorLitModule``); returns the averaged scores."""
+                                embeds_suffix: str = EMBEDDINGS_SUFFIX, animate: bool = False) -> dict:
+    """Draw and score the islands of ``module`` (an ``AgglomeratorLitModule``); returns the averaged scores.
+
+    With ``animate``, also writes each image's iterations as a GIF and a strip PNG (module docstring).
+    """
     from agglomerator.engine import make_run_dir
 
     module.eval()
@@ -72,36 +95,56 @@ def draw_islands_for_checkpoint(module, *, dataset: str, data_dir: str, split: s
         raise InputError(f"--mode islands on {dataset}: pass image files with --islands_images (no image folder to pick from)")
     run_dir = make_run_dir(output_dir, exp_name, "islands")
     out_dir = run_dir / "islands"
-    against_masks, against_gt = [], []
+    animations_dir = out_dir / "iterations"
+    against_masks, against_gt = [], []  # per image: per-state scores, the last state = the final levels
+    animation_seconds = 0.0
     for record in records:
         image = transform(load_rgb_image(record.path))
-        out = model(image[None].to(module.device))
+        out = model(image[None].to(module.device), return_iterations=True)
         levels = out.levels[0].float().cpu()
+        iterations = out.iterations[0].float().cpu()  # (t+1, n, l, d)
         teacher = None
         embeds_path = record.output_path(root / f"{split}{embeds_suffix}")
         if not images and embeds_path.is_file():
             teacher = torch.from_numpy(load_embeddings(embeds_path))
-        fig = islands_figure(image, levels, teacher=teacher, title=f"{record.class_name}/{record.path.name}")
-        save_islands_figure(fig, out_dir / f"{record.class_name}_{record.path.stem}.png")
+        name, title = f"{record.class_name}_{record.path.stem}", f"{record.class_name}/{record.path.name}"
+        fig = islands_figure(image, levels, teacher=teacher, title=title)
+        save_islands_figure(fig, out_dir / f"{name}.png")
+        if animate:
+            start = time.perf_counter()
+            save_islands_gif(islands_iteration_frames(image, iterations, teacher=teacher, title=title),
+                             animations_dir / f"{name}.gif")
+            save_islands_figure(islands_strip_figure(image, iterations, title=title), animations_dir / f"{name}_strip.png")
+            animation_seconds += time.perf_counter() - start
         if images:
             continue
         masks_path = record.output_path(root / f"{split}{MASKS_SUFFIX}")
         if masks_path.is_file():
             masks = load_masks(masks_path)
             if masks.shape[0] == levels.shape[0]:
-                against_masks.append(islands_scores(levels, masks))
+                against_masks.append(islands_scores_per_iteration(iterations, masks))
             else:
                 log.warning("%s: %d mask points but %d columns: not scored", masks_path, masks.shape[0], levels.shape[0])
         label_maps = ground_truth_label_maps(record.output_path(root / f"{split}{GT_SUFFIX}", suffix=".npz"))
         if label_maps is not None:
-            against_gt.append(islands_scores_from_labels(levels, label_maps))
-    result = {"images": len(records), "figures": str(out_dir)}
-    if against_masks:
-        result["stage1_masks"] = average_islands_scores(against_masks)
-        print(format_scores(f"islands vs stage-1 masks ({len(against_masks)} images)", result["stage1_masks"]))
-    if against_gt:
-        result["ground_truth"] = average_islands_scores(against_gt)
-        print(format_scores(f"islands vs ground-truth parts/objects ({len(against_gt)} images)", result["ground_truth"]))
+            against_gt.append(islands_scores_from_labels_per_iteration(iterations, label_maps))
+    result = {"images": len(records), "figures": str(out_dir), "iterations": model.config.num_iters}
+    if animate:
+        result["animations"] = str(animations_dir)
+    per_iteration = {}
+    for key, per_image, label in (("stage1_masks", against_masks, "stage-1 masks"),
+                                  ("ground_truth", against_gt, "ground-truth parts/objects")):
+        if not per_image:
+            continue
+        per_iteration[key] = average_per_iteration(per_image)
+        result[key] = per_iteration[key][-1]
+        print(format_scores(f"islands vs {label} ({len(per_image)} images)", result[key]))
+        print(format_iteration_scores(f"  over the iterations, vs {label}", per_iteration[key]))
+    if per_iteration:
+        result["per_iteration"] = per_iteration
     atomic_write_bytes(out_dir / "scores.json", json.dumps(result, indent=2, default=float).encode())
     print(f"islands: {len(records)} figures in {out_dir}")
+    if animate:
+        print(f"islands: {len(records)} GIFs and strips ({len(iterations)} states each) in {animations_dir}, "
+              f"{animation_seconds / max(1, len(records)):.1f} s per image")
     return result

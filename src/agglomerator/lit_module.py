@@ -10,6 +10,10 @@ One ``shared_step`` serves train / val / test for the three objectives:
 
 ``save_hyperparameters()`` makes every checkpoint loadable without flags:
 ``AgglomeratorLitModule.load_from_checkpoint(path)``.
+
+Every step returns ``{"loss", "levels"}`` (the final levels ``(b, n, l, d)``,
+detached): callbacks such as :class:`~agglomerator.islands_callback.IslandsCallback`
+draw and score the islands from them in their ``on_*_batch_end`` hooks.
 """
 
 from __future__ import annotations
@@ -53,12 +57,14 @@ class AgglomeratorLitModule(pl.LightningModule):
         teacher_norm: str = "none",
         embed_dim: int | None = None,
     ):
+        """``plot_islands`` and ``plot_every`` are ignored (and no longer saved): checkpoints written before
+        the islands moved to :class:`~agglomerator.islands_callback.IslandsCallback` carry them."""
         super().__init__()
         if objective not in OBJECTIVES:
             raise ValueError(f"objective={objective!r}: choose one of {OBJECTIVES}")
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"--optimizer={optimizer!r}: choose one of {OPTIMIZERS}")
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["plot_islands", "plot_every"])
         config = AgglomeratorConfig(**{**model, "contrastive_head": model.get("contrastive_head", False) or objective == "supcon"})
         self.model = Agglomerator(config)
         self.objective = objective
@@ -80,8 +86,6 @@ class AgglomeratorLitModule(pl.LightningModule):
             dim = embed_dim or self.model.embed_dim
             self.register_buffer("teacher_mean", torch.zeros(dim))
             self.register_buffer("teacher_std", torch.ones(dim))
-        self.islands_dir: Path | None = None  # set by main.py to <run>/islands
-        self.val_mask_paths: list[Path] | None = None  # set by main.py: stage-1 masks of the val images, by index
 
     # ------------------------------------------------------------------ forward / steps
 
@@ -105,7 +109,9 @@ class AgglomeratorLitModule(pl.LightningModule):
     def forward(self, image: torch.Tensor):
         return self.model(image)
 
-    def shared_step(self, batch: dict, stage: str) -> torch.Tensor:
+    def shared_step(self, batch: dict, stage: str) -> dict[str, torch.Tensor]:
+        """Loss and logging of one batch; returns ``{"loss": loss, "levels": (b, n, l, d) detached}``
+        (for two crops ``b`` counts each crop: image ``j``'s crops are rows ``2j`` and ``2j+1``)."""
         image, label = batch["image"], batch["label"]
         two_crops = image.ndim == 5
         flat = image.flatten(0, 1) if two_crops else image
@@ -130,74 +136,25 @@ class AgglomeratorLitModule(pl.LightningModule):
             self.log(f"{stage}/accuracy", metric, prog_bar=True, on_step=False, on_epoch=True, batch_size=batch_size)
         self.log(f"{stage}/loss", loss, prog_bar=True, on_step=stage == "train", on_epoch=True,
                  batch_size=batch_size, sync_dist=stage != "train")
-        if stage == "val" and batch.get("_batch_idx") == 0 and self.val_mask_paths is not None:
-            self.log_islands_scores(out.levels, batch["index"])
-        if self.hparams.plot_islands and self._should_plot(stage, batch.get("_batch_idx", 0)):
-            self.plot_islands(stage, image[0, 0] if two_crops else image[0], out.levels[0],
-                              batch["embeds"][0] if "embeds" in batch else None)
-        return loss
+        return {"loss": loss, "levels": out.levels.detach()}
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = self.shared_step(batch, "train")
+    def training_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
+        outputs = self.shared_step(batch, "train")
         m = self.model
         self.log_dict({"weights/wl": m.wl, "weights/wBU": m.wBU, "weights/wTD": m.wTD, "weights/wA": m.wA},
                       on_step=True, on_epoch=False)
-        return loss
+        return outputs
 
-    def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        batch["_batch_idx"] = batch_idx
+    def validation_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
         return self.shared_step(batch, "val")
 
-    def test_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        batch["_batch_idx"] = batch_idx
+    def test_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
         return self.shared_step(batch, "test")
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
         """Top-level features ``(b, n, d)`` and labels: what ``--mode freeze`` writes."""
         out = self.model(batch["image"])
         return {"features": out.top_level.float().cpu(), "labels": batch["label"].cpu()}
-
-    # ------------------------------------------------------------------ islands
-
-    def _should_plot(self, stage: str, batch_idx: int) -> bool:
-        if self.islands_dir is None or not self.trainer.is_global_zero:
-            return False
-        if stage == "train":
-            return self.global_step % max(1, self.hparams.plot_every) == 0
-        return batch_idx == 0
-
-    @torch.no_grad()
-    def log_islands_scores(self, levels: torch.Tensor, indices: torch.Tensor, max_images: int = 4) -> None:
-        """Islands scores of the first val images against their stage-1 masks, logged as ``val/islands_*_L<i>``."""
-        from agglomerator.islands import average_islands_scores, islands_scores
-        from hierarchical_masks.mask_io import load_masks
-
-        per_image = []
-        for j in range(min(max_images, levels.shape[0])):
-            path = self.val_mask_paths[int(indices[j])]
-            if path.is_file():
-                masks = load_masks(path)
-                if masks.shape[0] == levels.shape[1]:
-                    per_image.append(islands_scores(levels[j].float().cpu(), masks))
-        if not per_image:
-            return
-        for level, scores in average_islands_scores(per_image).items():
-            for name, value in scores.items():
-                if value == value:  # not NaN
-                    self.log(f"val/islands_{name}_L{level}", float(value), on_step=False, on_epoch=True, batch_size=1)
-
-    @torch.no_grad()
-    def plot_islands(self, stage: str, image: torch.Tensor, levels: torch.Tensor, teacher: torch.Tensor | None) -> None:
-        """Draw the islands of one image (and its teacher embeddings) into the run folder and the logger."""
-        from agglomerator.islands import islands_figure, save_islands_figure
-
-        title = f"{stage} step {self.global_step}"
-        fig = islands_figure(image.float().cpu(), levels.float().cpu(),
-                             teacher=None if teacher is None else teacher.float().cpu(), title=title)
-        save_islands_figure(fig, self.islands_dir / f"{stage}_step{self.global_step:07d}.png")
-        experiment = getattr(self.logger, "experiment", None)
-        if hasattr(experiment, "add_figure"):  # TensorBoard
-            experiment.add_figure(f"islands/{stage}", fig, global_step=self.global_step)
 
     # ------------------------------------------------------------------ optimisation
 

@@ -107,11 +107,15 @@ class AgglomeratorOutput(NamedTuple):
     levels: ``(b, n, l, d)`` final levels of every column.
     encoded: ``(b, n, l, D)`` final levels through the levels encoder (or ``levels``):
         what the ``sam_distill`` objective regresses onto the teacher's embeddings.
+    iterations: ``(b, t+1, n, l, d)`` the levels after every iteration, the initial
+        state first (the reference's ``hiddens``), so ``iterations[:, -1] == levels``;
+        only with ``forward(..., return_iterations=True)``, else None.
     """
 
     top_level: torch.Tensor
     levels: torch.Tensor
     encoded: torch.Tensor
+    iterations: torch.Tensor | None = None
 
 
 class ConvTokenizer(nn.Module):
@@ -277,12 +281,16 @@ class Agglomerator(nn.Module):
         """``(b, c, H, W)`` image -> ``(b, n, d)`` patch tokens."""
         return self.image_to_tokens(img)
 
-    def iterate(self, tokens: torch.Tensor, levels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def iterate(self, tokens: torch.Tensor, levels: torch.Tensor | None = None,
+                history: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the GLOM iterations in the ``l d b n`` layout.
 
         ``tokens`` ``(b, n, d)``; ``levels`` ``(l, d, b, n)`` or None (learned
         initial levels). Returns ``(final, denoise)``: the final levels and the
-        levels at ``denoise_iter``, both ``(l, d, b, n)``.
+        levels at ``denoise_iter``, both ``(l, d, b, n)``. A ``history`` list
+        receives the state before the first iteration and after each one
+        (``t+1`` tensors ``(l, d, b, n)``); each update makes a new tensor, so
+        keeping them costs memory but no copies.
         """
         c = self.config
         b, n, _ = tokens.shape
@@ -291,6 +299,8 @@ class Agglomerator(nn.Module):
             levels = rearrange(self.init_levels, "l d -> l d () ()").expand(-1, -1, b, n).contiguous()
         wanted = c.denoise_iter % (c.num_iters + 1)
         denoise = levels
+        if history is not None:
+            history.append(levels)
         for t in range(1, c.num_iters + 1):
             below = torch.cat((bottom, levels[:-1]))  # what each level's bottom-up net reads
             bottom_up = self.bottom_up(below)
@@ -299,21 +309,31 @@ class Agglomerator(nn.Module):
             summed = levels * self.wl + bottom_up * self.wBU + consensus * self.wA
             summed = summed + F.pad(top_down * self.wTD, (0, 0, 0, 0, 0, 0, 0, 1))
             levels = summed * self.inv_contributions
+            if history is not None:
+                history.append(levels)
             if t == wanted:
                 denoise = levels
         return levels, denoise
 
-    def forward(self, img: torch.Tensor, levels: torch.Tensor | None = None) -> AgglomeratorOutput:
-        """``img`` ``(b, c, H, W)``; optional starting ``levels`` ``(b, n, l, d)``."""
+    def forward(self, img: torch.Tensor, levels: torch.Tensor | None = None,
+                return_iterations: bool = False) -> AgglomeratorOutput:
+        """``img`` ``(b, c, H, W)``; optional starting ``levels`` ``(b, n, l, d)``.
+
+        With ``return_iterations`` the output's ``iterations`` holds every state
+        ``(b, t+1, n, l, d)`` (for watching islands form); without, nothing extra
+        is kept.
+        """
         if levels is not None:
             levels = rearrange(levels, "b n l d -> l d b n").contiguous()
-        final, denoise = self.iterate(self.tokens(img), levels)
+        history: list[torch.Tensor] | None = [] if return_iterations else None
+        final, denoise = self.iterate(self.tokens(img), levels, history)
         top_level = F.normalize(rearrange(denoise[-1], "d b n -> b n d"), dim=1)
         encoded = self.levels_encoder(final) if self.config.levels_encoder else final
         return AgglomeratorOutput(
             top_level=top_level,
             levels=rearrange(final, "l d b n -> b n l d"),
             encoded=rearrange(encoded, "l d b n -> b n l d"),
+            iterations=None if history is None else rearrange(torch.stack(history), "t l d b n -> b t n l d"),
         )
 
     def classify(self, top_level: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,151 @@
+"""``IslandsCallback``: islands-of-agreement figures and scores during fit, validation and test.
+
+One concern, one Lightning callback (as ``ModelCheckpoint`` is for checkpoints):
+the LightningModule only returns ``{"loss", "levels"}`` from its steps, the
+DataModule puts the stage-1 masks of the first val images into the val batch
+(``batch["masks"]``, see :mod:`agglomerator.data`), and this callback
+
+* scores the first val (and test) batch's islands against those masks and logs
+  ``val/islands_pair_corr_L<i>`` and ``val/islands_ari_L<i>`` (``test/...`` in
+  test) per epoch: the definitions are :mod:`agglomerator.islands`';
+* with ``plot``, draws one image's islands (:func:`~agglomerator.islands.islands_figure`,
+  the drawing of ``--mode islands``) every ``plot_every`` training steps and for
+  the first val/test batch, as ``<run>/islands/{stage}_step{global_step:07d}.png``
+  and, with a TensorBoard logger, as the figure ``islands/{stage}``.
+
+Figures are drawn on global rank 0 only; scores on every rank from its own
+first batch (not synchronised: the logged value is rank 0's).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+
+from agglomerator.islands import average_islands_scores, islands_figure, islands_scores, save_islands_figure
+
+log = logging.getLogger(__name__)
+
+
+class IslandsCallback(pl.Callback):
+    """Islands figures and scores from the steps' ``levels`` and the batch's ``image``, ``embeds`` and ``masks``.
+
+    Args:
+        plot: draw figures (``--plot_islands``); scores are logged regardless,
+            whenever a val/test batch carries masks.
+        plot_every: draw a training figure every this many optimizer steps (``--plot_every``).
+        out_dir: folder of the PNGs; default ``<trainer.default_root_dir>/islands``.
+        max_scored_images: score at most this many images of the first batch.
+    """
+
+    def __init__(self, *, plot: bool = False, plot_every: int = 50, out_dir: str | Path | None = None,
+                 max_scored_images: int = 4):
+        super().__init__()
+        self.plot = plot
+        self.plot_every = max(1, int(plot_every))
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.max_scored_images = max_scored_images
+        self._step_at_batch_start = 0
+        self._warned: set[str] = set()
+
+    # ------------------------------------------------------------------ Lightning hooks
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        # The step this batch trains; global_step has moved on by on_train_batch_end.
+        self._step_at_batch_start = trainer.global_step
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        step = self._step_at_batch_start
+        if self.plot and trainer.is_global_zero and step % self.plot_every == 0:
+            levels = self._levels(outputs)
+            if levels is not None:
+                self._draw(trainer, "train", step, batch, levels)
+
+    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                                batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._first_batch(trainer, pl_module, "val", outputs, batch, batch_idx, dataloader_idx)
+
+    def on_test_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                          batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._first_batch(trainer, pl_module, "test", outputs, batch, batch_idx, dataloader_idx)
+
+    # ------------------------------------------------------------------ work
+
+    def islands_dir(self, trainer: pl.Trainer) -> Path:
+        return self.out_dir if self.out_dir is not None else Path(trainer.default_root_dir) / "islands"
+
+    def _levels(self, outputs: Any) -> torch.Tensor | None:
+        levels = outputs.get("levels") if isinstance(outputs, dict) else None
+        if levels is None and "levels" not in self._warned:
+            self._warned.add("levels")
+            log.warning("IslandsCallback: the step returned no 'levels' (return {'loss': ..., 'levels': (b, n, l, d)}); "
+                        "no islands figures or scores")
+        return levels
+
+    def _first_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str, outputs: Any, batch: Any,
+                     batch_idx: int, dataloader_idx: int) -> None:
+        if batch_idx != 0 or dataloader_idx != 0:
+            return
+        wants_scores = isinstance(batch, dict) and batch.get("masks") is not None
+        wants_figure = self.plot and trainer.is_global_zero
+        if not (wants_scores or wants_figure):
+            return
+        levels = self._levels(outputs)
+        if levels is None:
+            return
+        if wants_scores:
+            self.log_scores(pl_module, stage, levels, batch["masks"])
+        if wants_figure:
+            self._draw(trainer, stage, trainer.global_step, batch, levels)
+
+    @torch.no_grad()
+    def log_scores(self, pl_module: pl.LightningModule, stage: str, levels: torch.Tensor, masks: list) -> dict:
+        """Score the first images that have masks (at most ``max_scored_images``); log the means per level.
+
+        ``levels`` ``(b, n, l, d)``; ``masks`` one entry per image, bool ``(n, 3, H, W)``
+        or None. Masks with another number of points than ``n`` are skipped with a
+        warning. Returns the averaged ``{level: {name: value}}`` (empty when nothing was scored).
+        """
+        if len(masks) != len(levels):
+            raise ValueError(f"{len(masks)} images carry masks entries but the step returned levels of {len(levels)}")
+        per_image = []
+        for j, image_masks in enumerate(masks):
+            if image_masks is None:
+                continue
+            if len(per_image) >= self.max_scored_images:
+                break
+            if image_masks.shape[0] != levels.shape[1]:
+                if "points" not in self._warned:
+                    self._warned.add("points")
+                    log.warning("IslandsCallback: stage-1 masks have %d points but the model %d columns: not scored",
+                                image_masks.shape[0], levels.shape[1])
+                continue
+            per_image.append(islands_scores(levels[j].float().cpu(), image_masks))
+        if not per_image:
+            return {}
+        scores = average_islands_scores(per_image)
+        for level, values in scores.items():
+            for name, value in values.items():
+                if value == value:  # not NaN
+                    pl_module.log(f"{stage}/islands_{name}_L{level}", float(value), on_step=False, on_epoch=True,
+                                  batch_size=len(per_image))
+        return scores
+
+    @torch.no_grad()
+    def _draw(self, trainer: pl.Trainer, stage: str, step: int, batch: dict, levels: torch.Tensor) -> None:
+        """One image's islands (and its teacher embeddings) into ``<run>/islands`` and the TensorBoard logger."""
+        image = batch["image"]
+        image = image[0, 0] if image.ndim == 5 else image[0]  # two crops: the first crop of the first image
+        teacher = batch.get("embeds")
+        fig = islands_figure(image.float().cpu(), levels[0].float().cpu(),
+                             teacher=None if teacher is None else teacher[0].float().cpu(), title=f"{stage} step {step}")
+        save_islands_figure(fig, self.islands_dir(trainer) / f"{stage}_step{step:07d}.png")
+        for logger in trainer.loggers:
+            experiment = getattr(logger, "experiment", None)
+            if hasattr(experiment, "add_figure"):  # TensorBoard
+                experiment.add_figure(f"islands/{stage}", fig, global_step=step)
