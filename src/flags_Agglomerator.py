@@ -53,6 +53,9 @@ flags.DEFINE_enum("teacher_norm", "none", ["none", "dataset"],
                   "sam_distill targets: none (the reference: raw embeddings) or dataset (z-scored per dimension with "
                   "train-set statistics, so the loss weighs how masks differ rather than the embeddings' common mean).")
 flags.DEFINE_integer("levels_encoder_dim", 256, "Output dimension of the levels encoder (the teacher's D).")
+flags.DEFINE_enum("levels_encoder_norm", "columns", ["columns", "features"],
+                  "LayerNorms of the levels encoder: over the columns (the reference; erases what all columns of an "
+                  "image share) or over each column's features (docs/toy_study.md).")
 flags.DEFINE_enum("optimizer", "lion", ["lion", "adamw"], "Optimizer: lion (timm.optim.Lion, the reference's) or adamw.")
 flags.DEFINE_list("lion_betas", ["0.95", "0.98"], "Lion betas (reference values).")
 flags.DEFINE_enum("scheduler", "onecycle", ["onecycle", "constant"], "Learning-rate schedule (OneCycle over the real number of steps).")

@@ -44,7 +44,8 @@ def model_config_from_flags() -> dict:
         image_size=model_input_size(), conv_image_size=FLAGS.conv_image_size, patch_size=FLAGS.patch_size,
         patch_dim=FLAGS.patch_dim, levels=FLAGS.levels, n_channels=FLAGS.n_channels, n_classes=FLAGS.n_classes,
         iters=FLAGS.iters, denoise_iter=FLAGS.denoise_iter, levels_encoder=FLAGS.levels_encoder,
-        levels_encoder_dim=FLAGS.levels_encoder_dim, contr_dim=FLAGS.contr_dim, dropout=FLAGS.dropout,
+        levels_encoder_dim=FLAGS.levels_encoder_dim,
+        levels_encoder_norm=FLAGS.levels_encoder_norm, contr_dim=FLAGS.contr_dim, dropout=FLAGS.dropout,
     )
     config.validate()
     return config.to_dict()

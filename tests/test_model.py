@@ -160,3 +160,21 @@ def test_one_cycle_schedule_warms_up_then_anneals():
     assert peak == pytest.approx(1.0)
     assert values.index(peak) == 30
     assert values[-1] == pytest.approx(1 / 25e4)
+
+
+def test_levels_encoder_norm_over_columns_erases_what_an_image_s_columns_share():
+    """LayerNorm over the columns (the reference) makes the column-mean of the encoder's output the same for
+    every image; over the features it is not (what the toy study found the distillation losing)."""
+    from agglomerator.model import Agglomerator, AgglomeratorConfig
+
+    torch.manual_seed(0)
+    images = torch.randn(4, 3, 32, 32)
+    spread = {}
+    for norm in ("columns", "features"):
+        config = AgglomeratorConfig(image_size=32, conv_image_size=8, patch_size=2, patch_dim=32, levels=3,
+                                    levels_encoder=True, levels_encoder_dim=16, levels_encoder_norm=norm)
+        with torch.no_grad():
+            encoded = Agglomerator(config)(images).encoded  # (b, n, l, D)
+        spread[norm] = float(encoded.mean(1).std(0).mean())  # how much the per-image column-mean differs between images
+        assert float(encoded.std(1).mean()) > 0.1  # columns of one image still differ
+    assert spread["columns"] < 1e-5 < 1e-2 < spread["features"]

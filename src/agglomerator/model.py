@@ -55,6 +55,7 @@ class AgglomeratorConfig:
     denoise_iter: int = -1  # which iteration's top level feeds the heads (-1: last)
     levels_encoder: bool = False  # map final levels through a column encoder (to the teacher's dim)
     levels_encoder_dim: int = 256  # output dim of that encoder (reference: 256)
+    levels_encoder_norm: str = "columns"  # its LayerNorms: over the columns (reference) or each column's features
     contrastive_head: bool = False  # add the original Agglomerator's projection head (supcon objective)
     contr_dim: int = 512
     dropout: float = 0.3  # dropout of the contrastive head (reference flag)
@@ -160,6 +161,9 @@ class Sine(nn.Module):
         return torch.sin(x)
 
 
+NORMS = ("columns", "features")  # what a ColumnNet's LayerNorms normalise over
+
+
 class ColumnNet(nn.Module):
     """Per-level MLPs shared by all columns: ``levels`` groups of ``d -> hidden... -> out``.
 
@@ -168,28 +172,41 @@ class ColumnNet(nn.Module):
     module indices (index 0 stands where the reference had a parameter-free
     rearrange), so state-dict names match.
 
+    ``norm="features"`` normalises each column's vector over its features instead
+    (a per-token LayerNorm). A LayerNorm over the columns gives every feature zero
+    mean over an image's columns, so after it the mean over columns of the net's
+    output is the same for every image (the last conv's bias, up to the
+    per-column affine weights): what all columns of an image share (the image's
+    class, the embedding of "all objects" that every object point has) cannot
+    reach the output. The toy study measures what that costs the levels encoder.
+
     Input and output are in the ``l d b n`` layout; ``reverse_groups`` feeds level
     ``i`` to group ``groups-1-i`` (the top-down net's order in the reference, which
     flipped the levels instead).
     """
 
     def __init__(self, dim: int, groups: int, num_patches: int, *, mult: int = 4, hidden_layers: int = 1,
-                 out_dim: int | None = None, activation: type[nn.Module] = nn.GELU):
+                 out_dim: int | None = None, activation: type[nn.Module] = nn.GELU, norm: str = "columns"):
         super().__init__()
-        self.groups = groups
+        if norm not in NORMS:
+            raise ValueError(f"norm={norm!r}: choose one of {', '.join(NORMS)}")
+        self.groups, self.norm = groups, norm
         widths = [dim] + [dim * mult] * hidden_layers + [out_dim or dim]
         layers: list[nn.Module] = [nn.Identity()]
         for i, (w_in, w_out) in enumerate(zip(widths[:-1], widths[1:])):
             if i:
                 layers.append(activation())
-            layers += [nn.LayerNorm(num_patches), nn.Conv1d(w_in * groups, w_out * groups, 1, groups=groups)]
+            layers += [nn.LayerNorm(num_patches if norm == "columns" else w_in),
+                       nn.Conv1d(w_in * groups, w_out * groups, 1, groups=groups)]
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor, reverse_groups: bool = False) -> torch.Tensor:
         """``x``: ``(groups, d_in, b, n)`` -> ``(groups, d_out, b, n)``."""
         g, _, b, n = x.shape
         for layer in list(self.net)[1:]:
-            if isinstance(layer, nn.LayerNorm):
+            if isinstance(layer, nn.LayerNorm) and self.norm == "features":  # over d: (g, d, b, n) -> (g, n, b, d) and back
+                x = F.layer_norm(x.transpose(1, 3), layer.normalized_shape, layer.weight, layer.bias, layer.eps).transpose(1, 3)
+            elif isinstance(layer, nn.LayerNorm):
                 x = F.layer_norm(x, layer.normalized_shape, layer.weight, layer.bias, layer.eps)
             elif isinstance(layer, nn.Conv1d):
                 w = layer.weight.view(g, layer.out_channels // g, -1)  # (g, out, in)
@@ -253,7 +270,8 @@ class Agglomerator(nn.Module):
         self.bottom_up = ColumnNet(d, c.levels, n, activation=nn.GELU)
         self.top_down = ColumnNet(d, c.levels - 1, n, activation=Sine)
         if c.levels_encoder:
-            self.levels_encoder = ColumnNet(d, c.levels, n, hidden_layers=3, out_dim=c.levels_encoder_dim)
+            self.levels_encoder = ColumnNet(d, c.levels, n, hidden_layers=3, out_dim=c.levels_encoder_dim,
+                                            norm=c.levels_encoder_norm)
         if c.contrastive_head:
             self.contrastive_head = nn.Sequential(
                 nn.LayerNorm(d),
