@@ -120,10 +120,19 @@ def main(argv) -> None:
         run_step(f"islands of {name}", ["src/main.py", *config, "--mode=islands", f"--load_checkpoint_dir={checkpoint}",
                                         "--islands_count=20", f"--output_dir={folder}"])
         scores[name] = json.loads((folder / "islands" / "scores.json").read_text())
+    animated = out / "islands_animated"
+    run_step("islands of sam_distill over the iterations", [
+        "src/main.py", *config, "--mode=islands", "--islands_animate", f"--load_checkpoint_dir={runs['sam_distill']}",
+        "--islands_count=1", f"--output_dir={animated}"])
     figure = sorted((out / "islands_sam_distill" / "islands").glob("*.png"))
     if FLAGS.readme_figure and figure:
-        Path(FLAGS.readme_figure).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(figure[len(figure) // 2], FLAGS.readme_figure)
+        target = Path(FLAGS.readme_figure)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(figure[len(figure) // 2], target)
+        for source, name in ((next((animated / "islands" / "iterations").glob("*_strip.png"), None), f"{target.stem}_strip.png"),
+                             (next((animated / "islands" / "iterations").glob("*.gif"), None), f"{target.stem}.gif")):
+            if source is not None:
+                shutil.copyfile(source, target.with_name(name))
 
     lines = [f"Toy demo: {FLAGS.train_per_class * 10} train / {FLAGS.val_per_class * 10} test images, 10 classes; "
              f"stage 1: {mask_note}; stage 2 (the teacher): {FLAGS.encoder}, {weights_note}, D = {dim}.", "",
@@ -136,7 +145,8 @@ def main(argv) -> None:
             if key in result:
                 cells = [f"{result[key][str(i)]['pair_corr']:.2f} / {result[key][str(i)]['ari']:.2f}" for i in range(3)]
                 lines.append(f"| {name} | {label} | " + " | ".join(cells) + " |")
-    lines += ["", f"Islands figures: {out}/islands_*/islands/*.png. Total time {time.perf_counter() - start:.0f} s."]
+    lines += ["", f"Islands figures: {out}/islands_*/islands/*.png; over the iterations (GIF and strip): "
+              f"{animated}/islands/iterations/. Total time {time.perf_counter() - start:.0f} s."]
     summary = "\n".join(lines)
     (out / "summary.md").write_text(summary + "\n")
     print("\n" + summary)

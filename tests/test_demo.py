@@ -26,3 +26,5 @@ def test_reduced_demo_runs_end_to_end(tmp_path):
 
     with Image.open(tmp_path / "figure.png") as image:
         assert image.format == "PNG" and image.size[0] > 200
+    with Image.open(tmp_path / "figure_strip.png") as strip, Image.open(tmp_path / "figure.gif") as gif:
+        assert strip.format == "PNG" and gif.format == "GIF" and gif.n_frames == 7  # initial state + 6 iterations
