@@ -107,8 +107,9 @@ def run_method(folder: Path, method: str, seed: int) -> dict:
         result["islands"] = json.loads((islands / "islands" / "scores.json").read_text())
     fine = folder / "finetune"
     resume = ["--resume_training", f"--load_checkpoint_dir={checkpoint}"] if checkpoint else []
+    architecture = FLAGS.pretrain_flags if checkpoint else []  # the backbone must be built as it was pretrained
     train_once(f"{method} seed {seed}: fine-tune", fine, [*common, "--supervise", *resume, f"--max_epochs={FLAGS.finetune_epochs}",
-                                                         *FLAGS.finetune_flags], FLAGS.overwrite, quiet=True)
+                                                         *architecture, *FLAGS.finetune_flags], FLAGS.overwrite, quiet=True)
     done = json.loads((fine / "results.json").read_text())
     result["test_accuracy"] = done["test"].get("test/accuracy")
     result["finetune_seconds"] = done["seconds"]

@@ -31,8 +31,8 @@ flags.DEFINE_string("out_dir", "runs/demo", "Where runs, figures and summary.md 
 flags.DEFINE_string("data_dir", "datasets", "The toy set is written to <data_dir>/toy.")
 flags.DEFINE_integer("train_per_class", 100, "Toy training images per class.")
 flags.DEFINE_integer("val_per_class", 30, "Toy validation (= test) images per class.")
-flags.DEFINE_integer("pretrain_epochs", 10, "Epochs of each pretraining.")
-flags.DEFINE_integer("finetune_epochs", 8, "Epochs of each classifier fine-tuning.")
+flags.DEFINE_integer("pretrain_epochs", 6, "Epochs of each pretraining (the toy study: 10).")
+flags.DEFINE_integer("finetune_epochs", 5, "Epochs of each classifier fine-tuning (the toy study: 8).")
 flags.DEFINE_string("encoder", OFFLINE_TEACHER_MODEL, "timm backbone of stage 2, the teacher (its features are the targets' D).")
 flags.DEFINE_enum("teacher", "package", list(TEACHERS),
                   f"Stage-2 weights: package (ImageNet weights shipped by the {OFFLINE_TEACHER_PACKAGE} pip package: "
