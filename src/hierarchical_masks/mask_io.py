@@ -21,6 +21,7 @@ array, and its metadata (``grid``, ``img_size``, ``patch_size``, ``levels``,
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import os
@@ -146,8 +147,12 @@ def free_bytes(folder: str | os.PathLike) -> int | None:
     return stat.f_bavail * stat.f_frsize
 
 
-def _megabytes(n: int) -> str:
-    return f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
+def format_bytes(n: int) -> str:
+    """``12.3 kB``, ``4.5 MB``, ``6.7 GB``: sizes in error messages."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n / 1e3:.1f} kB"
 
 
 def describe_write_error(exc: OSError, path: str | os.PathLike, size: int | None = None, what: str | None = None) -> str:
@@ -157,8 +162,8 @@ def describe_write_error(exc: OSError, path: str | os.PathLike, size: int | None
     line = f"cannot write {what or path.name} in {path.parent} ({reason})"
     if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         free = free_bytes(path.parent)
-        needed = f"needs {_megabytes(size)}" if size is not None else ""
-        free_text = f"{_megabytes(free)} free" if free is not None else ""
+        needed = f"needs {format_bytes(size)}" if size is not None else ""
+        free_text = f"{format_bytes(free)} free" if free is not None else ""
         if needed or free_text:
             line += f": {', '.join(t for t in (needed, free_text) if t)}"
         line += "; free some space (or raise the quota) and rerun"
@@ -193,18 +198,15 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes | memoryview) -> int
             os.fsync(handle.fileno())
         os.replace(tmp, path)
         tmp = None
-        _fsync_folder(path.parent)
-        return len(data)
-    except OSError as exc:
-        if exc.errno in DISK_ERRNOS:
+    except BaseException as exc:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.errno in DISK_ERRNOS:  # described after the unlink: free space is right
             raise OutputWriteError(describe_write_error(exc, path, len(data)), size=len(data)) from exc
         raise
-    finally:
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
+    _fsync_folder(path.parent)
+    return len(data)
 
 
 def _fsync_folder(folder: Path) -> None:

@@ -34,7 +34,7 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from hierarchical_masks.mask_io import ImageRecord, InputError, OutputWriteError, remove_stale_temporaries
+from hierarchical_masks.mask_io import ImageRecord, InputError, OutputWriteError, format_bytes, remove_stale_temporaries
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +185,7 @@ def disk_full_hint(error: OutputWriteError, out_root: str | os.PathLike, remaini
     file_bytes = file_bytes or error.size
     if not remaining or not file_bytes:
         return error
-    return OutputWriteError(f"{error}; the {remaining} image(s) left need about {remaining * file_bytes / 1e6:.1f} MB "
+    return OutputWriteError(f"{error}; the {remaining} image(s) left need about {format_bytes(remaining * file_bytes)} "
                             f"in {out_root} (finished files are kept and skipped on rerun)", size=error.size)
 
 
