@@ -22,7 +22,7 @@ from absl import app, flags
 
 from agglomerator.steps import run_step, train_once
 from hierarchical_masks.encoder_weights import OFFLINE_TEACHER_MODEL, OFFLINE_TEACHER_PACKAGE
-from hierarchical_masks.mask_io import list_image_folder, load_embeddings
+from hierarchical_masks.mask_io import atomic_write_bytes, list_image_folder, load_embeddings
 
 SRC = Path(__file__).resolve().parent
 FLAGS = flags.FLAGS
@@ -138,7 +138,7 @@ def main(argv) -> None:
                 lines.append(f"| {name} | {label} | " + " | ".join(cells) + " |")
     lines += ["", f"Islands figures: {out}/islands_*/islands/*.png. Total time {time.perf_counter() - start:.0f} s."]
     summary = "\n".join(lines)
-    (out / "summary.md").write_text(summary + "\n")
+    atomic_write_bytes(out / "summary.md", (summary + "\n").encode())
     print("\n" + summary)
 
 

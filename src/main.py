@@ -14,6 +14,7 @@ import contextlib
 import io
 import logging
 import os
+import signal
 import sys
 import time
 import warnings
@@ -155,8 +156,6 @@ def stops_reported(trainer, run_dir: Path, finished: bool = False):
     training: an ``OutputWriteError`` naming the folder and the space needed, plus the resume command
     (the previous ``last.ckpt`` is whole: checkpoints are written atomically).
     """
-    import signal
-
     from agglomerator.preemption import find_preemption_checkpoint
     from hierarchical_masks.mask_io import DISK_ERRNOS, OutputWriteError, describe_write_error
     from pytorch_lightning.utilities.exceptions import SIGTERMException
@@ -289,6 +288,7 @@ def main(argv) -> None:
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")  # tiny CPU runs set num_workers=0
     import pytorch_lightning as pl
     from hierarchical_masks.mask_io import DISK_ERRNOS, InputError, describe_write_error
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
 
     pl.seed_everything(FLAGS.seed, workers=True)
     try:
@@ -297,6 +297,9 @@ def main(argv) -> None:
         if os.environ.get("PARTWHOLE_DEBUG"):
             raise
         sys.exit(f"error: {one_line(exc)}")
+    except SIGTERMException:  # --mode test/freeze/islands (training reports its own stop): Lightning would exit 0
+        print("stopped by SIGTERM before the end; nothing is half-written: rerun the same command", file=sys.stderr, flush=True)
+        sys.exit(128 + signal.SIGTERM)
     except OSError as exc:  # disk full, quota, read-only folder: where Lightning or we write outside atomic_write_bytes
         if exc.errno not in DISK_ERRNOS or os.environ.get("PARTWHOLE_DEBUG"):
             raise

@@ -34,7 +34,15 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from hierarchical_masks.mask_io import ImageRecord, InputError, OutputWriteError, format_bytes, remove_stale_temporaries
+from hierarchical_masks.mask_io import (
+    DISK_ERRNOS,
+    ImageRecord,
+    InputError,
+    OutputWriteError,
+    describe_write_error,
+    format_bytes,
+    remove_stale_temporaries,
+)
 
 log = logging.getLogger(__name__)
 
@@ -251,8 +259,13 @@ def record_failure(out_root: str | os.PathLike, image_path: str | os.PathLike, r
     except FileNotFoundError:
         known = False
     if not known:
-        with open(failed, "a", encoding="utf-8") as handle:
-            handle.write(line)
+        try:
+            with open(failed, "a", encoding="utf-8") as handle:  # one short O_APPEND write: ranks do not mix lines
+                handle.write(line)
+        except OSError as exc:
+            if exc.errno not in DISK_ERRNOS:
+                raise
+            raise OutputWriteError(describe_write_error(exc, failed, len(line.encode())), size=len(line.encode())) from None
     log.warning("skipped %s: %s", image_path, reason)
 
 
