@@ -360,3 +360,94 @@ def test_main_help_lists_the_stage3_flags():
     result = subprocess.run([sys.executable, str(MAIN), "--help"], capture_output=True, text=True, env=ENV, timeout=120)
     for flag in ("--max_epochs", "--resume_training", "--load_checkpoint_dir", "--output_dir", "--patch_dim", "--flagfile"):
         assert flag in result.stdout, flag
+
+
+# --------------------------------------------------------------------------- the Lightning pieces alone, in-process
+
+
+class TinyRegression:
+    """A LightningModule of one linear layer that sends ``signum`` to its own process during step ``at_step``."""
+
+    @staticmethod
+    def build(at_step: int | None = None, signum: int = signal.SIGTERM):
+        import pytorch_lightning as pl
+
+        class Module(pl.LightningModule):
+            def __init__(self):
+                super().__init__()
+                self.layer = torch.nn.Linear(4, 1)
+                self.steps_run: list[int] = []
+
+            def training_step(self, batch, batch_idx):
+                self.steps_run.append(self.global_step)
+                if self.global_step == at_step:
+                    os.kill(os.getpid(), signum)
+                return torch.nn.functional.mse_loss(self.layer(batch[0]), batch[1])
+
+            def configure_optimizers(self):
+                return torch.optim.SGD(self.parameters(), lr=0.1)
+
+            def train_dataloader(self):
+                data = torch.utils.data.TensorDataset(torch.randn(8, 4), torch.randn(8, 1))
+                return torch.utils.data.DataLoader(data, batch_size=2)  # 4 steps per epoch
+
+        return Module()
+
+
+def tiny_trainer(folder: Path, callback):
+    import pytorch_lightning as pl
+
+    from agglomerator.checkpoint_io import AtomicCheckpointIO
+
+    return pl.Trainer(default_root_dir=folder, max_epochs=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, callbacks=[callback],
+                      plugins=[AtomicCheckpointIO()])
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_preemption_checkpoint_saves_at_the_step_boundary_and_resumes_there(tmp_path, signum):
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+    from agglomerator.preemption import PreemptionCheckpoint
+
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    callback = PreemptionCheckpoint(path)
+    module = TinyRegression.build(at_step=5, signum=signum)  # step 5 is the second of epoch 1
+    with pytest.raises(SIGTERMException):
+        tiny_trainer(tmp_path, callback).fit(module)
+    assert callback.signal_name == signal.Signals(signum).name and callback.saved_path == path
+    assert module.steps_run[-1] == 5  # the step in hand finished, no other began
+    checkpoint = torch.load(path, weights_only=True)
+    assert (checkpoint["global_step"], checkpoint["epoch"]) == (6, 1)
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # handlers restored
+    resumed_module = TinyRegression.build()
+    trainer = tiny_trainer(tmp_path, PreemptionCheckpoint(path))
+    trainer.fit(resumed_module, ckpt_path=path)
+    assert resumed_module.steps_run == list(range(6, 12)) and trainer.global_step == 12  # none lost, none redone
+
+
+def test_atomic_checkpoint_io_on_a_full_disk_keeps_the_previous_checkpoint(tmp_path):
+    from agglomerator.checkpoint_io import AtomicCheckpointIO
+
+    io_plugin = AtomicCheckpointIO()
+    with small_filesystem(tmp_path / "fs", "1m") as fs:
+        path = fs / "checkpoints" / "last.ckpt"
+        io_plugin.save_checkpoint({"step": 1, "weights": torch.zeros(1000)}, path)
+        fill(fs, leave=16 * 1024)
+        with pytest.raises(OutputWriteError, match=r"cannot write last.ckpt in .*/checkpoints \(No space left on device\): needs 40\d.\d kB"):
+            io_plugin.save_checkpoint({"step": 2, "weights": torch.zeros(100_000)}, path)
+        assert io_plugin.load_checkpoint(path, weights_only=True)["step"] == 1
+        assert sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt"]
+
+
+def test_slurm_auto_requeue_is_off_under_slurm(monkeypatch):
+    from lightning_fabric.plugins.environments import SLURMEnvironment
+
+    from agglomerator.preemption import cluster_plugins
+
+    monkeypatch.delenv("SLURM_NTASKS", raising=False)
+    assert cluster_plugins() == []
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    monkeypatch.setenv("SLURM_JOB_NAME", "train")
+    [environment] = cluster_plugins()
+    assert isinstance(environment, SLURMEnvironment) and environment.auto_requeue is False

@@ -70,13 +70,18 @@ class PreemptionCheckpoint(Callback):
         if callable(handler):
             handler(signal.SIGTERM, frame)
 
-    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
-        # Runs before Lightning registers its SIGTERM handler, which then also restores ours on teardown.
-        if stage != "fit" or threading.current_thread() is not threading.main_thread():
+    def _install_signals(self) -> None:
+        # After Lightning registered its SIGTERM handler (so its teardown, which restores the handlers it
+        # found, also removes ours); in the main thread only, and never over someone else's handler.
+        if self._previous or threading.current_thread() is not threading.main_thread():
             return
         for signum in EXTRA_STOP_SIGNALS:
-            if signal.getsignal(signum) in (signal.SIG_DFL, None):  # leave a handler someone else installed
+            if signal.getsignal(signum) in (signal.SIG_DFL, None):
                 self._previous[signum] = signal.signal(signum, self._route_to_sigterm)
+
+    def on_sanity_check_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if trainer.state.fn == TrainerFn.FITTING:
+            self._install_signals()
 
     def _restore_signals(self) -> None:
         for signum, handler in self._previous.items():
@@ -88,6 +93,7 @@ class PreemptionCheckpoint(Callback):
 
     # -- the checkpoint
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._install_signals()
         self._start_step = trainer.global_step  # after a resume: the restored step
 
     def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
