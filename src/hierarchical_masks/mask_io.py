@@ -10,7 +10,10 @@ Every stage reads and writes these files only through this module:
 
 Pickles on disk are untrusted: they are opened only through
 :class:`RestrictedUnpickler`, which allows numpy arrays and plain containers and
-refuses anything else. Writes are atomic (temporary name, then rename).
+refuses anything else. Writes are atomic (:func:`atomic_write_bytes`: a temporary
+file beside the target, fsync, rename); a full disk or read-only folder is an
+:class:`OutputWriteError`, and :func:`remove_stale_temporaries` clears what killed
+writers left.
 
 Mask format (ours, lossless): a pickled ``dict`` with ``format`` set to
 :data:`MASK_FORMAT`, the bit-packed and zlib-compressed ``(N, 3, H, W)`` bool
@@ -155,11 +158,11 @@ def format_bytes(n: int) -> str:
     return f"{n / 1e3:.1f} kB"
 
 
-def describe_write_error(exc: OSError, path: str | os.PathLike, size: int | None = None, what: str | None = None) -> str:
-    """One line for a failed write of ``path``: the folder, what was written, the reason and (if known) the space."""
+def describe_write_error(exc: OSError, path: str | os.PathLike, size: int | None = None) -> str:
+    """One line for a failed write of ``path``: the file, its folder, the reason and (if known) the space."""
     path = Path(path)
     reason = exc.strerror or type(exc).__name__
-    line = f"cannot write {what or path.name} in {path.parent} ({reason})"
+    line = f"cannot write {path.name} in {path.parent} ({reason})"
     if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         free = free_bytes(path.parent)
         needed = f"needs {format_bytes(size)}" if size is not None else ""
