@@ -70,8 +70,7 @@ def main(argv) -> None:
     if stamp.is_file() and json.loads(stamp.read_text()).get("teacher") != teacher and not FLAGS.overwrite:
         raise app.UsageError(f"{out} holds a demo run with teacher {json.loads(stamp.read_text())['teacher']}; "
                              f"pass another --out_dir or --overwrite for teacher {teacher}")
-    out.mkdir(parents=True, exist_ok=True)
-    stamp.write_text(json.dumps({"teacher": teacher}) + "\n")
+    atomic_write_bytes(stamp, (json.dumps({"teacher": teacher}) + "\n").encode())
 
     run_step("generate the toy dataset", [str(SRC / "make_toy_dataset.py"), f"--out_dir={toy}",
                                           f"--train_per_class={FLAGS.train_per_class}", f"--val_per_class={FLAGS.val_per_class}"])
