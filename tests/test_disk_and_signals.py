@@ -329,14 +329,15 @@ def test_training_into_a_read_only_folder_is_one_line(tmp_path):
 def test_sigterm_during_training_saves_a_checkpoint_and_the_printed_command_resumes_at_that_step(tmp_path):
     make_image_folder(tmp_path, per_class=4)  # 2 steps per epoch
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen(train_args(tmp_path, run_dir, "--max_epochs=200"), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=ENV)
+    # Loader processes too, and the signal to the whole process group, as a cluster sends it.
+    proc = subprocess.Popen(train_args(tmp_path, run_dir, "--max_epochs=200", "--num_workers=2"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=ENV, start_new_session=True)
     last = run_dir / "checkpoints" / "last.ckpt"
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None and not last.is_file():
         time.sleep(0.05)
     time.sleep(0.3)  # somewhere in the second epoch or later: a step, validation or an epoch end
-    proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, stderr[-2000:]  # not 0: the run is not finished
     line = last_line(stderr)

@@ -54,6 +54,7 @@ from hierarchical_masks.per_image_runner import (
     StopOnSignal,
     WorkerContext,
     disk_full_hint,
+    end_loader_workers_at_exit,
     ignore_stop_signals,
     keep_freed_memory,
     plan_work,
@@ -279,6 +280,8 @@ def embed_folder(cfg: EmbedFolderConfig, inputs: CheckedInputs, worker: WorkerCo
              worker.rank, worker.world_size, len(todo), skipped, device, encoder.precision, encoder.batch_size, num_workers, cfg.crop)
 
     dataset = MaskedImageDataset(todo, cfg, inputs.num_points, cfg.mask_path(inputs.records[0]))
+    if num_workers:
+        end_loader_workers_at_exit()  # they ignore SIGTERM: see ignore_stop_signals
     loader = DataLoader(dataset, batch_size=None, shuffle=False, num_workers=num_workers,
                         pin_memory=device.type == "cuda", prefetch_factor=4 if num_workers else None,
                         worker_init_fn=ignore_stop_signals if num_workers else None)

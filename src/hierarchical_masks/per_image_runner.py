@@ -183,9 +183,41 @@ class StopOnSignal:
 
 def ignore_stop_signals(worker_id: int) -> None:
     """DataLoader ``worker_init_fn``: loader processes ignore SIGTERM/SIGUSR1 (a cluster signals the whole
-    process group); the main process decides when to stop and shuts them down."""
+    process group); the main process decides when to stop and shuts them down.
+
+    Use it with :func:`end_loader_workers_at_exit` in the main process.
+    """
     for signum in StopOnSignal.SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
+
+
+_LOADER_REAPER_REGISTERED = False
+
+
+def end_loader_workers_at_exit() -> None:
+    """Make sure DataLoader processes that ignore SIGTERM end when this process exits (register once).
+
+    At exit, multiprocessing terminates the daemonic processes still running (SIGTERM) and waits
+    for them; loader processes started with :func:`ignore_stop_signals` would make it wait forever
+    (Lightning does not always shut a loader down when training stops on an exception). This exit
+    handler, registered after multiprocessing's and so run before it, kills them (SIGKILL) first:
+    every daemonic multiprocessing child still alive, which in this project means loader processes
+    (DDP ranks are started by Lightning as subprocesses, not multiprocessing children).
+    """
+    global _LOADER_REAPER_REGISTERED
+    if _LOADER_REAPER_REGISTERED:
+        return
+    import atexit
+    import multiprocessing
+
+    def kill_loader_workers() -> None:
+        for child in multiprocessing.active_children():
+            if child.daemon:
+                child.kill()
+                child.join(timeout=10)
+
+    atexit.register(kill_loader_workers)
+    _LOADER_REAPER_REGISTERED = True
 
 
 def disk_full_hint(error: OutputWriteError, out_root: str | os.PathLike, remaining: int, file_bytes: int | None) -> OutputWriteError:
