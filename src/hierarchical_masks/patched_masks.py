@@ -22,7 +22,6 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import tempfile
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Sequence
@@ -33,13 +32,24 @@ if __package__ in (None, ""):  # run as a script: make ``src/`` importable
 import numpy as np
 import torch
 
-from hierarchical_masks.mask_io import ImageRecord, InputError, list_image_folder, load_rgb_image, save_masks
+from hierarchical_masks.mask_io import (
+    ImageRecord,
+    InputError,
+    OutputWriteError,
+    list_image_folder,
+    load_rgb_image,
+    save_masks,
+)
 from hierarchical_masks.per_image_runner import (
+    Interrupted,
     Progress,
+    StopOnSignal,
     WorkerContext,
     batched,
+    disk_full_hint,
     launch_workers,
     plan_work,
+    prepare_output_folder,
     record_failure,
     resolve_device,
 )
@@ -57,18 +67,6 @@ from hierarchical_masks.sam_points import (
 log = logging.getLogger(__name__)
 
 DEFAULT_CHECKPOINT = "sam_vit_h_4b8939.pth"
-
-
-def check_writable(out_root: str | os.PathLike) -> Path:
-    """Create ``out_root`` if needed and prove a file can be written there."""
-    out_root = Path(out_root)
-    try:
-        out_root.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out_root):
-            pass
-    except OSError as exc:
-        raise InputError(f"--out_data_path={out_root}: cannot write there ({exc.strerror}); choose a writable folder") from None
-    return out_root
 
 
 def _load_batch(records: Sequence[ImageRecord], masker: PointGridMasker, skip_bad_images: bool):
@@ -104,32 +102,47 @@ def write_patched_masks(
     Images are read one batch ahead and files are compressed and written in
     background threads while SAM runs on the next batch. A bad image raises
     :class:`InputError`, or with ``skip_bad_images`` goes to ``failed.txt``.
+    SIGTERM or SIGUSR1 (:class:`StopOnSignal`) let the batch in hand finish and
+    be written, then raise :class:`Interrupted`.
 
     Returns:
         the closed :class:`Progress` (its counts and summary line).
+
+    Raises:
+        OutputWriteError: the disk is full (or the folder read-only): the message
+            says how much the remaining images need; finished files are kept.
     """
     worker = worker or WorkerContext(device=masker.sam.device)
     todo, skipped = plan_work(records, out_root, rank=worker.rank, world_size=worker.world_size, overwrite=overwrite)
     progress = Progress("patched_masks", len(todo), skipped, rank=worker.rank, enabled=show_progress)
     batches = list(batched(todo, batch_size))
     meta = meta or {}
-    try:
-        _write_batches(batches, out_root, masker, progress, skip_bad_images, meta)
-    except BaseException:
-        progress.bar.close()  # leave the error message as the last line
-        raise
+    with StopOnSignal() as stop:
+        try:
+            _write_batches(batches, out_root, masker, progress, skip_bad_images, meta, stop)
+        except OutputWriteError as exc:
+            progress.bar.close()
+            raise disk_full_hint(exc, out_root, len(todo) - progress.done, progress.mean_file_bytes) from None
+        except BaseException:
+            progress.bar.close()  # leave the error message as the last line
+            raise
     progress.close()
+    if stop.requested and progress.done < len(todo):
+        raise Interrupted(stop.signum, progress.written, len(todo) - progress.done)
     return progress
 
 
 def _write_batches(
-    batches: list, out_root: str | os.PathLike, masker: PointGridMasker, progress: Progress, skip_bad_images: bool, meta: dict
+    batches: list, out_root: str | os.PathLike, masker: PointGridMasker, progress: Progress, skip_bad_images: bool, meta: dict,
+    stop: StopOnSignal,
 ) -> None:
-    """The pipelined loop of :func:`write_patched_masks`: read ahead, compute, write behind."""
+    """The pipelined loop of :func:`write_patched_masks`: read ahead, compute, write behind; ends early on ``stop``."""
     with ThreadPoolExecutor(max_workers=1) as reader, ThreadPoolExecutor(max_workers=2) as writer:
         next_load = reader.submit(_load_batch, batches[0], masker, skip_bad_images) if batches else None
         writing: list[Future] = []
         for index in range(len(batches)):
+            if stop.requested:  # the batches computed so far are written below
+                break
             kept, inputs, failures = next_load.result()
             if index + 1 < len(batches):
                 next_load = reader.submit(_load_batch, batches[index + 1], masker, skip_bad_images)
@@ -140,11 +153,9 @@ def _write_batches(
             previous = writing
             writing = [writer.submit(save_masks, r.output_path(out_root), m, **meta) for r, m in zip(kept, masks)]
             for future in previous:  # at most one batch of files in flight
-                future.result()
-            progress.update(written=len(previous))
+                progress.update(written=1, nbytes=future.result())
         for future in writing:
-            future.result()
-        progress.update(written=len(writing))
+            progress.update(written=1, nbytes=future.result())
 
 
 def run(
@@ -181,7 +192,7 @@ def run(
     records = list_image_folder(in_data_path)
     if not records:
         raise InputError(f"--in_data_path={in_data_path}: no images in its class folders (expected <root>/<class>/<image>, e.g. datasets/imagenette2/val)")
-    check_writable(out_data_path)
+    prepare_output_folder(out_data_path)  # also removes temporary files a killed run left
     if sam_checkpoint is not None:
         require_checkpoint_file(sam_checkpoint, sam_model_type)  # its fit is checked when each worker loads it
 
@@ -276,6 +287,9 @@ def main(argv: Sequence[str]) -> int:
     except (InputError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except Interrupted as exc:
+        print(f"patched_masks: {exc}", file=sys.stderr)
+        return 128 + exc.signum
     return 0
 
 
