@@ -43,6 +43,7 @@ from hierarchical_masks.per_image_runner import (
     record_failure,
     resolve_device,
 )
+from hierarchical_masks.sam_attention import ATTENTIONS
 from hierarchical_masks.sam_points import (
     POINT_LABELS,
     PRECISIONS,
@@ -158,6 +159,8 @@ def run(
     patch_size: int = 16,
     point_labels: str = "foreground",
     precision: str = "fp32",
+    attention: str = "sdpa",
+    compile_encoder: bool = False,
     batch_size: int = 8,
     points_per_batch: int = 196,
     overwrite: bool = False,
@@ -174,6 +177,7 @@ def run(
     patch_grid_points(img_size, patch_size)  # raises on img_size % patch_size
     check_choice("point_labels", point_labels, POINT_LABELS)
     check_choice("precision", precision, PRECISIONS)
+    check_choice("attention", attention, ATTENTIONS)
     check_choice("sam_model_type", sam_model_type, SAM_BUILDERS)
     if batch_size < 1 or points_per_batch < 1:
         raise ValueError(f"--batch_size={batch_size} and --points_per_batch={points_per_batch} must be >= 1")
@@ -186,9 +190,15 @@ def run(
         require_checkpoint_file(sam_checkpoint, sam_model_type)  # its fit is checked when each worker loads it
 
     worker = launch_workers(device, num_processes, num_nodes)
-    sam = build_sam(sam_model_type, sam_checkpoint).to(worker.device)
+    sam = build_sam(sam_model_type, sam_checkpoint, attention=attention).to(worker.device)
     masker = PointGridMasker(
-        sam, img_size=img_size, patch_size=patch_size, point_labels=point_labels, precision=precision, points_per_batch=points_per_batch
+        sam,
+        img_size=img_size,
+        patch_size=patch_size,
+        point_labels=point_labels,
+        precision=precision,
+        points_per_batch=points_per_batch,
+        compile_encoder=compile_encoder,
     )
     meta = dict(
         grid=img_size // patch_size,
@@ -235,6 +245,10 @@ def define_flags() -> None:
         "point_labels", "foreground", list(POINT_LABELS), "foreground: label 1 per point; reference: label k for point k, as the reference"
     )
     flags.DEFINE_enum("precision", "fp32", list(PRECISIONS), "SAM forward precision (autocast)")
+    flags.DEFINE_enum(
+        "attention", "sdpa", list(ATTENTIONS), "image-encoder attention: sdpa (fused kernels, same maths) or reference (segment_anything's)"
+    )
+    flags.DEFINE_boolean("compile", False, "torch.compile the image encoder (pays off on GPUs after a compile pause; off on CPU)")
     flags.DEFINE_integer("batch_size", 8, "images per image-encoder forward")
     flags.DEFINE_integer("points_per_batch", 196, "point prompts per mask-decoder call (lower it if memory runs out)")
     flags.DEFINE_boolean("overwrite", False, "recompute masks that already exist")
@@ -266,6 +280,8 @@ def main(argv: Sequence[str]) -> int:
             patch_size=FLAGS.patch_size,
             point_labels=FLAGS.point_labels,
             precision=FLAGS.precision,
+            attention=FLAGS.attention,
+            compile_encoder=FLAGS.compile,
             batch_size=FLAGS.batch_size,
             points_per_batch=FLAGS.points_per_batch,
             overwrite=FLAGS.overwrite,
