@@ -9,7 +9,7 @@
 #             bf16 + SDPA attention / + torch.compile, and each variant's masks vs the reference's
 #   stage2    bench/embeds_throughput.py: maxvit_rmlp_pico_rw_256 (random weights) vs the reference loop
 #   stage3    bench/train_throughput.py: config_IMAGENETTE model step vs the reference maths, +- compile
-#   e2e       bench/end_to_end.py: stages 1-3 through their CLIs on 400 generated 64 px toy images
+#   e2e       bench/end_to_end.py: stages 1-3 through their CLIs on 200 generated 64 px toy images
 # Every figure is printed beside its baseline measured in the same run, with the device and the
 # torch version. Logs and the table go to --out (default runs/gpu_suite/): table.md, logs.tar.gz.
 #
@@ -24,14 +24,15 @@
 # CPU dry run (tiny models, a handful of images, about a minute; tests/test_gpu_suite.py runs it):
 #        bash bench/gpu_suite.sh --dry_run
 #
-# Options: --dry_run, --out DIR, --budget SECONDS. Environment: PYTHON (default python3).
+# Options: --dry_run, --out DIR, --budget SECONDS (default 470; 900 for the dry run).
+# Environment: PYTHON (default python3).
 
 set -uo pipefail  # no -e: a failing step must not stop the suite
 cd "$(dirname "$0")/.."
 
 DRY_RUN=0
 OUT_DIR=runs/gpu_suite
-BUDGET_S=470
+BUDGET_S=""
 while (($#)); do
     case $1 in
         --dry_run) DRY_RUN=1 ;;
@@ -44,6 +45,9 @@ while (($#)); do
     shift
 done
 
+# the real suite must fit 8 minutes of a lent machine; the dry run checks that every row still prints, however
+# slow a shared CPU is today
+BUDGET_S=${BUDGET_S:-$((DRY_RUN ? 900 : 470))}
 PY=${PYTHON:-python3}
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_suite.XXXXXX")
 START=$(date +%s)
@@ -110,8 +114,8 @@ cat "$WORK/header.txt"
 
 # ----------------------------------------------------------------------------- pytest -m gpu
 expect pytest gpu_tests "pytest -m gpu"
-step pytest 90 env CUDA_VISIBLE_DEVICES="${CUDA_VISIBLE_DEVICES-0}" \
-    "$PY" -m pytest -q -m gpu -p no:cacheprovider --junitxml="$WORK/pytest.xml" tests/
+step pytest 75 env CUDA_VISIBLE_DEVICES="${CUDA_VISIBLE_DEVICES-0}" "$PY" -m pytest -q -m gpu -p no:cacheprovider \
+    --continue-on-collection-errors --junitxml="$WORK/pytest.xml" tests/
 "$PY" bench/suite_table.py --junit "$WORK/pytest.xml" --key gpu_tests >>"$WORK/pytest.jsonl" 2>>"$WORK/pytest.log"
 
 # ----------------------------------------------------------------------------- stage 1
@@ -120,7 +124,7 @@ for v in "${VARIANTS[@]}"; do expect stage1 "$v" "stage 1 masks, ours $v"; done
 if ((DRY_RUN)); then
     STAGE1=(--device cpu --model_type vit_tiny --num_images 2 --warmup 1 --batch_size 2 --reference_batch 2 --compile_backend eager)
 else
-    STAGE1=(--device cuda --model_type vit_h --num_images 64 --warmup 8 --batch_size 16 --reference_batch 5)
+    STAGE1=(--device cuda --model_type vit_h --num_images 48 --warmup 8 --batch_size 8 --reference_batch 5)
 fi
 step stage1 200 "$PY" bench/masks_throughput.py "${STAGE1[@]}" "${VARIANTS[@]/#/--ours=}" --summary_json "$WORK/stage1.jsonl"
 
@@ -133,7 +137,7 @@ else
     FAST=(fast:bf16:256 fast:fp32:256)
 fi
 for key in "${FAST[@]}"; do expect stage2 "$key" "stage 2 masked images, ours ${key#fast:}"; done
-step stage2 100 "$PY" bench/embeds_throughput.py "${STAGE2[@]}" --precision bf16 --also_fp32 --rounds 1 \
+step stage2 75 "$PY" bench/embeds_throughput.py "${STAGE2[@]}" --precision bf16 --also_fp32 --rounds 1 \
     --summary_json "$WORK/stage2.jsonl"
 
 # ----------------------------------------------------------------------------- stage 3
@@ -143,16 +147,16 @@ if ((DRY_RUN)); then
 else
     STAGE3=(--device cuda --batch_size 128 --warmup 3 --iters 10 --compile)
 fi
-step stage3 120 "$PY" bench/train_throughput.py "${STAGE3[@]}" --summary_json "$WORK/stage3.jsonl"
+step stage3 90 "$PY" bench/train_throughput.py "${STAGE3[@]}" --summary_json "$WORK/stage3.jsonl"
 
 # ----------------------------------------------------------------------------- end to end
 for key in data stage1 stage2 stage3 total; do expect e2e "$key" "end to end: $key"; done
 if ((DRY_RUN)); then
     E2E=(--device cpu --sam_model_type vit_tiny --encoder test_vit --train_per_class 1 --val_per_class 1 --num_workers 0)
 else
-    E2E=(--device cuda --sam_model_type vit_h --train_per_class 30 --val_per_class 10)
+    E2E=(--device cuda --sam_model_type vit_h --train_per_class 15 --val_per_class 5)
 fi
-step e2e 120 "$PY" bench/end_to_end.py "${E2E[@]}" --summary_json "$WORK/e2e.jsonl"
+step e2e 100 "$PY" bench/end_to_end.py "${E2E[@]}" --summary_json "$WORK/e2e.jsonl"
 
 # ----------------------------------------------------------------------------- the table
 echo
