@@ -122,9 +122,10 @@ step pytest 75 env CUDA_VISIBLE_DEVICES="${CUDA_VISIBLE_DEVICES-0}" "$PY" -m pyt
 VARIANTS=(fp32:reference fp32:sdpa bf16:reference bf16:sdpa bf16:sdpa:compile)
 for v in "${VARIANTS[@]}"; do expect stage1 "$v" "stage 1 masks, ours $v"; done
 if ((DRY_RUN)); then
-    STAGE1=(--device cpu --model_type vit_tiny --num_images 2 --warmup 1 --batch_size 2 --reference_batch 2 --compile_backend eager)
+    STAGE1=(--device cpu --model_type vit_tiny --num_images 2 --warmup 1 --batch_size 2 --reference_batch 2 --compile_backend eager
+        --model_only)
 else
-    STAGE1=(--device cuda --model_type vit_h --num_images 48 --warmup 8 --batch_size 8 --reference_batch 5)
+    STAGE1=(--device cuda --model_type vit_h --num_images 48 --warmup 8 --batch_size 8 --reference_batch 5 --model_only)
 fi
 step stage1 200 "$PY" bench/masks_throughput.py "${STAGE1[@]}" "${VARIANTS[@]/#/--ours=}" --summary_json "$WORK/stage1.jsonl"
 
