@@ -21,7 +21,8 @@
 #        run(command="bash bench/gpu_suite.sh --out $OUT", carry=[".whl"], timeout_s=560)
 #      The script installs .whl/segment_anything-*.whl (into a temporary folder on PYTHONPATH)
 #      when segment_anything is missing. $OUT comes back with table.md and logs.tar.gz.
-# CPU dry run (tiny models, a handful of images, about a minute; tests/test_gpu_suite.py runs it):
+# CPU dry run (tiny models, 20 images; 2 minutes on 2 cores shared with other jobs, about 85 s of CPU
+# time; tests/test_gpu_suite.py runs it and checks every row has a figure):
 #        bash bench/gpu_suite.sh --dry_run
 #
 # Options: --dry_run, --out DIR, --budget SECONDS (default 470; 900 for the dry run).
