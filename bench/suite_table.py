@@ -54,7 +54,7 @@ def table(work: Path) -> str:
         rows_file = work / f"{step}.jsonl"
         if rows_file.is_file():
             rows = [json.loads(line) for line in rows_file.read_text().splitlines() if line.strip()]
-        found = [row for row in rows if row.get("key") == key]
+        found = [row for row in rows if row.get("key") == key and row.get("value") is not None]
         if not found:
             lines.append(f"| {step} | {description} | - | - | - | no figure: step {status} (log: {step}.log) |")
             continue

@@ -62,3 +62,14 @@ def test_dry_run_prints_the_table_with_every_row(tmp_path):
     keys = {step: [json.loads(line)["key"] for line in (work / f"{step}.jsonl").read_text().splitlines()] for step in STEPS}
     for step, expected in STEPS.items():
         assert set(expected) <= set(keys[step]), (step, keys[step])
+
+
+def test_a_spent_budget_skips_steps_but_the_table_still_lists_every_row(tmp_path):
+    env = {**os.environ, "PYTHON": sys.executable, "TMPDIR": str(tmp_path)}
+    proc = subprocess.run(["bash", str(REPO / "bench" / "gpu_suite.sh"), "--dry_run", "--budget", "1", "--out", str(tmp_path / "out")],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table_rows = [line for line in (tmp_path / "out" / "table.md").read_text().splitlines()
+                  if line.startswith("| ") and not line.startswith(("| step", "| ---"))]
+    assert len(table_rows) == sum(map(len, STEPS.values()))
+    assert all("no figure: step skipped (suite budget of 1 s spent)" in row for row in table_rows), "\n".join(table_rows)
