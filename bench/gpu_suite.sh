@@ -115,7 +115,7 @@ cat "$WORK/header.txt"
 
 # ----------------------------------------------------------------------------- pytest -m gpu
 expect pytest gpu_tests "pytest -m gpu"
-step pytest 75 env CUDA_VISIBLE_DEVICES="${CUDA_VISIBLE_DEVICES-0}" "$PY" -m pytest -q -m gpu -p no:cacheprovider \
+step pytest 100 env CUDA_VISIBLE_DEVICES="${CUDA_VISIBLE_DEVICES-0}" "$PY" -m pytest -q -m gpu -p no:cacheprovider \
     --continue-on-collection-errors --junitxml="$WORK/pytest.xml" tests/
 "$PY" bench/suite_table.py --junit "$WORK/pytest.xml" --key gpu_tests >>"$WORK/pytest.jsonl" 2>>"$WORK/pytest.log"
 
