@@ -21,7 +21,7 @@
 #        run(command="bash bench/gpu_suite.sh --out $OUT", carry=[".whl"], timeout_s=560)
 #      The script installs .whl/segment_anything-*.whl (into a temporary folder on PYTHONPATH)
 #      when segment_anything is missing. $OUT comes back with table.md and logs.tar.gz.
-# CPU dry run (tiny models, 20 images; 2 minutes on 2 cores shared with other jobs, about 85 s of CPU
+# CPU dry run (tiny models, 20 images; 1.5-2.5 minutes on 2 cores shared with other jobs, about 85 s of CPU
 # time; tests/test_gpu_suite.py runs it and checks every row has a figure):
 #        bash bench/gpu_suite.sh --dry_run
 #
