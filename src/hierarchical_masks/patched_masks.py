@@ -53,6 +53,7 @@ from hierarchical_masks.per_image_runner import (
     record_failure,
     resolve_device,
 )
+from hierarchical_masks.sam_attention import ATTENTIONS
 from hierarchical_masks.sam_points import (
     POINT_LABELS,
     PRECISIONS,
@@ -132,12 +133,22 @@ def write_patched_masks(
     return progress
 
 
+def writer_threads() -> int:
+    """Threads that compress and write mask files: half the CPU cores, 2 to 8.
+
+    Packing and zlib take ~0.1 s per 224 px image on one core, so two threads
+    cap a run near 20 images/s, under what one GPU computes; zlib releases
+    the GIL, so more threads write more files at once.
+    """
+    return min(8, max(2, (os.cpu_count() or 2) // 2))
+
+
 def _write_batches(
     batches: list, out_root: str | os.PathLike, masker: PointGridMasker, progress: Progress, skip_bad_images: bool, meta: dict,
     stop: StopOnSignal,
 ) -> None:
     """The pipelined loop of :func:`write_patched_masks`: read ahead, compute, write behind; ends early on ``stop``."""
-    with ThreadPoolExecutor(max_workers=1) as reader, ThreadPoolExecutor(max_workers=2) as writer:
+    with ThreadPoolExecutor(max_workers=1) as reader, ThreadPoolExecutor(max_workers=writer_threads()) as writer:
         next_load = reader.submit(_load_batch, batches[0], masker, skip_bad_images) if batches else None
         writing: list[Future] = []
         for index in range(len(batches)):
@@ -169,6 +180,8 @@ def run(
     patch_size: int = 16,
     point_labels: str = "foreground",
     precision: str = "fp32",
+    attention: str = "sdpa",
+    compile_encoder: bool = False,
     batch_size: int = 8,
     points_per_batch: int = 196,
     overwrite: bool = False,
@@ -185,6 +198,7 @@ def run(
     patch_grid_points(img_size, patch_size)  # raises on img_size % patch_size
     check_choice("point_labels", point_labels, POINT_LABELS)
     check_choice("precision", precision, PRECISIONS)
+    check_choice("attention", attention, ATTENTIONS)
     check_choice("sam_model_type", sam_model_type, SAM_BUILDERS)
     if batch_size < 1 or points_per_batch < 1:
         raise ValueError(f"--batch_size={batch_size} and --points_per_batch={points_per_batch} must be >= 1")
@@ -197,9 +211,15 @@ def run(
         require_checkpoint_file(sam_checkpoint, sam_model_type)  # its fit is checked when each worker loads it
 
     worker = launch_workers(device, num_processes, num_nodes)
-    sam = build_sam(sam_model_type, sam_checkpoint).to(worker.device)
+    sam = build_sam(sam_model_type, sam_checkpoint, attention=attention).to(worker.device)
     masker = PointGridMasker(
-        sam, img_size=img_size, patch_size=patch_size, point_labels=point_labels, precision=precision, points_per_batch=points_per_batch
+        sam,
+        img_size=img_size,
+        patch_size=patch_size,
+        point_labels=point_labels,
+        precision=precision,
+        points_per_batch=points_per_batch,
+        compile_encoder=compile_encoder,
     )
     meta = dict(
         grid=img_size // patch_size,
@@ -246,6 +266,10 @@ def define_flags() -> None:
         "point_labels", "foreground", list(POINT_LABELS), "foreground: label 1 per point; reference: label k for point k, as the reference"
     )
     flags.DEFINE_enum("precision", "fp32", list(PRECISIONS), "SAM forward precision (autocast)")
+    flags.DEFINE_enum(
+        "attention", "sdpa", list(ATTENTIONS), "image-encoder attention: sdpa (fused kernels, same maths) or reference (segment_anything's)"
+    )
+    flags.DEFINE_boolean("compile", False, "torch.compile the image encoder (pays off on GPUs after a compile pause; off on CPU)")
     flags.DEFINE_integer("batch_size", 8, "images per image-encoder forward")
     flags.DEFINE_integer("points_per_batch", 196, "point prompts per mask-decoder call (lower it if memory runs out)")
     flags.DEFINE_boolean("overwrite", False, "recompute masks that already exist")
@@ -277,6 +301,8 @@ def main(argv: Sequence[str]) -> int:
             patch_size=FLAGS.patch_size,
             point_labels=FLAGS.point_labels,
             precision=FLAGS.precision,
+            attention=FLAGS.attention,
+            compile_encoder=FLAGS.compile,
             batch_size=FLAGS.batch_size,
             points_per_batch=FLAGS.points_per_batch,
             overwrite=FLAGS.overwrite,
