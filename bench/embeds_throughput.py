@@ -48,6 +48,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from hierarchical_masks.embed_folder import (  # noqa: E402
     EmbedFolderConfig,
@@ -65,6 +66,7 @@ from hierarchical_masks.mask_embedding import (  # noqa: E402
 )
 from hierarchical_masks.mask_io import list_image_folder, load_masks, load_rgb_image, save_masks  # noqa: E402
 from hierarchical_masks.per_image_runner import keep_freed_memory  # noqa: E402
+from suite_table import save_rows  # noqa: E402
 
 
 def sam_like_masks(rng: np.random.Generator, grid: int, size: int) -> np.ndarray:
@@ -108,6 +110,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="also time the bare model forward (ready input tensors: no files, masks or transform) "
                              "at the first fast path's precision and batch: the most any pipeline could reach")
     parser.add_argument("--rounds", type=int, default=3, help="alternating timing rounds; the best of each path counts")
+    parser.add_argument("--summary_json", default=None, help="append the figures as JSON lines here (bench/suite_table.py)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: time one path in this process
     parser.add_argument("--root", default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -249,9 +252,13 @@ def main() -> None:
     print(f"reference loop, idealised (batches of {args.reference_batch}, fp32, autograd off, inputs read once): "
           f"{ref_rate:.2f} masked images/s (best of {args.rounds})")
     print(f"reference script's loop as written (autograd on, image and masks re-read per level): {written_rate:.2f} masked images/s")
-    rows = []
+    rows, summary = [], []
     for path in fast_paths:
         rate, cos = max(rates[path]), min_cosine(cosines[path], reference)
+        summary.append(dict(key=path, name=f"stage 2 {args.model}, ours {labels[path]}", value=rate, unit="masked img/s",
+                            baseline=f"reference loop (idealised, fp32, batch {args.reference_batch})", baseline_value=ref_rate,
+                            note=f"{rate / written_rate:.2f}x the loop as written ({written_rate:.3g}/s); min cosine {cos:.4f}; "
+                                 f"{images}x{grid * grid}x3 masked images, best of {args.rounds}"))
         print(f"fast path ({labels[path]}): {rate:.2f} masked images/s: {rate / ref_rate:.2f}x the idealised reference "
               f"loop, {rate / written_rate:.2f}x the loop as written; min cosine vs reference {cos:.5f}")
         rows.append(f"| {device.type}{'' if cuda else f', {threads} threads'} | {name} | {images}x{grid * grid}x3 | "
@@ -262,6 +269,7 @@ def main() -> None:
         print(f"{labels[bare_path]}: {bare:.2f} masked images/s = {bare / ref_rate:.2f}x the idealised reference loop; "
               f"the fast path ({labels[fast_paths[0]]}) runs at {first / bare:.0%} of it")
     print("\nmarkdown rows:\n" + "\n".join(rows))
+    save_rows(args.summary_json, summary)
 
 
 if __name__ == "__main__":

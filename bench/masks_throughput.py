@@ -4,19 +4,25 @@ Both paths get the same images, the same model (one instance) and the same
 device, in the same run, and both write their files:
 
 * reference way (as distill-part-whole's patched_masks.py): ``Sam.__call__`` on
-  batches of 5 images, fp32, one prompt per point with label ``k`` for point
-  ``k``, ``multimask_output=True``, masks post-processed at 1024 px, one pickle
-  per image holding a list of ``N`` bool arrays ``(3, H, W)``;
+  batches of 5 images, fp32, segment_anything's own attention, one prompt per
+  point with label ``k`` for point ``k``, ``multimask_output=True``, masks
+  post-processed at 1024 px, one pickle per image holding a list of ``N`` bool
+  arrays ``(3, H, W)``;
 * ours: ``patched_masks.write_patched_masks`` (batched encoder, shared-image
-  decoder, folded resize, read-ahead / write-behind, compressed files).
+  decoder, folded resize, read-ahead / write-behind, compressed files), once
+  per ``--ours`` variant ``PRECISION:ATTENTION[:compile]``, e.g. ``fp32:reference``,
+  ``bf16:sdpa``, ``bf16:sdpa:compile`` (the image encoder under torch.compile;
+  its warm-up, compile included, is timed apart and reported).
 
 Prints images/s of each, their ratio, bytes per image, and how well the masks
 agree (IoU per mask; ours uses the same point labels as the reference way, so
 fp32 masks should agree to rounding and bf16 shows its own error).
 
     python bench/masks_throughput.py --model_type vit_tiny --num_images 8               # CPU smoke
-    python bench/masks_throughput.py --model_type vit_b --num_images 4 --warmup 0 --precision fp32 --precision bf16  # CPU
-    python bench/masks_throughput.py --device cuda --model_type vit_h --precision fp32 --precision bf16  # GPU
+    python bench/masks_throughput.py --model_type vit_b --num_images 4 --warmup 0 \
+        --ours fp32:reference --ours fp32:sdpa --ours bf16:sdpa                          # CPU
+    python bench/masks_throughput.py --device cuda --model_type vit_h --ours fp32:sdpa \
+        --ours bf16:reference --ours bf16:sdpa --ours bf16:sdpa:compile                  # GPU
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np
 import torch
@@ -37,12 +44,18 @@ from segment_anything.utils.transforms import ResizeLongestSide
 
 from hierarchical_masks.mask_io import list_image_folder, load_masks, load_rgb_image
 from hierarchical_masks.patched_masks import write_patched_masks
-from hierarchical_masks.sam_points import SAM_BUILDERS, PointGridMasker, build_sam, patch_grid_points
+from hierarchical_masks.sam_attention import ATTENTIONS, set_attention
+from hierarchical_masks.sam_points import PRECISIONS, SAM_BUILDERS, PointGridMasker, build_sam, patch_grid_points
+from suite_table import save_rows
 
 flags.DEFINE_string("device", None, "torch device (default: cuda if visible, else cpu)")
 flags.DEFINE_enum("model_type", "vit_tiny", sorted(SAM_BUILDERS), "SAM model")
 flags.DEFINE_string("checkpoint", None, "SAM state dict (default: random weights, which time the same)")
-flags.DEFINE_multi_enum("precision", ["fp32"], ["fp32", "bf16", "fp16"], "our path's precision(s), each timed (the reference way is fp32)")
+flags.DEFINE_multi_string(
+    "ours", ["fp32:sdpa"], "our path's variants, each timed: PRECISION:ATTENTION[:compile] (precision fp32|bf16|fp16, attention sdpa|reference)"
+)
+flags.DEFINE_string("compile_backend", "inductor", "torch.compile backend of ':compile' variants (eager: a quick dry run of the traced path)")
+flags.DEFINE_string("summary_json", None, "append the figures as JSON lines here (bench/suite_table.py prints them)")
 flags.DEFINE_enum("point_labels", "reference", ["foreground", "reference"], "our path's labels (reference: masks comparable)")
 flags.DEFINE_integer("num_images", 10, "images per path")
 flags.DEFINE_integer("warmup", 1, "untimed images per path before timing")
@@ -53,6 +66,9 @@ flags.DEFINE_integer("img_size", 224, "image side")
 flags.DEFINE_integer("patch_size", 16, "patch side (one point per patch)")
 flags.DEFINE_string("images", None, "an image folder <root>/<class>/<image> (default: synthetic images)")
 flags.DEFINE_integer("threads", 0, "torch CPU threads (0: torch's default)")
+flags.DEFINE_boolean(
+    "model_only", False, "also time each variant's model alone (ready inputs, masks to host memory; no image reading or files)"
+)
 FLAGS = flags.FLAGS
 
 
@@ -116,12 +132,22 @@ def mask_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
 
 
+def parse_variant(spec: str) -> tuple[str, str, bool]:
+    """``'bf16:sdpa:compile'`` -> ``('bf16', 'sdpa', True)``; a bad spec exits with the expected form."""
+    parts = spec.split(":")
+    ok = len(parts) in (2, 3) and parts[0] in PRECISIONS and parts[1] in ATTENTIONS and parts[2:] in ([], ["compile"])
+    if not ok:
+        raise SystemExit(f"error: --ours={spec!r}: expected PRECISION:ATTENTION[:compile], e.g. bf16:sdpa:compile")
+    return parts[0], parts[1], len(parts) == 3
+
+
 def main(argv):
     del argv
     if FLAGS.threads:
         torch.set_num_threads(FLAGS.threads)
+    variants = [parse_variant(spec) for spec in FLAGS.ours]
     device = torch.device(FLAGS.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    sam = build_sam(FLAGS.model_type, FLAGS.checkpoint).to(device)
+    sam = build_sam(FLAGS.model_type, FLAGS.checkpoint).to(device)  # one instance; each path sets its attention
     meta = dict(grid=FLAGS.img_size // FLAGS.patch_size, img_size=FLAGS.img_size, patch_size=FLAGS.patch_size, sam_model=FLAGS.model_type)
     n = FLAGS.num_images
     with tempfile.TemporaryDirectory(prefix="masks_bench_") as tmp:
@@ -134,18 +160,8 @@ def main(argv):
         warm, timed_records = records[: FLAGS.warmup], records[FLAGS.warmup :]
 
         def reference(recs, out):
+            set_attention(sam, "reference")
             reference_way(recs, sam, out, FLAGS.img_size, FLAGS.patch_size, FLAGS.reference_batch)
-
-        def ours(recs, out, precision):
-            masker = PointGridMasker(
-                sam,
-                img_size=FLAGS.img_size,
-                patch_size=FLAGS.patch_size,
-                point_labels=FLAGS.point_labels,
-                precision=precision,
-                points_per_batch=FLAGS.points_per_batch,
-            )
-            write_patched_masks(recs, out, masker, batch_size=FLAGS.batch_size, meta=meta, show_progress=False)
 
         def bytes_per_image(out):
             return sum(r.output_path(out).stat().st_size for r in timed_records) / n
@@ -155,26 +171,58 @@ def main(argv):
         t_ref = timed(lambda: reference(timed_records, tmp / "ref"))
         ref_bytes = bytes_per_image(tmp / "ref")
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-        print(f"device: {device} ({name}); model {FLAGS.model_type}; {n} images {FLAGS.img_size} px, patch {FLAGS.patch_size}")
-        print(f"reference way (Sam.__call__, batch {FLAGS.reference_batch}, fp32): {n / t_ref:.3f} images/s, {ref_bytes / 1e6:.2f} MB/image")
-        for precision in FLAGS.precision:
-            out = tmp / f"ours_{precision}"
-            if warm:
-                ours(warm, tmp / f"warm_{precision}", precision)
-            t_ours = timed(lambda: ours(timed_records, out, precision))
-            our_bytes = bytes_per_image(out)
-            print(
-                f"ours (batch {FLAGS.batch_size}, {precision}, {FLAGS.point_labels} labels): {n / t_ours:.3f} images/s, "
-                f"{our_bytes / 1e6:.3f} MB/image; speed-up {t_ref / t_ours:.2f}x, files {ref_bytes / our_bytes:.0f}x smaller"
+        print(f"device: {device} ({name}); torch {torch.__version__}; model {FLAGS.model_type}; {n} images {FLAGS.img_size} px, "
+              f"patch {FLAGS.patch_size}")
+        baseline = f"reference way (Sam.__call__, batch {FLAGS.reference_batch}, fp32)"
+        print(f"{baseline}: {n / t_ref:.3f} images/s, {ref_bytes / 1e6:.2f} MB/image", flush=True)
+        reference_masks = []
+        for spec, (precision, attention, compiled) in zip(FLAGS.ours, variants):
+            label = f"{precision}, {attention} attention" + (f", compiled ({FLAGS.compile_backend})" if compiled else "")
+            tag = f"{precision}_{attention}" + ("_compile" if compiled else "")
+            set_attention(sam, attention)
+            masker = PointGridMasker(
+                sam,
+                img_size=FLAGS.img_size,
+                patch_size=FLAGS.patch_size,
+                point_labels=FLAGS.point_labels,
+                precision=precision,
+                points_per_batch=FLAGS.points_per_batch,
+                compile_encoder=compiled,
+                compile_options={"backend": FLAGS.compile_backend},
             )
+
+            def ours(recs, out):
+                write_patched_masks(recs, out, masker, batch_size=FLAGS.batch_size, meta=meta, show_progress=False)
+
+            # a compiled encoder traces the shape of its first batch: warm it with a full one
+            warm_recs = timed_records[: FLAGS.batch_size] if compiled else warm
+            t_warm = timed(lambda: ours(warm_recs, tmp / f"warm_{tag}")) if warm_recs else 0.0
+            out = tmp / f"ours_{tag}"
+            t_ours = timed(lambda: ours(timed_records, out))
+            our_bytes = bytes_per_image(out)
+            warm_note = f"; warm-up (compile) {t_warm:.1f} s" if compiled else ""
+            if FLAGS.model_only:  # what the GPU computes, apart from reading images and compressing files
+                inputs = [masker.model_input(np.asarray(load_rgb_image(r.path, (FLAGS.img_size,) * 2))) for r in timed_records]
+                batches = [np.stack(inputs[i : i + FLAGS.batch_size]) for i in range(0, n, FLAGS.batch_size)]
+                t_model = timed(lambda: [masker.predict_model_inputs(b).cpu() for b in batches])
+                warm_note += f"; model alone {n / t_model:.3g} img/s"
+            print(
+                f"ours (batch {FLAGS.batch_size}, {label}, {FLAGS.point_labels} labels): {n / t_ours:.3f} images/s, "
+                f"{our_bytes / 1e6:.3f} MB/image; speed-up {t_ref / t_ours:.2f}x, files {ref_bytes / our_bytes:.0f}x smaller{warm_note}"
+            )
+            note = f"{our_bytes / 1e6:.2f} MB/image (ref {ref_bytes / 1e6:.1f}){warm_note}"
             if FLAGS.point_labels == "reference":  # same prompts: the masks must agree
-                ious = np.concatenate(
-                    [mask_iou(load_masks(r.output_path(tmp / "ref")), load_masks(r.output_path(out))).ravel() for r in timed_records]
-                )
+                if not reference_masks:  # read once, compared with every variant
+                    reference_masks.extend(load_masks(r.output_path(tmp / "ref")) for r in timed_records)
+                ious = np.concatenate([mask_iou(ref, load_masks(r.output_path(out))).ravel() for ref, r in zip(reference_masks, timed_records)])
                 print(
                     f"  masks vs the reference way: IoU min {ious.min():.4f}, mean {ious.mean():.4f}; "
                     f"{(ious >= 0.97).mean() * 100:.2f}% of masks >= 0.97, {(ious >= 0.99).mean() * 100:.2f}% >= 0.99"
                 )
+                note = f"IoU vs ref masks mean {ious.mean():.4f}, min {ious.min():.4f}, {(ious >= 0.97).mean():.2%} >= 0.97; " + note
+            # saved at once: a later variant that times out must not take this figure with it
+            save_rows(FLAGS.summary_json, [dict(key=spec, name=f"stage 1 {FLAGS.model_type} masks, ours {label}", value=n / t_ours,
+                                                unit="img/s", baseline=baseline, baseline_value=n / t_ref, note=note)])
             sys.stdout.flush()
 
 

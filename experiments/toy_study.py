@@ -29,6 +29,7 @@ rerun (``--overwrite`` redoes them), so a killed study resumes.
 
 from __future__ import annotations
 
+import io
 import json
 import sys
 import time
@@ -42,6 +43,7 @@ from absl import app, flags  # noqa: E402
 
 from agglomerator.steps import REPO, run_step, train_once  # noqa: E402
 from hierarchical_masks.encoder_weights import OFFLINE_TEACHER_MODEL, OFFLINE_TEACHER_PACKAGE  # noqa: E402
+from hierarchical_masks.mask_io import atomic_write_bytes  # noqa: E402
 
 FLAGS = flags.FLAGS
 METHODS = ("sam_distill", "sam_distill_random", "supcon", "random_init")
@@ -133,7 +135,7 @@ def cached(path: Path, compute):
     if path.is_file() and not FLAGS.overwrite:
         return json.loads(path.read_text())
     value = compute()
-    path.write_text(json.dumps(value, indent=2))
+    atomic_write_bytes(path, json.dumps(value, indent=2).encode())  # a kill never leaves a truncated cache
     return value
 
 
@@ -267,7 +269,9 @@ def draw(by: dict, path: Path) -> None:
     ax.set_ylabel("test accuracy % (frozen backbone)")
     ax.set_title(f"toy study, variant {FLAGS.variant}: mean ± std, dots = seeds", fontsize=9)
     ax.legend(fontsize=8)
-    fig.savefig(path, dpi=110)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def main(argv) -> None:
@@ -288,10 +292,10 @@ def main(argv) -> None:
             teachers[name] = [cached(out / f"teacher_probe_{name}_seed{seed}.json", lambda s=seed, x=suffix: teacher_probes(x, int(s)))
                               for seed in FLAGS.seeds]
     text = report(results, teachers, time.perf_counter() - start, out)
-    (out / "results.json").write_text(json.dumps({"flags": {k: str(getattr(FLAGS, k)) for k in (
+    atomic_write_bytes(out / "results.json", json.dumps({"flags": {k: str(getattr(FLAGS, k)) for k in (
         "seeds", "methods", "val_from_train", "pretrain_epochs", "finetune_epochs", "pretrain_flags", "finetune_flags")},
-        "runs": results, "teachers": teachers}, indent=2, default=float))
-    (out / "report.md").write_text(text)
+        "runs": results, "teachers": teachers}, indent=2, default=float).encode())
+    atomic_write_bytes(out / "report.md", text.encode())
     print("\n" + text + f"\nreport: {out / 'report.md'}, figure: {out / 'accuracy.png'}")
 
 

@@ -22,7 +22,7 @@ from absl import app, flags
 
 from agglomerator.steps import run_step, train_once
 from hierarchical_masks.encoder_weights import OFFLINE_TEACHER_MODEL, OFFLINE_TEACHER_PACKAGE
-from hierarchical_masks.mask_io import list_image_folder, load_embeddings
+from hierarchical_masks.mask_io import atomic_write_bytes, list_image_folder, load_embeddings
 
 SRC = Path(__file__).resolve().parent
 FLAGS = flags.FLAGS
@@ -70,8 +70,7 @@ def main(argv) -> None:
     if stamp.is_file() and json.loads(stamp.read_text()).get("teacher") != teacher and not FLAGS.overwrite:
         raise app.UsageError(f"{out} holds a demo run with teacher {json.loads(stamp.read_text())['teacher']}; "
                              f"pass another --out_dir or --overwrite for teacher {teacher}")
-    out.mkdir(parents=True, exist_ok=True)
-    stamp.write_text(json.dumps({"teacher": teacher}) + "\n")
+    atomic_write_bytes(stamp, (json.dumps({"teacher": teacher}) + "\n").encode())
 
     run_step("generate the toy dataset", [str(SRC / "make_toy_dataset.py"), f"--out_dir={toy}",
                                           f"--train_per_class={FLAGS.train_per_class}", f"--val_per_class={FLAGS.val_per_class}"])
@@ -148,7 +147,7 @@ def main(argv) -> None:
     lines += ["", f"Islands figures: {out}/islands_*/islands/*.png; over the iterations (GIF and strip): "
               f"{animated}/islands/iterations/. Total time {time.perf_counter() - start:.0f} s."]
     summary = "\n".join(lines)
-    (out / "summary.md").write_text(summary + "\n")
+    atomic_write_bytes(out / "summary.md", (summary + "\n").encode())
     print("\n" + summary)
 
 

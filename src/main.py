@@ -10,9 +10,11 @@ Thin wiring: flags -> plain configs -> ``agglomerator`` (model, data, Lightning 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
+import signal
 import sys
 import time
 import warnings
@@ -24,6 +26,7 @@ from absl import app, flags
 import flags_Agglomerator  # noqa: F401  (defines the flags)
 
 FLAGS = flags.FLAGS
+flags.adopt_module_key_flags(flags_Agglomerator)  # --help lists the stage-3 flags, not only --helpfull
 log = logging.getLogger("main")
 ISLANDS_SCORED_IMAGES = 4  # val images of the first batch whose islands are scored against their stage-1 masks
 
@@ -136,6 +139,51 @@ def write_flags(run_dir: Path) -> None:
     atomic_write_bytes(run_dir / "flags.cfg", ("\n".join(line for line in lines if line) + "\n").encode())
 
 
+def resume_command(run_dir: Path, checkpoint: Path) -> str:
+    return f"python {sys.argv[0]} --flagfile {run_dir / 'flags.cfg'} --resume_training --load_checkpoint_dir {checkpoint}"
+
+
+@contextlib.contextmanager
+def stops_reported(trainer, run_dir: Path, finished: bool = False):
+    """Turn a signal stop (Lightning's SIGTERMException, exit code 0) and a full disk into one line each.
+
+    Stopped by SIGTERM/SIGUSR1: print where the checkpoint is and the command that resumes, and exit
+    with ``128 + signal`` (never 0 before the last epoch). Disk full, quota or read-only folder while
+    training: an ``OutputWriteError`` naming the folder and the space needed, plus the resume command
+    (the previous ``last.ckpt`` is whole: checkpoints are written atomically).
+    """
+    from agglomerator.preemption import find_preemption_checkpoint
+    from hierarchical_masks.mask_io import DISK_ERRNOS, OutputWriteError, describe_write_error
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+    last = run_dir / "checkpoints" / "last.ckpt"
+    try:
+        yield
+    except SIGTERMException:
+        callback = find_preemption_checkpoint(trainer)
+        name = (callback.signal_name if callback else None) or "SIGTERM"
+        where = f"epoch {trainer.current_epoch}, step {trainer.global_step}"
+        if finished:
+            line = f"train: stopped by {name} after training finished (checkpoints in {last.parent}), during the test; " \
+                   f"run --mode test --load_checkpoint_dir <checkpoint> for it"
+        elif callback is not None and callback.saved_path is not None:
+            line = f"train: stopped by {name} at {where}; saved {callback.saved_path}; resume with: {resume_command(run_dir, callback.saved_path)}"
+        elif last.is_file():
+            line = f"train: stopped by {name} at {where}; nothing new to save; resume with: {resume_command(run_dir, last)}"
+        else:
+            line = f"train: stopped by {name} before the first step; nothing to resume: rerun the same command"
+        print(line, file=sys.stderr, flush=True)
+        sys.exit(128 + getattr(signal, name, signal.SIGTERM))
+    except OSError as exc:  # a logger's file (metrics.csv, ...): Lightning writes those itself
+        if exc.errno not in DISK_ERRNOS:
+            raise
+        hint = f"; then resume with: {resume_command(run_dir, last)}" if last.is_file() and not finished else ""
+        raise OutputWriteError(describe_write_error(exc, exc.filename or run_dir / "?") + hint) from None
+    except OutputWriteError as exc:  # a checkpoint (or another file of ours)
+        hint = f"; then resume with: {resume_command(run_dir, last)}" if last.is_file() and not finished else ""
+        raise OutputWriteError(f"{exc}{hint}", size=exc.size) from None
+
+
 def run_train() -> None:
     from agglomerator.checkpoints import is_own_checkpoint, read_checkpoint
     from agglomerator.engine import checkpoint_paths, make_run_dir
@@ -165,10 +213,12 @@ def run_train() -> None:
     monitor, mode = ("val/accuracy", "max") if objective == "classify" else ("val/loss", "min")
     trainer = trainer_for(run_dir, train=True, monitor=monitor, monitor_mode=mode)
     start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path)
+    with stops_reported(trainer, run_dir):
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path)
     seconds = time.perf_counter() - start
     best, last = checkpoint_paths(trainer)
-    results = trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=True) if best else []
+    with stops_reported(trainer, run_dir, finished=True):
+        results = trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=True) if best else []
     metrics = ", ".join(f"{k}={v:.4f}" for k, v in (results[0] if results else {}).items())
     write_results(run_dir, {"objective": objective, "epochs": trainer.current_epoch, "steps": trainer.global_step,
                             "seconds": seconds, "best": best, "last": last, "test": results[0] if results else {}})
@@ -231,7 +281,8 @@ def main(argv) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")  # tiny CPU runs set num_workers=0
     import pytorch_lightning as pl
-    from hierarchical_masks.mask_io import InputError
+    from hierarchical_masks.mask_io import DISK_ERRNOS, InputError, describe_write_error
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
 
     pl.seed_everything(FLAGS.seed, workers=True)
     try:
@@ -240,6 +291,13 @@ def main(argv) -> None:
         if os.environ.get("PARTWHOLE_DEBUG"):
             raise
         sys.exit(f"error: {one_line(exc)}")
+    except SIGTERMException:  # --mode test/freeze/islands (training reports its own stop): Lightning would exit 0
+        print("stopped by SIGTERM before the end; nothing is half-written: rerun the same command", file=sys.stderr, flush=True)
+        sys.exit(128 + signal.SIGTERM)
+    except OSError as exc:  # disk full, quota, read-only folder: where Lightning or we write outside atomic_write_bytes
+        if exc.errno not in DISK_ERRNOS or os.environ.get("PARTWHOLE_DEBUG"):
+            raise
+        sys.exit(f"error: {describe_write_error(exc, exc.filename or FLAGS.output_dir or '.')}")
 
 
 if __name__ == "__main__":

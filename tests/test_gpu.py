@@ -1,4 +1,8 @@
-"""CUDA checks (skipped without a GPU): the fast paths agree with their CPU/fp32 selves on a GPU."""
+"""CUDA checks (skipped without a GPU): the fast paths agree with their CPU/fp32 selves on a GPU.
+
+conftest.py hides GPUs unless CUDA_VISIBLE_DEVICES is set: run these with
+``CUDA_VISIBLE_DEVICES=0 python -m pytest -m gpu`` (bench/gpu_suite.sh does).
+"""
 
 import numpy as np
 import pytest
@@ -60,3 +64,47 @@ def test_stage2_fast_path_on_gpu_matches_cpu():
     gpu = MaskedImageEncoder(model, device="cuda", precision="bf16").embed(image, masks)
     a, b = torch.from_numpy(cpu).flatten(0, 1), torch.from_numpy(gpu).flatten(0, 1)
     assert torch.nn.functional.cosine_similarity(a, b).min() >= 0.99
+
+
+def _random_rel_pos(sam):
+    """Trained SAMs have non-zero relative-position tables; random-weight ones start at zero (which would test nothing)."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, table in sam.image_encoder.named_parameters():
+            if "rel_pos" in name:
+                table.copy_(torch.randn(table.shape, generator=generator) * 0.5)
+    return sam
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    inter = (a & b).sum(axis=(-1, -2))
+    union = (a | b).sum(axis=(-1, -2))
+    return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
+
+
+def test_stage1_sdpa_and_bf16_on_gpu_match_the_reference_attention_vit_b():
+    """SAM ViT-B at its real size on the GPU: SDPA fp32 gives the reference's masks; bf16 + SDPA keeps mean IoU >= 0.97."""
+    from hierarchical_masks.sam_attention import set_attention
+    from hierarchical_masks.sam_points import PointGridMasker, build_sam
+
+    rng = np.random.default_rng(0)
+    images = (rng.random((2, 8, 8, 3)) * 255).astype(np.uint8).repeat(28, axis=1).repeat(28, axis=2)  # 224 px blocks
+    sam = _random_rel_pos(build_sam("vit_b")).cuda()
+    masks = {}
+    for precision, attention in (("fp32", "reference"), ("fp32", "sdpa"), ("bf16", "sdpa")):
+        set_attention(sam, attention)
+        masks[precision, attention] = PointGridMasker(sam, img_size=224, precision=precision)(images).cpu().numpy()
+    reference = masks["fp32", "reference"]
+    assert _iou(reference, masks["fp32", "sdpa"]).min() >= 0.99
+    assert _iou(reference, masks["bf16", "sdpa"]).mean() >= 0.97
+
+
+def test_stage1_inductor_compiled_encoder_on_gpu_gives_the_eager_masks():
+    from hierarchical_masks.sam_points import PointGridMasker, build_sam
+
+    images = (np.random.default_rng(1).random((3, 64, 64, 3)) * 255).astype(np.uint8)
+    sam = _random_rel_pos(build_sam("vit_tiny")).cuda()
+    eager = PointGridMasker(sam, img_size=64, patch_size=16)(images).cpu().numpy()
+    compiled = PointGridMasker(sam, img_size=64, patch_size=16, compile_encoder=True)
+    got = np.concatenate([compiled(images[:2]).cpu().numpy(), compiled(images[2:]).cpu().numpy()])  # the short batch is padded
+    assert _iou(eager, got).min() >= 0.99

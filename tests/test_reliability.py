@@ -86,11 +86,13 @@ def test_training_killed_mid_run_resumes_from_last_checkpoint(tmp_path):
     checkpoint = torch.load(last, weights_only=True)  # not truncated: loads
     step, epoch = checkpoint["global_step"], checkpoint["epoch"]
     assert step >= 4 and epoch >= 1
-    assert not list(run_dir.rglob("*.tmp"))
+    # A kill during a save may leave a temporary file beside last.ckpt (never a truncated last.ckpt);
+    # the next run of the folder removes it.
     resumed = subprocess.run([*args[:-1], f"--max_epochs={epoch + 2}", "--resume_training", f"--load_checkpoint_dir={last}"],
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"(epoch {epoch}, step {step})" in resumed.stdout
+    assert not list(run_dir.rglob("*.tmp"))
     after = torch.load(last, weights_only=True)
     assert after["global_step"] == 2 * (epoch + 2)  # 2 steps per epoch over epoch + 2 epochs: none lost
     import csv

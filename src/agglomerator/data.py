@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision import transforms as T
 
 from hierarchical_masks.mask_io import InputError, ImageRecord, list_image_folder, load_embeddings, load_masks, load_rgb_image
+from hierarchical_masks.per_image_runner import end_loader_workers_at_exit, ignore_stop_signals
 
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -313,6 +314,21 @@ def _torchvision_split(config: DataConfig, train: bool) -> Dataset:
 # --------------------------------------------------------------------------- data module
 
 
+def loader_worker_init(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: loader processes ignore SIGTERM/SIGUSR1, then Lightning's seeding.
+
+    A cluster signals the whole process group; a loader process killed by it would end training with
+    "DataLoader worker is killed" before ``PreemptionCheckpoint`` saves. The trainer decides when to
+    stop and shuts the loaders down (:func:`end_loader_workers_at_exit` makes sure). Lightning adds its per-worker seeding only to loaders without a
+    ``worker_init_fn``, so this one calls it (when ``seed_everything(workers=True)`` asked for it).
+    """
+    ignore_stop_signals(worker_id)
+    if os.environ.get("PL_SEED_WORKERS") == "1":
+        from lightning_fabric.utilities.seed import pl_worker_init_function
+
+        pl_worker_init_function(worker_id)
+
+
 class PartWholeDataModule(pl.LightningDataModule):
     """One data module for every dataset; ``expected_embed_shape`` enables the teacher embeddings."""
 
@@ -387,6 +403,8 @@ class PartWholeDataModule(pl.LightningDataModule):
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         workers = self.config.num_workers
+        if workers:
+            end_loader_workers_at_exit()  # they ignore SIGTERM: see loader_worker_init
         return DataLoader(
             self.splits[split],
             batch_size=self.config.batch_size,
@@ -395,6 +413,7 @@ class PartWholeDataModule(pl.LightningDataModule):
             persistent_workers=workers > 0,
             pin_memory=torch.cuda.is_available(),
             collate_fn=collate_batch,
+            worker_init_fn=loader_worker_init if workers > 0 else None,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -416,6 +435,8 @@ class PartWholeDataModule(pl.LightningDataModule):
             dataset = TupleAsDict(base.dataset, build_transform(self.config, train=False), base.indices)
         else:
             dataset = self.splits[split]
+        if self.config.num_workers:
+            end_loader_workers_at_exit()
         return DataLoader(dataset, batch_size=self.config.batch_size, shuffle=False, num_workers=self.config.num_workers,
-                          collate_fn=collate_batch)
+                          collate_fn=collate_batch, worker_init_fn=loader_worker_init if self.config.num_workers > 0 else None)
 

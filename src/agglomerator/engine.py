@@ -1,5 +1,8 @@
 """Run plumbing for stage 3: devices, precision, run folder, loggers, the Lightning Trainer.
 
+The Trainer writes checkpoints atomically (``checkpoint_io.AtomicCheckpointIO``) and, when training,
+saves ``checkpoints/last.ckpt`` on SIGTERM/SIGUSR1 before it stops (``preemption.PreemptionCheckpoint``).
+
 ``main.py`` turns flags into plain values and calls these; nothing here reads flags.
 """
 
@@ -14,6 +17,9 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 
+from agglomerator.checkpoint_io import AtomicCheckpointIO
+from agglomerator.preemption import PreemptionCheckpoint, cluster_plugins
+from hierarchical_masks.mask_io import remove_stale_temporaries
 from hierarchical_masks.per_image_runner import bf16_native
 
 log = logging.getLogger(__name__)
@@ -45,7 +51,10 @@ def resolve_precision(precision: str, accelerator: str) -> str:
 
 
 def make_run_dir(output_dir: str, exp_name: str, tag: str, resume_from: str | None = None) -> Path:
-    """The run folder: ``--output_dir``, the folder of a checkpoint being resumed, or a new timestamped one."""
+    """The run folder: ``--output_dir``, the folder of a checkpoint being resumed, or a new timestamped one.
+
+    Temporary files that a killed run left there (``atomic_write_bytes``'s, nothing else) are removed.
+    """
     if output_dir:
         run = Path(output_dir)
     elif resume_from is not None and Path(resume_from).parent.name == "checkpoints":
@@ -53,6 +62,9 @@ def make_run_dir(output_dir: str, exp_name: str, tag: str, resume_from: str | No
     else:
         run = Path("runs") / exp_name / f"{time.strftime('%Y%m%d-%H%M%S')}-{tag}"
     run.mkdir(parents=True, exist_ok=True)
+    removed = remove_stale_temporaries(run)
+    if removed:
+        log.info("removed %d temporary file(s) left by an interrupted run under %s", len(removed), run)
     return run
 
 
@@ -109,13 +121,16 @@ def build_trainer(run_dir: Path, *, accelerator: str, devices: int, num_nodes: i
                   callbacks: Sequence[pl.Callback] = ()) -> pl.Trainer:
     """A Lightning Trainer writing logs and checkpoints (:func:`checkpoint_callbacks`) under ``run_dir``.
 
-    ``callbacks``: more callbacks (e.g. :class:`~agglomerator.islands_callback.IslandsCallback`), run after ours.
+    Checkpoints are written atomically; a training run stopped by SIGTERM/SIGUSR1 saves
+    ``checkpoints/last.ckpt`` first (:class:`PreemptionCheckpoint`). ``callbacks``: more callbacks
+    (e.g. :class:`~agglomerator.islands_callback.IslandsCallback`), run after ours.
     """
     extra_callbacks = list(callbacks)
     callbacks = []
     the_logger = make_logger(logger, run_dir, exp_name)
     if train:
         callbacks += checkpoint_callbacks(run_dir / "checkpoints", monitor, monitor_mode)
+        callbacks.append(PreemptionCheckpoint(run_dir / "checkpoints" / "last.ckpt"))
         if the_logger:
             callbacks.append(LearningRateMonitor(logging_interval="step"))
     callbacks += extra_callbacks
@@ -136,4 +151,5 @@ def build_trainer(run_dir: Path, *, accelerator: str, devices: int, num_nodes: i
         callbacks=callbacks,
         log_every_n_steps=10,
         enable_checkpointing=train,
+        plugins=[AtomicCheckpointIO(), *cluster_plugins()],
     )

@@ -41,13 +41,26 @@ from hierarchical_masks.mask_embedding import (
 from hierarchical_masks.mask_io import (
     ImageRecord,
     InputError,
+    OutputWriteError,
     list_classes,
     list_image_folder,
     load_rgb_image,
     read_packed_masks,
     save_embeddings,
 )
-from hierarchical_masks.per_image_runner import Progress, WorkerContext, keep_freed_memory, plan_work, record_failure
+from hierarchical_masks.per_image_runner import (
+    Interrupted,
+    Progress,
+    StopOnSignal,
+    WorkerContext,
+    disk_full_hint,
+    end_loader_workers_at_exit,
+    ignore_stop_signals,
+    keep_freed_memory,
+    plan_work,
+    prepare_output_folder,
+    record_failure,
+)
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +163,9 @@ def check_inputs(cfg: EmbedFolderConfig) -> CheckedInputs:
     Raises:
         InputError: unknown model name, missing checkpoint file, class
             folders differ, no images, mask files missing (unless
-            ``cfg.skip_missing``), or the first mask file does not fit.
+            ``cfg.skip_missing``), the first mask file does not fit, or the
+            output folder cannot be written. Temporary files a killed run left
+            in the output folder are removed.
     """
     check_model_name(cfg.encoder_model_name)
     if cfg.encoder_checkpoint is not None and not cfg.encoder_checkpoint.is_file():
@@ -180,6 +195,7 @@ def check_inputs(cfg: EmbedFolderConfig) -> CheckedInputs:
     first_path = cfg.mask_path(present[0])
     _, shape, meta = read_packed_masks(first_path)
     num_points = check_mask_record(first_path, shape, meta, height=cfg.img_height, width=cfg.img_width)
+    prepare_output_folder(cfg.out_data_path)
     return CheckedInputs(records=present, missing=missing, num_points=num_points)
 
 
@@ -228,10 +244,16 @@ def _default_num_workers(device: torch.device, world_size: int) -> int:
 def embed_folder(cfg: EmbedFolderConfig, inputs: CheckedInputs, worker: WorkerContext | None = None) -> str:
     """Embed this process's share of ``inputs.records``; return the summary line.
 
+    SIGTERM or SIGUSR1 (:class:`StopOnSignal`) end the run after the image in
+    hand is written, with :class:`Interrupted`; a rerun resumes.
+
     Raises:
         InputError: a bad mask or image file (unless ``cfg.skip_bad_images``:
             then it is listed in ``failed.txt``), or non-finite embeddings.
             Files already written stay.
+        OutputWriteError: the disk is full (or the folder read-only); the
+            message says how much the remaining images need.
+        Interrupted: a stop signal came before the last image.
     """
     worker = worker or WorkerContext()
     device = worker.device
@@ -258,38 +280,53 @@ def embed_folder(cfg: EmbedFolderConfig, inputs: CheckedInputs, worker: WorkerCo
              worker.rank, worker.world_size, len(todo), skipped, device, encoder.precision, encoder.batch_size, num_workers, cfg.crop)
 
     dataset = MaskedImageDataset(todo, cfg, inputs.num_points, cfg.mask_path(inputs.records[0]))
+    if num_workers:
+        end_loader_workers_at_exit()  # they ignore SIGTERM: see ignore_stop_signals
     loader = DataLoader(dataset, batch_size=None, shuffle=False, num_workers=num_workers,
-                        pin_memory=device.type == "cuda", prefetch_factor=4 if num_workers else None)
+                        pin_memory=device.type == "cuda", prefetch_factor=4 if num_workers else None,
+                        worker_init_fn=ignore_stop_signals if num_workers else None)
 
     stop_error: list[str] = []  # a bad file ends the stream; images already in flight are still written
 
     def loaded_images():
-        for item in loader:
-            index = int(item["index"])
-            if "error" in item:
-                if not cfg.skip_bad_images:
-                    hint = "" if "--skip_bad_images" in item["error"] else " (or pass --skip_bad_images to skip it)"
-                    stop_error.append(item["error"] + hint)
+        try:
+            for item in loader:
+                index = int(item["index"])
+                if "error" in item:
+                    if not cfg.skip_bad_images:
+                        hint = "" if "--skip_bad_images" in item["error"] else " (or pass --skip_bad_images to skip it)"
+                        stop_error.append(item["error"] + hint)
+                        return
+                    record_failure(cfg.out_data_path, todo[index].path, item["error"])
+                    progress.update(failed=1)
+                    continue
+                if stop.requested:  # stop feeding; the images already in the encoder are still written
                     return
-                record_failure(cfg.out_data_path, todo[index].path, item["error"])
-                progress.update(failed=1)
-                continue
-            yield index, item["image"], item_masks(item, device)
+                yield index, item["image"], item_masks(item, device)
+        except RuntimeError:  # a loader worker killed by the same signal (sent to the process group)
+            if not stop.requested:
+                raise
 
     progress = Progress(STAGE_NAME, total=len(todo), skipped=skipped, rank=worker.rank, enabled=cfg.progress)
     start = time.perf_counter()
-    for index, embeds in encoder.embed_stream(loaded_images()):
-        record = todo[index]
-        embeds = embeds.astype(dtype, copy=False)
-        if not np.isfinite(embeds).all():
-            hint = " (float16 overflow: use --embed_dtype=float32)" if dtype == np.float16 else ""
-            raise InputError(f"{record.path}: embeddings hold NaN or inf{hint}; check the encoder weights")
-        save_embeddings(record.output_path(cfg.out_data_path), embeds)
-        progress.update(written=1)
+    with StopOnSignal() as stop:
+        try:
+            for index, embeds in encoder.embed_stream(loaded_images()):
+                record = todo[index]
+                embeds = embeds.astype(dtype, copy=False)
+                if not np.isfinite(embeds).all():
+                    hint = " (float16 overflow: use --embed_dtype=float32)" if dtype == np.float16 else ""
+                    raise InputError(f"{record.path}: embeddings hold NaN or inf{hint}; check the encoder weights")
+                progress.update(written=1, nbytes=save_embeddings(record.output_path(cfg.out_data_path), embeds))
+        except OutputWriteError as exc:
+            progress.bar.close()
+            raise disk_full_hint(exc, cfg.out_data_path, len(todo) - progress.done, progress.mean_file_bytes) from None
     seconds = time.perf_counter() - start
     line = progress.close()
     log.info("rank %d: %d distinct masked images embedded in %.1f s (%.1f/s)",
              worker.rank, encoder.masked_images, seconds, encoder.masked_images / max(seconds, 1e-9))
     if stop_error:
         raise InputError(stop_error[0])
+    if stop.requested and progress.done < len(todo):
+        raise Interrupted(stop.signum, progress.written, len(todo) - progress.done)
     return line

@@ -10,7 +10,10 @@ Every stage reads and writes these files only through this module:
 
 Pickles on disk are untrusted: they are opened only through
 :class:`RestrictedUnpickler`, which allows numpy arrays and plain containers and
-refuses anything else. Writes are atomic (temporary name, then rename).
+refuses anything else. Writes are atomic (:func:`atomic_write_bytes`: a temporary
+file beside the target, fsync, rename); a full disk or read-only folder is an
+:class:`OutputWriteError`, and :func:`remove_stale_temporaries` clears what killed
+writers left.
 
 Mask format (ours, lossless): a pickled ``dict`` with ``format`` set to
 :data:`MASK_FORMAT`, the bit-packed and zlib-compressed ``(N, 3, H, W)`` bool
@@ -21,10 +24,15 @@ array, and its metadata (``grid``, ``img_size``, ``patch_size``, ``levels``,
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import io
 import os
 import pickle
+import re
+import socket
 import tempfile
+import time
 import zlib
 from pathlib import Path
 from typing import Any, Iterable, NamedTuple
@@ -109,27 +117,166 @@ def _current_umask() -> int:
 _UMASK = _current_umask()  # read once at import: os.umask can only be read by setting it
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename.
+# Temporary files: ``.<name>.partwhole-<host>-<pid>-<8 random>.tmp`` beside ``<name>``. The host and
+# pid say whose a file is, so a later run removes only files whose writer is gone (see
+# remove_stale_temporaries); the ``partwhole-`` tag keeps the pattern from matching anyone else's files.
+_TMP_TAG = "partwhole"
+_TMP_NAME = re.compile(r"^\.(?P<name>.+)\." + _TMP_TAG + r"-(?P<host>[A-Za-z0-9-]+)-(?P<pid>[0-9]+)-[A-Za-z0-9_]{8}\.tmp$")
+_HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname().split(".")[0])[:32] or "host"
+STALE_FOREIGN_SECONDS = 3600  # a temporary file of another machine's process is stale once this old
+DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
 
-    A reader (or a killed writer) never sees a truncated ``path``.
+
+class OutputWriteError(InputError):
+    """A file could not be written (disk full, quota, read-only or forbidden folder). Names the folder and the size.
+
+    ``size`` is the number of bytes the file needed, when known.
+    """
+
+    def __init__(self, message: str, size: int | None = None):
+        super().__init__(message)
+        self.size = size
+
+
+def free_bytes(folder: str | os.PathLike) -> int | None:
+    """Bytes this user may still write in ``folder`` (its nearest existing parent), or None if unknown."""
+    folder = Path(folder)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        stat = os.statvfs(folder)
+    except (OSError, AttributeError):
+        return None
+    return stat.f_bavail * stat.f_frsize
+
+
+def format_bytes(n: int) -> str:
+    """``12.3 kB``, ``4.5 MB``, ``6.7 GB``: sizes in error messages."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n / 1e3:.1f} kB"
+
+
+def describe_write_error(exc: OSError, path: str | os.PathLike, size: int | None = None) -> str:
+    """One line for a failed write of ``path``: the file, its folder, the reason and (if known) the space."""
+    path = Path(path)
+    reason = exc.strerror or type(exc).__name__
+    line = f"cannot write {path.name} in {path.parent} ({reason})"
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        free = free_bytes(path.parent)
+        needed = f"needs {format_bytes(size)}" if size is not None else ""
+        free_text = f"{format_bytes(free)} free" if free is not None else ""
+        if needed or free_text:
+            line += f": {', '.join(t for t in (needed, free_text) if t)}"
+        line += "; free some space (or raise the quota) and rerun"
+    elif exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        line += "; choose a writable folder"
+    return line
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes | memoryview) -> int:
+    """Write ``data`` to ``path`` through a temporary file in the same folder, fsync, then ``os.replace``.
+
+    A reader, a full disk or a killed writer never leaves a truncated ``path``: the previous file
+    stays whole until the new one is complete on disk. The folder is fsynced too, so the rename
+    survives a crash.
+
+    Raises:
+        OutputWriteError: the folder cannot be written (disk full, quota, read-only, permissions);
+            the message names the folder, the file and the space it needs. No temporary file is left.
+
+    Returns:
+        the number of bytes written.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_TMP_TAG}-{_HOST}-{os.getpid()}-", suffix=".tmp", dir=path.parent)
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual open() permissions
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+        tmp = None
+    except BaseException as exc:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.errno in DISK_ERRNOS:  # described after the unlink: free space is right
+            raise OutputWriteError(describe_write_error(exc, path, len(data)), size=len(data)) from exc
         raise
+    _fsync_folder(path.parent)
+    return len(data)
+
+
+def _fsync_folder(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems refuse fsync on folders; the file itself is already on disk
+        pass
+    finally:
+        os.close(fd)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
+
+
+def is_stale_temporary(path: str | os.PathLike, now: float | None = None) -> bool:
+    """Whether ``path`` is a temporary file of :func:`atomic_write_bytes` whose writer is gone.
+
+    Ours (this machine): its process has ended. Another machine's (a shared filesystem): older than
+    :data:`STALE_FOREIGN_SECONDS`. Anything not named like our temporary files: False.
+    """
+    path = Path(path)
+    match = _TMP_NAME.match(path.name)
+    if match is None:
+        return False
+    if match["host"] == _HOST:
+        return int(match["pid"]) != os.getpid() and not _process_alive(int(match["pid"]))
+    try:
+        age = (now if now is not None else time.time()) - path.stat().st_mtime
+    except FileNotFoundError:
+        return False
+    return age > STALE_FOREIGN_SECONDS
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete the leftover temporary files of killed writers under ``folder`` (recursively); return them.
+
+    Only files named like :func:`atomic_write_bytes`'s temporaries whose writer is gone
+    (:func:`is_stale_temporary`); nothing else is touched, and a missing folder is fine.
+    """
+    removed = []
+    stack = [Path(folder)]
+    while stack:
+        try:
+            entries = list(os.scandir(stack.pop()))
+        except (FileNotFoundError, NotADirectoryError, PermissionError):
+            continue
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                stack.append(Path(entry.path))
+            elif entry.name.endswith(".tmp") and entry.is_file(follow_symlinks=False) and is_stale_temporary(entry.path):
+                try:
+                    os.unlink(entry.path)
+                    removed.append(Path(entry.path))
+                except FileNotFoundError:
+                    pass
+    return removed
 
 
 # --------------------------------------------------------------------------- point grid
@@ -155,8 +302,8 @@ def patch_grid_points(img_size: int, patch_size: int) -> np.ndarray:
 # --------------------------------------------------------------------------- masks
 
 
-def save_masks(path: str | os.PathLike, masks: np.ndarray, **meta: Any) -> None:
-    """Save bool masks ``(N, 3, H, W)`` losslessly and atomically.
+def save_masks(path: str | os.PathLike, masks: np.ndarray, **meta: Any) -> int:
+    """Save bool masks ``(N, 3, H, W)`` losslessly and atomically; return the file's size in bytes.
 
     ``meta`` (plain values: ints, strings, tuples) is stored beside the masks,
     e.g. ``grid=14, img_size=224, patch_size=16, sam_model='vit_h'``.
@@ -174,7 +321,7 @@ def save_masks(path: str | os.PathLike, masks: np.ndarray, **meta: Any) -> None:
         "packed": zlib.compress(np.packbits(masks, axis=None).tobytes(), 6),
         **meta,
     }
-    atomic_write_bytes(path, pickle.dumps(record, protocol=4))
+    return atomic_write_bytes(path, pickle.dumps(record, protocol=4))
 
 
 def _packed_from_record(obj: dict, path: str | os.PathLike) -> tuple[np.ndarray, tuple[int, ...], dict[str, Any]]:
@@ -250,12 +397,12 @@ def load_masks(path: str | os.PathLike) -> np.ndarray:
 # --------------------------------------------------------------------------- embeddings
 
 
-def save_embeddings(path: str | os.PathLike, embeds: np.ndarray) -> None:
-    """Save one image's embeddings ``(N, 3, D)`` (reference format: a pickled numpy array)."""
+def save_embeddings(path: str | os.PathLike, embeds: np.ndarray) -> int:
+    """Save one image's embeddings ``(N, 3, D)`` (reference format: a pickled numpy array); return the file's size."""
     embeds = np.asarray(embeds)
     if embeds.ndim != 3 or embeds.dtype not in (np.float16, np.float32):
         raise ValueError(f"embeddings must be float16/float32 (N, levels, D), got {embeds.dtype} {embeds.shape}")
-    atomic_write_bytes(path, pickle.dumps(np.ascontiguousarray(embeds), protocol=4))
+    return atomic_write_bytes(path, pickle.dumps(np.ascontiguousarray(embeds), protocol=4))
 
 
 def load_embeddings(path: str | os.PathLike) -> np.ndarray:

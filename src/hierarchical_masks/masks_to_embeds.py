@@ -30,6 +30,7 @@ from absl import app, flags
 from hierarchical_masks.embed_folder import EMBED_DTYPES, EmbedFolderConfig, check_inputs, embed_folder
 from hierarchical_masks.mask_embedding import DEFAULT_ENCODER, PRECISIONS
 from hierarchical_masks.mask_io import InputError
+from hierarchical_masks.per_image_runner import Interrupted
 
 FLAGS = flags.FLAGS
 
@@ -106,6 +107,9 @@ def main(argv: list[str]) -> None:
         embed_folder(cfg, inputs, worker)
     except InputError as exc:
         _fail(str(exc))
+    except Interrupted as exc:
+        print(f"masks_to_embeds: {exc}", file=sys.stderr, flush=True)
+        sys.exit(128 + exc.signum)
 
 
 def _fail(message: str) -> None:

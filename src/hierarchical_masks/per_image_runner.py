@@ -10,6 +10,10 @@ what they share, so each stage script only says how to compute one batch:
 * :class:`Progress`: a progress bar (images, images/s, time left) and a closing
   summary line (written, skipped, failed, time, throughput);
 * :func:`record_failure`: one line per bad input in ``<out>/failed.txt``;
+* :func:`prepare_output_folder`: create it, prove it writable, remove stale temporary files;
+* :class:`StopOnSignal`: SIGTERM/SIGUSR1 (cluster preemption) finish the files in hand, then
+  :class:`Interrupted` ends the run (a rerun resumes);
+* :func:`disk_full_hint`: how much more space the remaining images need;
 * :func:`keep_freed_memory`: glibc malloc settings for CPU runs.
 """
 
@@ -18,7 +22,10 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import signal
 import sys
+import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +34,15 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from hierarchical_masks.mask_io import ImageRecord
+from hierarchical_masks.mask_io import (
+    DISK_ERRNOS,
+    ImageRecord,
+    InputError,
+    OutputWriteError,
+    describe_write_error,
+    format_bytes,
+    remove_stale_temporaries,
+)
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +113,122 @@ def launch_workers(device: str = "cpu", num_processes: int = 1, num_nodes: int =
     return WorkerContext(rank=fabric.global_rank, world_size=fabric.world_size, device=fabric.device, fabric=fabric)
 
 
+def prepare_output_folder(out_root: str | os.PathLike, flag: str = "--out_data_path") -> Path:
+    """Create ``out_root``, prove a file can be written there, and remove stale temporary files.
+
+    The temporary files are those of :func:`~hierarchical_masks.mask_io.atomic_write_bytes`
+    left by a killed run (see :func:`~hierarchical_masks.mask_io.remove_stale_temporaries`).
+
+    Raises:
+        InputError: the folder cannot be created or written (read-only, permissions, disk full).
+    """
+    out_root = Path(out_root)
+    try:
+        out_root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out_root):
+            pass
+    except OSError as exc:
+        raise InputError(f"{flag}={out_root}: cannot write there ({exc.strerror}); choose a writable folder") from None
+    removed = remove_stale_temporaries(out_root)
+    if removed:
+        log.info("removed %d temporary file(s) left by an interrupted run under %s", len(removed), out_root)
+    return out_root
+
+
+class Interrupted(Exception):
+    """The run stopped on a signal after finishing the files in hand; rerunning the command resumes."""
+
+    def __init__(self, signum: int, written: int, remaining: int):
+        self.signum, self.written, self.remaining = signum, written, remaining
+        name = signal.Signals(signum).name
+        super().__init__(f"stopped by {name} after writing {written} file(s); {remaining} image(s) left: "
+                         "rerun the same command to finish them (finished files are skipped)")
+
+
+class StopOnSignal:
+    """Context manager: SIGTERM and SIGUSR1 (what clusters send before a kill) ask the loop to stop.
+
+    The handlers only set :attr:`signum`; the loop checks :attr:`requested` between files, finishes
+    the ones in hand and raises :class:`Interrupted`. Handlers are installed in the main thread only
+    and restored on exit. A second signal of the same kind while stopping is ignored (the kill that
+    follows a cluster's grace period still ends the process).
+    """
+
+    SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None)) if s is not None)
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is None:
+            log.warning("received %s: finishing the files in hand, then stopping", signal.Signals(signum).name)
+            self.signum = signum
+
+    def __enter__(self) -> "StopOnSignal":
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: loader processes ignore SIGTERM/SIGUSR1 (a cluster signals the whole
+    process group); the main process decides when to stop and shuts them down.
+
+    Use it with :func:`end_loader_workers_at_exit` in the main process.
+    """
+    for signum in StopOnSignal.SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
+_LOADER_REAPER_REGISTERED = False
+
+
+def end_loader_workers_at_exit() -> None:
+    """Make sure DataLoader processes that ignore SIGTERM end when this process exits (register once).
+
+    At exit, multiprocessing terminates the daemonic processes still running (SIGTERM) and waits
+    for them; loader processes started with :func:`ignore_stop_signals` would make it wait forever
+    (Lightning does not always shut a loader down when training stops on an exception). This exit
+    handler, registered after multiprocessing's and so run before it, kills them (SIGKILL) first:
+    every daemonic multiprocessing child still alive, which in this project means loader processes
+    (DDP ranks are started by Lightning as subprocesses, not multiprocessing children).
+    """
+    global _LOADER_REAPER_REGISTERED
+    if _LOADER_REAPER_REGISTERED:
+        return
+    import atexit
+    import multiprocessing
+
+    def kill_loader_workers() -> None:
+        for child in multiprocessing.active_children():
+            if child.daemon:
+                child.kill()
+                child.join(timeout=10)
+
+    atexit.register(kill_loader_workers)
+    _LOADER_REAPER_REGISTERED = True
+
+
+def disk_full_hint(error: OutputWriteError, out_root: str | os.PathLike, remaining: int, file_bytes: int | None) -> OutputWriteError:
+    """``error`` with how much space the ``remaining`` images need (``file_bytes`` each, as the files so far)."""
+    file_bytes = file_bytes or error.size
+    if not remaining or not file_bytes:
+        return error
+    return OutputWriteError(f"{error}; the {remaining} image(s) left need about {format_bytes(remaining * file_bytes)} "
+                            f"in {out_root} (finished files are kept and skipped on rerun)", size=error.size)
+
+
 def plan_work(
     records: Sequence[ImageRecord], out_root: str | os.PathLike, *, rank: int = 0, world_size: int = 1, overwrite: bool = False
 ) -> tuple[list[ImageRecord], int]:
@@ -160,28 +291,34 @@ def record_failure(out_root: str | os.PathLike, image_path: str | os.PathLike, r
     except FileNotFoundError:
         known = False
     if not known:
-        with open(failed, "a", encoding="utf-8") as handle:
-            handle.write(line)
+        try:
+            with open(failed, "a", encoding="utf-8") as handle:  # one short O_APPEND write: ranks do not mix lines
+                handle.write(line)
+        except OSError as exc:
+            if exc.errno not in DISK_ERRNOS:
+                raise
+            raise OutputWriteError(describe_write_error(exc, failed, len(line.encode())), size=len(line.encode())) from None
     log.warning("skipped %s: %s", image_path, reason)
 
 
 class Progress:
     """Progress bar over images plus a closing summary line.
 
-    ``update(written=..., failed=...)`` after each batch; ``close()`` prints
+    ``update(written=..., failed=..., nbytes=...)`` after each batch; ``close()`` prints
     ``<name>: N written, N skipped (already done), N failed in T s (X images/s)``.
     """
 
     def __init__(self, name: str, total: int, skipped: int, *, rank: int = 0, enabled: bool = True):
         self.name, self.skipped, self.rank = name, skipped, rank
-        self.written = self.failed = 0
+        self.written = self.failed = self.bytes_written = 0
         self.start = time.perf_counter()
         desc = name if rank == 0 else f"{name}[rank {rank}]"
         self.bar = tqdm(total=total, desc=desc, unit="img", disable=not enabled, position=rank, dynamic_ncols=True)
 
-    def update(self, written: int = 0, failed: int = 0) -> None:
+    def update(self, written: int = 0, failed: int = 0, nbytes: int = 0) -> None:
         self.written += written
         self.failed += failed
+        self.bytes_written += nbytes
         self.bar.update(written + failed)
 
     def close(self) -> str:
@@ -196,6 +333,14 @@ class Progress:
         sys.stdout.write(line + "\n")  # one write: lines of several ranks do not interleave
         sys.stdout.flush()
         return line
+
+    @property
+    def done(self) -> int:
+        return self.written + self.failed
+
+    @property
+    def mean_file_bytes(self) -> int | None:
+        return self.bytes_written // self.written if self.written else None
 
 
 def batched(items: Sequence, size: int):

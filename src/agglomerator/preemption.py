@@ -1,0 +1,116 @@
+"""Preemption: on SIGTERM (or SIGUSR1) save a resumable checkpoint at the next step boundary, then stop.
+
+Clusters send SIGTERM (SLURM: SIGTERM, then SIGKILL after ``KillWait``; with ``--signal=USR1@T``
+also SIGUSR1 ``T`` seconds ahead) before they kill a job. Lightning's own SIGTERM handler sets
+``trainer.received_sigterm``; its loops then raise ``SIGTERMException`` at the next boundary
+(after the training step in hand, between validation batches, or at the end of an epoch), which is a
+``SystemExit`` with code 0 and saves nothing. :class:`PreemptionCheckpoint` is the missing half:
+
+* SIGUSR1 is routed to the same handler (Lightning registers it only for SLURM auto-requeue, which
+  :func:`cluster_plugins` turns off: its ``hpc_ckpt_N.ckpt`` and ``scontrol requeue`` assume a run
+  folder a requeued job finds by itself, while ours resume by ``--load_checkpoint_dir``);
+* on ``SIGTERMException`` during ``fit`` it writes ``trainer.save_checkpoint(path)`` (the loops'
+  state included, so the resumed run continues at that exact step), when training advanced since
+  the run started (otherwise the previous ``last.ckpt`` stays as it is);
+* :attr:`signal_name` and :attr:`saved_path` tell the CLI what happened, so it can exit non-zero with
+  the command that resumes.
+
+The checkpoint goes through the trainer's ``CheckpointIO`` (atomic: see ``checkpoint_io.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.trainer.states import TrainerFn
+from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+log = logging.getLogger(__name__)
+
+EXTRA_STOP_SIGNALS = tuple(s for s in (getattr(signal, "SIGUSR1", None),) if s is not None)
+
+
+def cluster_plugins() -> list:
+    """Lightning's SLURM environment with auto-requeue off when running under SLURM (else nothing).
+
+    Requeueing is left to the job script (``#SBATCH --requeue`` plus the resume command that
+    :class:`PreemptionCheckpoint`'s message prints); the signals are handled by that callback.
+    """
+    from lightning_fabric.plugins.environments import SLURMEnvironment
+
+    return [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else []
+
+
+class PreemptionCheckpoint(Callback):
+    """Save ``path`` when training is stopped by SIGTERM or SIGUSR1 (at the next step boundary).
+
+    Args:
+        path: the checkpoint to write, e.g. ``<run>/checkpoints/last.ckpt`` (what a resume reads).
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.signal_name: str | None = None  # set when a stop signal arrived
+        self.saved_path: Path | None = None  # set when the checkpoint was written
+        self._extra_signal: int | None = None
+        self._start_step = 0
+        self._previous: dict[int, Any] = {}
+
+    # -- signals
+    def _route_to_sigterm(self, signum: int, frame: Any) -> None:
+        """SIGUSR1: record it and run the SIGTERM handler (Lightning's, which flags the trainer)."""
+        self._extra_signal = self._extra_signal or signum
+        handler = signal.getsignal(signal.SIGTERM)
+        if callable(handler):
+            handler(signal.SIGTERM, frame)
+
+    def _install_signals(self) -> None:
+        # After Lightning registered its SIGTERM handler (so its teardown, which restores the handlers it
+        # found, also removes ours); in the main thread only, and never over someone else's handler.
+        if self._previous or threading.current_thread() is not threading.main_thread():
+            return
+        for signum in EXTRA_STOP_SIGNALS:
+            if signal.getsignal(signum) in (signal.SIG_DFL, None):
+                self._previous[signum] = signal.signal(signum, self._route_to_sigterm)
+
+    def on_sanity_check_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if trainer.state.fn == TrainerFn.FITTING:
+            self._install_signals()
+
+    def _restore_signals(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+    def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        self._restore_signals()
+
+    # -- the checkpoint
+    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._install_signals()
+        self._start_step = trainer.global_step  # after a resume: the restored step
+
+    def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
+        self._restore_signals()
+        if not isinstance(exception, SIGTERMException):
+            return
+        self.signal_name = signal.Signals(self._extra_signal or signal.SIGTERM).name
+        if trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking:
+            return  # testing or predicting, or before the first step: nothing new to save
+        if trainer.global_step <= self._start_step:
+            log.warning("%s before the first training step: keeping the existing checkpoint", self.signal_name)
+            return
+        trainer.save_checkpoint(self.path)
+        self.saved_path = self.path
+        log.warning("%s: saved %s at epoch %d, step %d", self.signal_name, self.path, trainer.current_epoch, trainer.global_step)
+
+
+def find_preemption_checkpoint(trainer: "pl.Trainer") -> PreemptionCheckpoint | None:
+    """The :class:`PreemptionCheckpoint` among ``trainer.callbacks``, if any."""
+    return next((c for c in trainer.callbacks if isinstance(c, PreemptionCheckpoint)), None)
