@@ -110,6 +110,22 @@ def test_val_from_train_holds_out_part_of_train_and_tests_on_the_val_folder(data
     assert [r.path for r in again.splits["val"].records] == [r.path for r in val.records]  # seeded
 
 
+def test_teacher_stats_floor_a_nearly_dead_feature(tmp_path):
+    """--teacher_norm=dataset: a feature that is almost always 0 is not divided by its tiny std."""
+    from agglomerator.data import ImageFolderWithEmbeddings
+
+    base = make_image_folder(tmp_path, per_class=3, dim=8)
+    for path in sorted((base / "train_masks_embeds").rglob("*.pkl")):
+        embeds = np.random.default_rng(0).standard_normal((4, 3, 8)).astype("float32")
+        embeds[..., 0] = 0.0  # dead feature
+        save_embeddings(path, embeds)
+    embeds[0, 0, 0] = 1e-3  # it fires once, faintly
+    save_embeddings(path, embeds)
+    dataset = ImageFolderWithEmbeddings(base / "train", transform=lambda x: x, embeds_root=base / "train_masks_embeds")
+    mean, std = dataset.embedding_stats()
+    assert std[0] >= 0.0999 * np.median(std) and abs(std[1:] - 1).max() < 0.5  # floored; the others untouched (about 1)
+
+
 def test_embeds_suffix_picks_another_teachers_files(data_dir, tmp_path):
     proc = run_main(*TINY_FLAGS, f"--data_dir={data_dir}", "--embeds_suffix=_masks_embeds_other", "--max_epochs=1",
                     f"--output_dir={tmp_path}", expect_ok=False)

@@ -56,6 +56,7 @@ TORCHVISION_DATASETS = ("CIFAR10", "CIFAR100", "MNIST", "FashionMNIST")
 DATASETS = tuple(NORMALIZATION)
 EMBEDDINGS_SUFFIX = "_masks_embeds"
 MASKS_SUFFIX = "_masks"
+STD_FLOOR = 0.1  # --teacher_norm=dataset: no feature's std below this fraction of the median feature's
 
 
 @dataclass
@@ -194,13 +195,20 @@ class ImageFolderWithEmbeddings(Dataset):
             )
         self._check_shape(load_embeddings(self.embeds_path(0)), self.embeds_path(0))
 
-    def embedding_stats(self, max_files: int = 500) -> tuple[np.ndarray, np.ndarray]:
+    def embedding_stats(self, max_files: int = 500, std_floor: float = STD_FLOOR) -> tuple[np.ndarray, np.ndarray]:
         """Per-dimension mean and std ``(D,)`` of the teacher embeddings, over up to ``max_files`` files
-        spread over the split (for ``--teacher_norm=dataset``)."""
+        spread over the split (for ``--teacher_norm=dataset``).
+
+        Each std is at least ``std_floor`` times the median std: a nearly dead feature (a ReLU
+        that is 0 on almost every sample) would otherwise be divided by a tiny number, and one
+        image where it fires would dominate the whole loss (seen with a random-weight teacher:
+        a validation loss of 2,000 instead of about 1).
+        """
         picks = np.linspace(0, len(self) - 1, min(max_files, len(self))).round().astype(int)
         arrays = [load_embeddings(self.embeds_path(i)) for i in np.unique(picks)]  # each (n, levels, D)
         flat = np.concatenate([a.reshape(-1, a.shape[-1]) for a in arrays])
-        return flat.mean(0), flat.std(0)
+        std = flat.std(0)
+        return flat.mean(0), np.maximum(std, std_floor * float(np.median(std)))
 
     def _check_shape(self, embeds: np.ndarray, path: Path) -> None:
         expected = self.expected_embed_shape
