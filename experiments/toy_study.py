@@ -249,11 +249,11 @@ def report(results: list[dict], teachers: dict, seconds: float, out: Path) -> st
                   "| features | L0 | L1 | L2 |", "| --- | --- | --- | --- |"]
         lines += [f"| {name} | " + " | ".join(cells) + " |" for name, cells in probe_rows]
     text = "\n".join(lines) + "\n"
-    draw(by, out / "accuracy.png")
+    draw(by, teachers, out / "accuracy.png")
     return text
 
 
-def draw(by: dict, path: Path) -> None:
+def draw(by: dict, teachers: dict, path: Path) -> None:
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(6, 3.2), layout="constrained")
@@ -265,10 +265,15 @@ def draw(by: dict, path: Path) -> None:
         ax.bar(i, mean, yerr=std, capsize=4, color="#4c72b0" if m.startswith("sam_distill") else "#999999", alpha=0.85)
         ax.scatter([i] * len(accs), accs, color="black", s=10, zorder=3)
     ax.axhline(10, color="red", linestyle=":", linewidth=1, label="chance")
+    for name, style in (("pretrained", "--"), ("random", "-.")):
+        if teachers.get(name):
+            ceiling, _ = mean_std([p["level2"]["test_accuracy"] for p in teachers[name]])
+            ax.axhline(100 * ceiling, color="green", linestyle=style, linewidth=1, label=f"linear probe of the {name} teacher (L2)")
     ax.set_xticks(range(len(names)), names, fontsize=8)
     ax.set_ylabel("test accuracy % (frozen backbone)")
     ax.set_title(f"toy study, variant {FLAGS.variant}: mean ± std, dots = seeds", fontsize=9)
-    ax.legend(fontsize=8)
+    ax.set_ylim(0, 108)
+    ax.legend(fontsize=7, loc="center right")
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
     atomic_write_bytes(path, buffer.getvalue())
