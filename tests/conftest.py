@@ -4,6 +4,8 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
+
 SRC = Path(__file__).resolve().parents[1] / "src"
 sys.path.insert(0, str(SRC))
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
@@ -14,3 +16,14 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes more than a few seconds; deselect with -m 'not slow'")
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU; skipped when none is visible")
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One torch thread for the test (stage-1 tests: two threads stall each other on a shared 2-core machine)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

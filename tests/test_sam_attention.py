@@ -19,12 +19,7 @@ from hierarchical_masks.sam_attention import SDPAAttention, attention_of, set_at
 from hierarchical_masks.sam_points import PointGridMasker, build_sam
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def random_rel_pos(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
