@@ -241,7 +241,7 @@ def report(results: list[dict], teachers: dict, seconds: float, out: Path) -> st
         runs = [r["probes"] for r in by[m] if "probes" in r]
         if runs:
             probe_rows.append((f"{m}: column levels (flattened)", [fmt([p[f"level{i}"]["test_accuracy"] for p in runs]) for i in range(3)]))
-            if "encoded0" in runs[0]:
+            if "encoded0" in runs[0] and m.startswith("sam_distill"):  # the others never train the levels encoder
                 probe_rows.append((f"{m}: regressed outputs (mean over columns)",
                                    [fmt([p[f"encoded{i}"]["test_accuracy"] for p in runs]) for i in range(3)]))
     if probe_rows:
