@@ -31,8 +31,8 @@ flags.DEFINE_string("out_dir", "runs/demo", "Where runs, figures and summary.md 
 flags.DEFINE_string("data_dir", "datasets", "The toy set is written to <data_dir>/toy.")
 flags.DEFINE_integer("train_per_class", 100, "Toy training images per class.")
 flags.DEFINE_integer("val_per_class", 30, "Toy validation (= test) images per class.")
-flags.DEFINE_integer("pretrain_epochs", 6, "Epochs of each pretraining (the toy study: 10).")
-flags.DEFINE_integer("finetune_epochs", 5, "Epochs of each classifier fine-tuning (the toy study: 8).")
+flags.DEFINE_integer("pretrain_epochs", 4, "Epochs of each pretraining (the toy study: 10).")
+flags.DEFINE_integer("finetune_epochs", 4, "Epochs of each classifier fine-tuning (the toy study: 8).")
 flags.DEFINE_string("encoder", OFFLINE_TEACHER_MODEL, "timm backbone of stage 2, the teacher (its features are the targets' D).")
 flags.DEFINE_enum("teacher", "package", list(TEACHERS),
                   f"Stage-2 weights: package (ImageNet weights shipped by the {OFFLINE_TEACHER_PACKAGE} pip package: "
@@ -117,7 +117,7 @@ def main(argv) -> None:
     for name, checkpoint in (("sam_distill", runs["sam_distill"]), ("supcon", runs["supcon"])):
         folder = out / f"islands_{name}"
         run_step(f"islands of {name}", ["src/main.py", *config, "--mode=islands", f"--load_checkpoint_dir={checkpoint}",
-                                        "--islands_count=20", f"--output_dir={folder}"])
+                                        "--islands_count=12", f"--output_dir={folder}"])
         scores[name] = json.loads((folder / "islands" / "scores.json").read_text())
     animated = out / "islands_animated"
     run_step("islands of sam_distill over the iterations", [
