@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -37,7 +38,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision import transforms as T
 
 from hierarchical_masks.mask_io import InputError, ImageRecord, list_image_folder, load_embeddings, load_masks, load_rgb_image
-from hierarchical_masks.per_image_runner import end_loader_workers_at_exit, ignore_stop_signals
+from hierarchical_masks.per_image_runner import end_loader_workers_at_exit, ignore_stop_signals, shut_down_loader_workers
 
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -327,7 +328,9 @@ def loader_worker_init(worker_id: int) -> None:
 
     A cluster signals the whole process group; a loader process killed by it would end training with
     "DataLoader worker is killed" before ``PreemptionCheckpoint`` saves. The trainer decides when to
-    stop and shuts the loaders down (:func:`end_loader_workers_at_exit` makes sure). Lightning adds its per-worker seeding only to loaders without a
+    stop and shuts the loaders down (``PartWholeDataModule.on_exception``, and
+    :func:`end_loader_workers_at_exit` at exit); on Linux they die with the main process even when it
+    is killed outright. Lightning adds its per-worker seeding only to loaders without a
     ``worker_init_fn``, so this one calls it (when ``seed_everything(workers=True)`` asked for it).
     """
     ignore_stop_signals(worker_id)
@@ -347,6 +350,7 @@ class PartWholeDataModule(pl.LightningDataModule):
         self.config = config
         self.expected_embed_shape = expected_embed_shape
         self.splits: dict[str, Dataset] = {}
+        self._loaders: weakref.WeakSet[DataLoader] = weakref.WeakSet()  # those with worker processes
 
     @property
     def with_embeddings(self) -> bool:
@@ -411,9 +415,7 @@ class PartWholeDataModule(pl.LightningDataModule):
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         workers = self.config.num_workers
-        if workers:
-            end_loader_workers_at_exit()  # they ignore SIGTERM: see loader_worker_init
-        return DataLoader(
+        return self._track(DataLoader(
             self.splits[split],
             batch_size=self.config.batch_size,
             shuffle=shuffle,
@@ -422,7 +424,22 @@ class PartWholeDataModule(pl.LightningDataModule):
             pin_memory=torch.cuda.is_available(),
             collate_fn=collate_batch,
             worker_init_fn=loader_worker_init if workers > 0 else None,
-        )
+        ))
+
+    def _track(self, loader: DataLoader) -> DataLoader:
+        """Remember a loader with worker processes: they ignore SIGTERM (see :func:`loader_worker_init`)."""
+        if loader.num_workers:
+            end_loader_workers_at_exit()
+            self._loaders.add(loader)
+        return loader
+
+    def on_exception(self, exception: BaseException) -> None:
+        """A run ended on an exception (a stop signal, a full disk): end this module's loader processes now.
+
+        Lightning's teardown shuts down only the active loop's loaders; stopped during validation, the
+        training loader's persistent workers would stay alive until the process exits.
+        """
+        shut_down_loader_workers(list(self._loaders))
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)
@@ -443,8 +460,7 @@ class PartWholeDataModule(pl.LightningDataModule):
             dataset = TupleAsDict(base.dataset, build_transform(self.config, train=False), base.indices)
         else:
             dataset = self.splits[split]
-        if self.config.num_workers:
-            end_loader_workers_at_exit()
-        return DataLoader(dataset, batch_size=self.config.batch_size, shuffle=False, num_workers=self.config.num_workers,
-                          collate_fn=collate_batch, worker_init_fn=loader_worker_init if self.config.num_workers > 0 else None)
+        return self._track(DataLoader(dataset, batch_size=self.config.batch_size, shuffle=False, num_workers=self.config.num_workers,
+                                      collate_fn=collate_batch,
+                                      worker_init_fn=loader_worker_init if self.config.num_workers > 0 else None))
 

@@ -29,7 +29,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -181,14 +181,53 @@ class StopOnSignal:
         self._previous = {}
 
 
+def die_with_parent() -> None:
+    """Linux: have the kernel SIGKILL this process when the process (thread) that started it ends.
+
+    A loader process ignores SIGTERM (see :func:`ignore_stop_signals`), so nothing else would end it
+    if the main process were killed outright (``kill -9``, the OOM killer): it would stay behind,
+    holding memory, possibly blocked forever on a queue nobody reads. Elsewhere: nothing.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    pr_set_pdeathsig = 1
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
+    except (OSError, AttributeError):  # no usable libc: the atexit reaper still covers a normal exit
+        return
+
+
 def ignore_stop_signals(worker_id: int) -> None:
     """DataLoader ``worker_init_fn``: loader processes ignore SIGTERM/SIGUSR1 (a cluster signals the whole
-    process group); the main process decides when to stop and shuts them down.
+    process group); the main process decides when to stop and shuts them down. They die with it.
 
     Use it with :func:`end_loader_workers_at_exit` in the main process.
     """
     for signum in StopOnSignal.SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
+    die_with_parent()
+
+
+def shut_down_loader_workers(loaders: Iterable) -> None:
+    """End the worker processes of ``loaders``' persistent iterators now, and drop those iterators.
+
+    First the iterator's own orderly shutdown (each worker is told to stop and joined); a worker still
+    alive after it gets SIGKILL (ours ignore the SIGTERM that torch falls back to). For a training run
+    stopped by a signal: Lightning's teardown shuts down only the active loop's loaders (not those of
+    the fit loop when the signal came during validation), so their workers would outlive the run.
+    """
+    from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter
+
+    for loader in loaders:
+        iterator = getattr(loader, "_iterator", None)
+        if isinstance(iterator, _MultiProcessingDataLoaderIter):
+            iterator._shutdown_workers()
+            for worker in iterator._workers:
+                if worker.is_alive():
+                    worker.kill()
+                    worker.join(timeout=10)
+        if iterator is not None:
+            loader._iterator = None
 
 
 _LOADER_REAPER_REGISTERED = False
@@ -202,7 +241,9 @@ def end_loader_workers_at_exit() -> None:
     (Lightning does not always shut a loader down when training stops on an exception). This exit
     handler, registered after multiprocessing's and so run before it, kills them (SIGKILL) first:
     every daemonic multiprocessing child still alive, which in this project means loader processes
-    (DDP ranks are started by Lightning as subprocesses, not multiprocessing children).
+    (DDP ranks are started by Lightning as subprocesses, not multiprocessing children). torch's
+    SIGCHLD handler is put back to the default first: it would raise "DataLoader worker is killed"
+    in the middle of this handler, which would leave the other workers alive and the exit hung.
     """
     global _LOADER_REAPER_REGISTERED
     if _LOADER_REAPER_REGISTERED:
@@ -211,10 +252,15 @@ def end_loader_workers_at_exit() -> None:
     import multiprocessing
 
     def kill_loader_workers() -> None:
-        for child in multiprocessing.active_children():
-            if child.daemon:
-                child.kill()
-                child.join(timeout=10)
+        children = [child for child in multiprocessing.active_children() if child.daemon]
+        if not children:
+            return
+        if hasattr(signal, "SIGCHLD") and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        for child in children:
+            child.kill()
+        for child in children:
+            child.join(timeout=10)
 
     atexit.register(kill_loader_workers)
     _LOADER_REAPER_REGISTERED = True
