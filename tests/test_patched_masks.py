@@ -204,6 +204,7 @@ def test_v2_stores_each_distinct_mask_once_and_is_4x_smaller(tmp_path):
     ("index_out_of_range", "index points at mask 34 of 34 distinct masks"),
     ("index_wrong_shape", "index of 47 entries for 16 points x 3 levels"),
     ("index_dtype", "index dtype 'object'"),
+    ("index_dtype_array", "index dtype array("),
     ("index_not_zlib", "index: error"),
     ("distinct_truncated", "not a whole number of 32x32 masks"),
 ])
@@ -220,6 +221,8 @@ def test_corrupt_v2_file_is_one_line_error_naming_it(tmp_path, damage, message):
         record["index"] = zlib.compress(index[:-1].tobytes())
     elif damage == "index_dtype":
         record["index_dtype"] = "object"
+    elif damage == "index_dtype_array":
+        record["index_dtype"] = np.array(["<u2", "<u4"])
     elif damage == "index_not_zlib":
         record["index"] = index.tobytes()
     elif damage == "distinct_truncated":

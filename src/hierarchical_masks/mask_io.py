@@ -454,7 +454,7 @@ def _v2_distinct(obj: dict, path: str | os.PathLike) -> DistinctMasks:
         raise _corrupt(path, f"{bits.size} bytes of distinct masks is not a whole number of {height}x{width} masks")
     bits = bits.reshape(-1, row_bytes)
     index_dtype = obj.get("index_dtype")
-    if index_dtype not in _INDEX_DTYPES:
+    if not isinstance(index_dtype, str) or index_dtype not in _INDEX_DTYPES:
         raise _corrupt(path, f"index dtype {index_dtype!r}, expected one of {', '.join(_INDEX_DTYPES)}")
     index = np.frombuffer(_decompress(obj, "index", path), dtype=index_dtype)
     if index.size != n * levels:
@@ -489,9 +489,10 @@ def _masks_from_reference(obj: Any, path: str | os.PathLike) -> tuple[np.ndarray
 
 def _our_format(obj: Any) -> str | None:
     """``v1`` / ``v2`` for our records, None for anything else (the reference format, or not masks)."""
-    if isinstance(obj, dict):
-        for name, tag in MASK_FORMATS.items():
-            if obj.get("format") == tag:
+    tag = obj.get("format") if isinstance(obj, dict) else None
+    if isinstance(tag, str):  # a file's value may be any plain object, even an array
+        for name, known in MASK_FORMATS.items():
+            if tag == known:
                 return name
     return None
 
