@@ -186,7 +186,7 @@ def time_one_path(args: argparse.Namespace) -> None:
                 """Our path: stage 2's DataLoader feeding MaskedImageEncoder."""
                 loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=cuda,
                                                      prefetch_factor=4 if num_workers else None)
-                out = dict(encoder.embed_stream((int(it["index"]), it["image"], item_masks(it, device)) for it in loader))
+                out = dict(encoder.embed_stream((int(it["index"]), it["image"], *item_masks(it, device)) for it in loader))
                 return [out[i] for i in range(len(records))]
 
     run()  # warm-up: one untimed pass (kernels, caches, the allocator's steady state)

@@ -27,6 +27,7 @@ from hierarchical_masks.eval_transform import BatchedEvalTransform
 from hierarchical_masks.mask_embedding import (
     MaskedImageEncoder,
     build_encoder,
+    distinct_masks,
     embed_image_reference,
     masked_pil_image,
     reference_transform,
@@ -36,7 +37,7 @@ from hierarchical_masks.mask_io import (
     InputError,
     load_embeddings,
     load_rgb_image,
-    read_packed_masks,
+    read_distinct_masks,
     safe_pickle_load,
     save_masks,
 )
@@ -78,7 +79,16 @@ def make_masks(seed: int, grid: int = GRID, height: int = SIZE, width: int = SIZ
     return masks
 
 
-def make_dataset(root: Path, classes=("cat", "dog"), per_class: int = 2, reference_format: bool = False):
+def write_masks(path: Path, masks: np.ndarray, mask_format: str = "v2", **meta) -> None:
+    """Save ``masks`` in our format ``v2``/``v1`` or the reference's (a pickled list of ``(3, H, W)`` arrays)."""
+    if mask_format == "reference":
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(pickle.dumps([m for m in masks]))
+    else:
+        save_masks(path, masks, mask_format=mask_format, **meta)
+
+
+def make_dataset(root: Path, classes=("cat", "dog"), per_class: int = 2, mask_format: str = "v2"):
     """``root/images/<class>/<img>`` and ``root/masks/<class>/<stem>.pkl``; returns (images, masks, out)."""
     images, masks_root = root / "images", root / "masks"
     seed = 0
@@ -88,13 +98,8 @@ def make_dataset(root: Path, classes=("cat", "dog"), per_class: int = 2, referen
             seed += 1
             stem = f"{name}_{i}"
             make_image(seed).save(images / name / f"{stem}.png")
-            masks = make_masks(seed)
-            path = masks_root / name / f"{stem}.pkl"
-            if reference_format:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_bytes(pickle.dumps([m for m in masks]))
-            else:
-                save_masks(path, masks, grid=GRID, img_size=SIZE, patch_size=SIZE // GRID, levels=3)
+            write_masks(masks_root / name / f"{stem}.pkl", make_masks(seed), mask_format,
+                        grid=GRID, img_size=SIZE, patch_size=SIZE // GRID, levels=3)
     return images, masks_root, root / "embeds"
 
 
@@ -153,19 +158,26 @@ def test_batched_transform_equals_pil_transform(model_name, crop):
         assert (steps > 0.01).float().mean() < 2e-3
 
 
-@pytest.mark.parametrize("reference_format", [False, True])
-def test_packed_masks_unpack_on_the_device_side(tmp_path, reference_format):
+@pytest.mark.parametrize("mask_format", ["v2", "v1", "reference"])
+def test_distinct_masks_unpack_on_the_device_side(tmp_path, mask_format):
     masks = make_masks(9, height=13, width=11)  # sizes that are not multiples of 8
+    masks[1] = masks[0]  # a repeated point: stored once
     path = tmp_path / "m.pkl"
-    if reference_format:
-        path.write_bytes(pickle.dumps(list(masks)))
-    else:
-        save_masks(path, masks, grid=GRID)
-    bits, shape, meta = read_packed_masks(path)
-    assert shape == masks.shape and meta["grid"] == GRID
-    unpacked = unpack_masks(torch.from_numpy(bits.copy()), shape)
+    write_masks(path, masks, mask_format, grid=GRID)
+    stored = read_distinct_masks(path)
+    assert stored.shape == masks.shape and stored.index.shape == (GRID * GRID, 3)
+    assert stored.num_distinct == len(np.unique(masks.reshape(-1, 13 * 11), axis=0)) < 12
+    assert (stored.index[1] == stored.index[0]).all()
+    if mask_format != "reference":
+        assert stored.meta["grid"] == GRID
+    unpacked = unpack_masks(torch.from_numpy(stored.bits.copy()), 13, 11)
     assert unpacked.dtype == torch.bool
-    np.testing.assert_array_equal(unpacked.numpy(), masks)
+    np.testing.assert_array_equal(unpacked.numpy()[stored.index], masks)
+    # every format gives the same distinct masks in the same order (so stage 2 computes the same)
+    write_masks(tmp_path / "v2.pkl", masks, "v2")
+    again = read_distinct_masks(tmp_path / "v2.pkl")
+    np.testing.assert_array_equal(stored.bits, again.bits)
+    np.testing.assert_array_equal(stored.index, again.index)
 
 
 def _encoder(name: str, checkpoint: Path | None):
@@ -188,7 +200,7 @@ def test_fast_path_matches_reference_path(model_name, precision, crop, real_chec
     reference = [embed_image_reference(model, transform, im, m, crop=crop) for im, m in zip(images, masks)]
 
     encoder = MaskedImageEncoder(model, crop=crop, batch_size=5, precision=precision)  # 5: batches span images
-    items = [(i, torch.from_numpy(np.array(im)).permute(2, 0, 1), torch.from_numpy(m)) for i, (im, m) in enumerate(zip(images, masks))]
+    items = [(i, torch.from_numpy(np.array(im)).permute(2, 0, 1), *distinct_masks(torch.from_numpy(m))) for i, (im, m) in enumerate(zip(images, masks))]
     fast = dict(encoder.embed_stream(items))
 
     for i, ref in enumerate(reference):
@@ -260,16 +272,17 @@ def test_float16_output(tmp_path):
     np.testing.assert_allclose(raw.astype(np.float32), load_embeddings(tmp_path / "f32" / "cat" / "cat_0.pkl"), rtol=2e-3, atol=2e-3)
 
 
-def test_reference_format_masks_give_the_same_embeddings(tmp_path):
-    ours = make_dataset(tmp_path / "ours", per_class=1)
-    ref = make_dataset(tmp_path / "ref", per_class=1, reference_format=True)
-    assert isinstance(safe_pickle_load(ref[1] / "cat" / "cat_0.pkl"), list)
-    for images, masks, out in (ours, ref):
+def test_every_mask_format_gives_the_same_embeddings(tmp_path):
+    """v2, v1 and the reference's pickled lists: bit-identical embeddings (the same distinct masks, the same batches)."""
+    runs = {fmt: make_dataset(tmp_path / fmt, per_class=1, mask_format=fmt) for fmt in ("v2", "v1", "reference")}
+    assert isinstance(safe_pickle_load(runs["reference"][1] / "cat" / "cat_0.pkl"), list)
+    for images, masks, out in runs.values():
         run_stage(config(images, masks, out, crop=True))
-    a, b = outputs(ours[2]), outputs(ref[2])
-    assert sorted(a) == sorted(b)
-    for key in a:
-        np.testing.assert_array_equal(a[key], b[key])
+    results = {fmt: outputs(out) for fmt, (_, _, out) in runs.items()}
+    assert sorted(results["v2"]) == sorted(results["v1"]) == sorted(results["reference"])
+    for key, embeds in results["v2"].items():
+        np.testing.assert_array_equal(embeds, results["v1"][key])
+        np.testing.assert_array_equal(embeds, results["reference"][key])
 
 
 def test_checkpoint_file_weights_are_used(real_checkpoint):
@@ -304,16 +317,17 @@ def test_missing_masks_are_an_error_or_skipped(tmp_path):
     assert (out / "failed.txt").read_text() == failed
 
 
-def test_mask_size_or_levels_mismatch_names_the_file(tmp_path):
-    images, masks, out = make_dataset(tmp_path, per_class=1)
+@pytest.mark.parametrize("mask_format", ["v2", "v1"])
+def test_mask_size_or_levels_mismatch_names_the_file(tmp_path, mask_format):
+    images, masks, out = make_dataset(tmp_path, per_class=1, mask_format=mask_format)
     with pytest.raises(InputError, match=r"cat_0\.pkl: masks are 32x32 .* --img_height=48 --img_width=32"):
         ef.check_inputs(config(images, masks, out, img_height=48))
     bad = masks / "dog" / "dog_0.pkl"
-    save_masks(bad, make_masks(1)[:, :2], grid=GRID)  # 2 levels
+    save_masks(bad, make_masks(1)[:, :2], mask_format=mask_format, grid=GRID)  # 2 levels
     with pytest.raises(InputError, match=r"dog_0\.pkl: masks have 2 levels, expected 3"):
         run_stage(config(images, masks, out))
     assert (out / "cat" / "cat_0.pkl").is_file()  # written before the bad file: kept
-    save_masks(bad, make_masks(1)[:3], grid=GRID)  # 3 points on a 2x2 grid
+    save_masks(bad, make_masks(1)[:3], mask_format=mask_format, grid=GRID)  # 3 points on a 2x2 grid
     with pytest.raises(InputError, match=r"dog_0\.pkl: 3 masks per level but the file's grid is 2x2"):
         run_stage(config(images, masks, out))
     run_stage(config(images, masks, out, skip_bad_images=True))

@@ -9,6 +9,7 @@ import pickle
 import re
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,8 @@ from PIL import Image
 from segment_anything import SamPredictor
 
 from hierarchical_masks import patched_masks
-from hierarchical_masks.mask_io import InputError, list_image_folder, load_masks, read_mask_record, save_masks
+from hierarchical_masks.mask_io import (InputError, list_image_folder, load_masks, read_distinct_masks, read_mask_record,
+                                        safe_pickle_load, save_masks)
 from hierarchical_masks.sam_points import PointGridMasker, build_sam, load_sam_checkpoint, patch_grid_points
 
 REPO = Path(__file__).resolve().parents[1]
@@ -121,9 +123,11 @@ def test_precisions_run_and_bf16_mostly_agrees(tiny_sam):
 # --------------------------------------------------------------------------- file format
 
 
-def test_format_round_trip_meta_and_reference_format(tmp_path, tiny_sam):
+@pytest.mark.parametrize("mask_format", ["v2", "v1"])
+def test_format_round_trip_meta_and_reference_format(tmp_path, tiny_sam, mask_format):
     out = tmp_path / "masks"
-    run_stage(make_image_folder(tmp_path / "val", per_class=1), out, img_size=64, patch_size=16)
+    run_stage(make_image_folder(tmp_path / "val", per_class=1), out, img_size=64, patch_size=16, mask_format=mask_format)
+    assert safe_pickle_load(out / "cat" / "img0.pkl")["format"] == f"partwhole-masks/{mask_format[1]}"
     masks, meta = read_mask_record(out / "cat" / "img0.pkl")
     assert masks.shape == (16, 3, 64, 64) and masks.dtype == bool
     for key, value in dict(grid=4, img_size=64, patch_size=16, levels=3, sam_model="vit_tiny", point_labels="foreground").items():
@@ -131,6 +135,7 @@ def test_format_round_trip_meta_and_reference_format(tmp_path, tiny_sam):
     # the same masks as the library computes on the same resized image
     image = np.asarray(Image.open(tmp_path / "val" / "cat" / "img0.png").convert("RGB").resize((64, 64), Image.BICUBIC))
     np.testing.assert_array_equal(masks, PointGridMasker(tiny_sam, img_size=64, patch_size=16)([image])[0].numpy())
+    np.testing.assert_array_equal(read_distinct_masks(out / "cat" / "img0.pkl").expand(), masks)
 
     # the reference format: a pickled list of N bool arrays (3, H, W)
     reference = tmp_path / "reference.pkl"
@@ -154,41 +159,112 @@ def blob_masks(grid=14, size=224, seed=0) -> np.ndarray:
     return masks
 
 
-def test_blob_masks_fit_in_0_3_mb_and_round_trip(tmp_path):
+@pytest.mark.parametrize("mask_format", ["v2", "v1"])
+def test_blob_masks_fit_in_0_3_mb_and_round_trip(tmp_path, mask_format):
     masks = blob_masks()
     path = tmp_path / "blob.pkl"
-    save_masks(path, masks, grid=14, img_size=224, patch_size=16, levels=3, sam_model="synthetic")
+    save_masks(path, masks, mask_format=mask_format, grid=14, img_size=224, patch_size=16, levels=3, sam_model="synthetic")
     assert path.stat().st_size <= 300_000, path.stat().st_size
     np.testing.assert_array_equal(load_masks(path), masks)
+
+
+def region_masks(grid=14, size=224, seed=0) -> np.ndarray:
+    """Masks that repeat, like SAM's on a photo: each point's level-``l`` mask is the region under it.
+
+    Three nested partitions of the image into wobbly Voronoi cells (4 wholes, split
+    into objects, split into parts); many points fall in the same cell, so most of
+    the ``grid**2 * 3`` masks repeat.
+    """
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size].astype(np.float32)
+    wy = yy + 6 * np.sin(xx / 9 + rng.uniform(0, 6))  # wobbly cell borders
+    wx = xx + 6 * np.sin(yy / 7 + rng.uniform(0, 6))
+    labels, regions = np.zeros((size, size), np.int64), []
+    for cells in (4, 12, 40):  # wholes, objects, parts: each level splits the one above
+        seeds = rng.uniform(0, size, (cells, 2))
+        nearest = np.argmin((wy[..., None] - seeds[:, 0]) ** 2 + (wx[..., None] - seeds[:, 1]) ** 2, axis=-1)
+        labels = labels * cells + nearest
+        regions.insert(0, labels)  # level 0 is the finest
+    points = patch_grid_points(size, size // grid).astype(int)
+    return np.stack([r[None] == r[points[:, 1], points[:, 0]][:, None, None] for r in regions], axis=1)
+
+
+def test_v2_stores_each_distinct_mask_once_and_is_4x_smaller(tmp_path):
+    masks = region_masks()
+    sizes = {fmt: save_masks(tmp_path / f"{fmt}.pkl", masks, mask_format=fmt, grid=14) for fmt in ("v1", "v2")}
+    assert sizes["v1"] >= 4 * sizes["v2"], sizes
+    stored = read_distinct_masks(tmp_path / "v2.pkl")
+    assert stored.num_distinct == len(np.unique(masks.reshape(len(masks) * 3, -1), axis=0)) < 588 / 4
+    assert stored.index.shape == (196, 3) and stored.index[0, 0] == 0  # in order of first appearance
+    for fmt in ("v1", "v2"):
+        np.testing.assert_array_equal(load_masks(tmp_path / f"{fmt}.pkl"), masks)
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("index_out_of_range", "index points at mask 34 of 34 distinct masks"),
+    ("index_wrong_shape", "index of 47 entries for 16 points x 3 levels"),
+    ("index_dtype", "index dtype 'object'"),
+    ("index_dtype_array", "index dtype array("),
+    ("index_not_zlib", "index: error"),
+    ("distinct_truncated", "not a whole number of 32x32 masks"),
+])
+def test_corrupt_v2_file_is_one_line_error_naming_it(tmp_path, damage, message):
+    masks = region_masks(grid=4, size=32)
+    path = tmp_path / "img0.pkl"
+    save_masks(path, masks, grid=4)
+    record = pickle.loads(path.read_bytes())
+    index = np.frombuffer(zlib.decompress(record["index"]), record["index_dtype"])
+    assert index.max() == 33  # 34 distinct masks
+    if damage == "index_out_of_range":
+        record["index"] = zlib.compress(np.where(index == 33, 34, index).astype(record["index_dtype"]).tobytes())
+    elif damage == "index_wrong_shape":
+        record["index"] = zlib.compress(index[:-1].tobytes())
+    elif damage == "index_dtype":
+        record["index_dtype"] = "object"
+    elif damage == "index_dtype_array":
+        record["index_dtype"] = np.array(["<u2", "<u4"])
+    elif damage == "index_not_zlib":
+        record["index"] = index.tobytes()
+    elif damage == "distinct_truncated":
+        record["distinct"] = zlib.compress(zlib.decompress(record["distinct"])[:-3])
+    path.write_bytes(pickle.dumps(record))
+    for reader in (load_masks, read_distinct_masks):
+        with pytest.raises(InputError) as caught:
+            reader(path)
+        text = str(caught.value)
+        assert "\n" not in text and text.startswith(f"{path}: corrupt mask data") and message in text, text
+        assert text.endswith("delete it and rerun stage 1")
 
 
 # --------------------------------------------------------------------------- resume, overwrite, DDP
 
 
-def test_resume_skips_finished_files_and_overwrite_rewrites(tmp_path):
+@pytest.mark.parametrize("mask_format", ["v2", "v1"])
+def test_resume_skips_finished_files_and_overwrite_rewrites(tmp_path, mask_format):
     images, out = make_image_folder(tmp_path / "val"), tmp_path / "masks"
-    first = run_stage(images, out, img_size=64)
+    first = run_stage(images, out, img_size=64, mask_format=mask_format)
     assert (first.written, first.skipped) == (4, 0)
     before = snapshot(out)
 
-    again = run_stage(images, out, img_size=64)
+    again = run_stage(images, out, img_size=64, mask_format=mask_format)
     assert (again.written, again.skipped) == (0, 4)
     assert snapshot(out) == before
 
     lost = out / "dog" / "img1.pkl"
     lost.unlink()  # as if the run had been killed before writing it
-    resumed = run_stage(images, out, img_size=64)
+    resumed = run_stage(images, out, img_size=64, mask_format=mask_format)
     assert (resumed.written, resumed.skipped) == (1, 3)
     after = snapshot(out)
     assert {p: b for p, (_, b) in after.items()} == {p: b for p, (_, b) in before.items()}  # seeded weights: same bytes
     assert {p: v for p, v in after.items() if p != lost} == {p: v for p, v in before.items() if p != lost}
 
-    rewritten = run_stage(images, out, img_size=64, overwrite=True)
+    rewritten = run_stage(images, out, img_size=64, overwrite=True, mask_format=mask_format)
     assert (rewritten.written, rewritten.skipped) == (4, 0)
     assert all(p.stat().st_mtime_ns != before[p][0] for p in before)
 
 
-def test_killed_run_leaves_complete_files_and_resumes(tmp_path, monkeypatch):
+@pytest.mark.parametrize("mask_format", ["v2", "v1"])
+def test_killed_run_leaves_complete_files_and_resumes(tmp_path, monkeypatch, mask_format):
     images, out = make_image_folder(tmp_path / "val"), tmp_path / "masks"
     calls = {"n": 0}
     real = PointGridMasker.predict_model_inputs
@@ -201,14 +277,15 @@ def test_killed_run_leaves_complete_files_and_resumes(tmp_path, monkeypatch):
 
     monkeypatch.setattr(PointGridMasker, "predict_model_inputs", dies_on_second_batch)
     with pytest.raises(KeyboardInterrupt):
-        run_stage(images, out, img_size=64, batch_size=2)
+        run_stage(images, out, img_size=64, batch_size=2, mask_format=mask_format)
     written = sorted(out.rglob("*.pkl"))
     assert len(written) == 2 and not list(out.rglob("*.tmp"))
     for path in written:
         assert load_masks(path).shape == (16, 3, 64, 64)
+        assert safe_pickle_load(path)["format"] == f"partwhole-masks/{mask_format[1]}"
     monkeypatch.undo()
 
-    resumed = run_stage(images, out, img_size=64)
+    resumed = run_stage(images, out, img_size=64, mask_format=mask_format)
     assert (resumed.written, resumed.skipped) == (2, 2)
 
 
@@ -298,6 +375,7 @@ def test_tiny_checkpoint_loads_and_mismatches_are_explained(tmp_path, tiny_sam):
         ("mismatched_checkpoint", "does not fit --sam_model_type=vit_b"),
         ("no_class_folders", "no class folders found"),
         ("unwritable_output", "--out_data_path=.*cannot write there"),
+        ("mask_format", "--mask_format='v3' is unknown; choose one of v1, v2"),
     ],
 )
 def test_bad_input_is_one_line_error_and_touches_nothing(tmp_path, tiny_sam, case, message):
@@ -317,6 +395,8 @@ def test_bad_input_is_one_line_error_and_touches_nothing(tmp_path, tiny_sam, cas
         flat.mkdir()
         Image.fromarray(synthetic_image(0)).save(flat / "a.png")
         kwargs["in_data_path"] = flat
+    elif case == "mask_format":
+        kwargs["mask_format"] = "v3"
     elif case == "unwritable_output":
         blocker = tmp_path / "a_file"
         blocker.write_text("x")
@@ -339,9 +419,11 @@ def test_bad_input_is_one_line_error_and_touches_nothing(tmp_path, tiny_sam, cas
 
 def test_model_type_alias_and_default_tiny_random_weights(tmp_path):
     images, out = make_image_folder(tmp_path / "val", per_class=1), tmp_path / "masks"
-    result = run_cli("--device=cpu", "--model_type=vit_tiny", "--img_size=32", "--patch_size=16", f"--in_data_path={images}", f"--out_data_path={out}")
+    result = run_cli("--device=cpu", "--model_type=vit_tiny", "--img_size=32", "--patch_size=16", "--mask_format=v1",
+                     f"--in_data_path={images}", f"--out_data_path={out}")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "patched_masks: 2 written, 0 skipped (already done), 0 failed" in result.stdout
     meta = read_mask_record(out / "dog" / "img0.pkl")[1]
     assert (meta["sam_model"], meta["grid"], meta["sam_checkpoint"]) == ("vit_tiny", 2, None)
+    assert safe_pickle_load(out / "dog" / "img0.pkl")["format"] == "partwhole-masks/1"  # --mask_format=v1
     assert list_image_folder(images)  # the images were left alone

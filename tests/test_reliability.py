@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from fakes import TINY_FLAGS, make_image_folder
-from hierarchical_masks.mask_io import InputError, load_embeddings, load_masks, save_embeddings
+from hierarchical_masks.mask_io import InputError, load_embeddings, load_masks, read_distinct_masks, save_embeddings
 
 MAIN = Path(__file__).resolve().parents[1] / "src" / "main.py"
 
@@ -28,14 +28,22 @@ class Plant:
         return (os.system, (f"touch {self.marker}",))
 
 
-def plant(path: Path, marker: Path) -> None:
-    path.write_bytes(pickle.dumps(Plant(marker)))
+def plant(path: Path, marker: Path, inside: str | None = None) -> None:
+    """Write the payload as the whole pickle, or ``inside`` a mask record of that format (``v1``/``v2``)."""
+    payload = Plant(marker)
+    if inside == "v1":
+        payload = {"format": "partwhole-masks/1", "shape": (4, 3, 8, 8), "packed": payload}
+    elif inside == "v2":
+        payload = {"format": "partwhole-masks/2", "shape": (4, 3, 8, 8), "distinct": b"", "index_dtype": "<u2", "index": payload}
+    path.write_bytes(pickle.dumps(payload))
 
 
-@pytest.mark.parametrize("loader", [load_masks, load_embeddings])
-def test_malicious_pickle_is_refused_by_every_reader(tmp_path, loader):
+@pytest.mark.parametrize("loader, inside", [
+    (load_masks, None), (load_masks, "v1"), (load_masks, "v2"), (read_distinct_masks, "v2"), (load_embeddings, None),
+])
+def test_malicious_pickle_is_refused_by_every_reader(tmp_path, loader, inside):
     marker, bad = tmp_path / "pwned", tmp_path / "bad.pkl"
-    plant(bad, marker)
+    plant(bad, marker, inside)
     with pytest.raises(InputError, match="bad.pkl"):
         loader(bad)
     assert not marker.exists()

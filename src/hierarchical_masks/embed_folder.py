@@ -45,7 +45,7 @@ from hierarchical_masks.mask_io import (
     list_classes,
     list_image_folder,
     load_rgb_image,
-    read_packed_masks,
+    read_distinct_masks,
     save_embeddings,
 )
 from hierarchical_masks.per_image_runner import (
@@ -193,8 +193,8 @@ def check_inputs(cfg: EmbedFolderConfig) -> CheckedInputs:
     if not present:
         raise InputError(f"{cfg.in_masks_path}: no mask file for any of the {len(records)} images; run stage 1 first")
     first_path = cfg.mask_path(present[0])
-    _, shape, meta = read_packed_masks(first_path)
-    num_points = check_mask_record(first_path, shape, meta, height=cfg.img_height, width=cfg.img_width)
+    first = read_distinct_masks(first_path)
+    num_points = check_mask_record(first_path, first.shape, first.meta, height=cfg.img_height, width=cfg.img_width)
     prepare_output_folder(cfg.out_data_path)
     return CheckedInputs(records=present, missing=missing, num_points=num_points)
 
@@ -203,10 +203,12 @@ class MaskedImageDataset(Dataset):
     """Image ``i`` of ``records`` with its masks, as tensors (runs in DataLoader workers).
 
     Items are dicts: ``index``, ``image`` uint8 ``(3, H, W)``, ``bits`` (the
-    masks bit-packed, see :func:`read_packed_masks`) and ``shape`` ``(N, 3, H, W)``;
-    or ``index`` and ``error`` (one line) for a bad file. :func:`item_masks`
-    unpacks the masks on the device: a worker hands over 8x fewer bytes through
-    shared memory and skips the unpacking.
+    image's distinct masks, one bit-packed mask per row, see
+    :func:`read_distinct_masks`), ``mask_index`` ``(N, 3)`` (which distinct mask
+    each point and level has) and ``shape`` ``(N, 3, H, W)``; or ``index`` and
+    ``error`` (one line) for a bad file. :func:`item_masks` unpacks the masks on
+    the device: a worker hands over 8x fewer bytes through shared memory, and
+    each distinct mask only once, as stage 1 stored it.
     """
 
     def __init__(self, records: list[ImageRecord], cfg: EmbedFolderConfig, num_points: int, first_path: Path):
@@ -219,20 +221,21 @@ class MaskedImageDataset(Dataset):
         record, cfg = self.records[index], self.cfg
         path = cfg.mask_path(record)
         try:
-            bits, shape, meta = read_packed_masks(path)
-            check_mask_record(path, shape, meta, height=cfg.img_height, width=cfg.img_width,
+            masks = read_distinct_masks(path)
+            check_mask_record(path, masks.shape, masks.meta, height=cfg.img_height, width=cfg.img_width,
                               num_points=self.num_points, first_path=self.first_path)
             image = load_rgb_image(record.path, (cfg.img_width, cfg.img_height))
         except InputError as exc:
             return {"index": index, "error": str(exc)}
         pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1).contiguous()  # (3, H, W) uint8
-        return {"index": index, "image": pixels, "bits": torch.from_numpy(bits.copy()), "shape": torch.tensor(shape)}
+        return {"index": index, "image": pixels, "bits": torch.from_numpy(masks.bits.copy()),
+                "mask_index": torch.from_numpy(masks.index), "shape": torch.tensor(masks.shape)}
 
 
-def item_masks(item: dict[str, Any], device: torch.device) -> torch.Tensor:
-    """Bool masks ``(N, 3, H, W)`` on ``device`` of a :class:`MaskedImageDataset` item."""
-    bits = item["bits"].to(device, non_blocking=True)
-    return unpack_masks(bits, [int(v) for v in item["shape"]])
+def item_masks(item: dict[str, Any], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(distinct (M, H, W) bool on device, index (N, 3))`` of a :class:`MaskedImageDataset` item."""
+    height, width = (int(v) for v in item["shape"][2:])
+    return unpack_masks(item["bits"].to(device, non_blocking=True), height, width), item["mask_index"]
 
 
 def _default_num_workers(device: torch.device, world_size: int) -> int:
@@ -302,7 +305,7 @@ def embed_folder(cfg: EmbedFolderConfig, inputs: CheckedInputs, worker: WorkerCo
                     continue
                 if stop.requested:  # stop feeding; the images already in the encoder are still written
                     return
-                yield index, item["image"], item_masks(item, device)
+                yield index, item["image"], *item_masks(item, device)
         except RuntimeError:  # a loader worker killed by the same signal (sent to the process group)
             if not stop.requested:
                 raise

@@ -221,30 +221,42 @@ def default_batch_size(device: torch.device) -> int:
     return 256 if device.type == "cuda" else 64
 
 
-def unpack_masks(bits: torch.Tensor, shape: tuple[int, ...] | list[int]) -> torch.Tensor:
-    """Bool masks of ``shape`` from ``np.packbits(masks, axis=None)`` bytes, on ``bits``' device.
+def unpack_masks(bits: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Bool masks ``(M, H, W)`` from uint8 ``bits (M, ceil(H*W/8))``, one packed mask per row, on ``bits``' device.
 
-    Stage 2 moves masks to the GPU packed (8x fewer bytes) and unpacks them there.
+    The torch twin of ``mask_io.unpack_mask_rows``: stage 2 moves the distinct
+    masks of a file to the GPU packed (8x fewer bytes) and unpacks them there.
     """
     shifts = torch.arange(7, -1, -1, dtype=torch.uint8, device=bits.device)  # numpy packs big-endian
-    count = int(np.prod(shape))
-    return ((bits[:, None] >> shifts) & 1).flatten()[:count].view(*shape).bool()
+    unpacked = (bits[:, :, None] >> shifts) & 1  # (M, B, 8)
+    return unpacked.flatten(1)[:, : height * width].reshape(-1, height, width).bool()
+
+
+def distinct_masks(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each distinct mask of bool ``masks (N, L, H, W)`` once, and which one every point and level has.
+
+    Returns ``(distinct (M, H, W) bool, index (N, L) int64)`` with
+    ``distinct[index] == masks``. Stage 2 reads this split from the mask files
+    (``mask_io.read_distinct_masks``); this is for masks given in full.
+    """
+    n, levels, height, width = masks.shape
+    distinct, inverse = torch.unique(masks.reshape(n * levels, height * width).to(torch.uint8), dim=0, return_inverse=True)
+    return distinct.view(-1, height, width).bool(), inverse.view(n, levels)
 
 
 @dataclass
 class _PendingImage:
     """One image's masked images in flight.
 
-    ``masks`` holds the image's distinct masks ``(U, H, W)``; ``inverse`` maps row
-    ``k*L + l`` of the flattened ``(N*L, H, W)`` masks to its distinct mask, so a mask
-    shared by several points (a whole object, the background) is embedded once.
+    ``masks`` holds the image's distinct masks ``(M, H, W)``; ``index`` ``(N, L)``
+    says which distinct mask each point and level has, so a mask shared by several
+    points (a whole object, the background) is embedded once.
     """
 
     key: Hashable
     image: torch.Tensor
     masks: torch.Tensor
-    inverse: torch.Tensor
-    shape: tuple[int, int]
+    index: np.ndarray
     cursor: int = 0  # next row to put into a batch
     done: int = 0  # rows embedded
     out: np.ndarray | None = None
@@ -333,32 +345,34 @@ class MaskedImageEncoder:
         finished = []
         while queue and queue[0].done == queue[0].total:
             pending = queue.popleft()
-            embeds = pending.out[pending.inverse.cpu().numpy()]
-            finished.append((pending.key, embeds.reshape(*pending.shape, -1)))
+            finished.append((pending.key, pending.out[pending.index]))  # (N, L, D)
         return finished
 
     # -- streams
 
-    def embed_stream(self, items: Iterable[tuple[Hashable, torch.Tensor, torch.Tensor]]) -> Iterator[tuple[Hashable, np.ndarray]]:
+    def embed_stream(self, items: Iterable[tuple[Hashable, torch.Tensor, torch.Tensor, torch.Tensor]]
+                     ) -> Iterator[tuple[Hashable, np.ndarray]]:
         """Embed a stream of images; yields ``(key, embeddings (N, L, D) float32)`` in input order.
 
         Args:
-            items: ``(key, image, masks)`` with uint8 ``image (3, H, W)`` and bool
-                ``masks (N, L, H, W)`` (CPU or device tensors).
+            items: ``(key, image, distinct, index)``: uint8 ``image (3, H, W)``, the
+                image's distinct bool masks ``distinct (M, H, W)`` and int
+                ``index (N, L)``, which of them each point and level has (CPU or
+                device tensors; :func:`distinct_masks` splits full masks so).
+                Each distinct mask is embedded once.
         """
         queue: deque[_PendingImage] = deque()
-        for key, image, masks in items:
-            n, levels = masks.shape[:2]
-            if n * levels == 0:
-                raise InputError(f"{key}: no masks to embed (masks shape {tuple(masks.shape)})")
-            flat = masks.to(self.device, non_blocking=True).flatten(0, 1)
-            distinct, inverse = torch.unique(flat.flatten(1).to(torch.uint8), dim=0, return_inverse=True)
+        for key, image, distinct, index in items:
+            index = torch.as_tensor(index).cpu().numpy().astype(np.int64, copy=False)
+            if index.ndim != 2 or index.size == 0:
+                raise InputError(f"{key}: no masks to embed (index shape {index.shape})")
+            if index.min() < 0 or index.max() >= len(distinct):
+                raise InputError(f"{key}: mask index out of range (0..{int(index.max())} for {len(distinct)} distinct masks)")
             queue.append(_PendingImage(
                 key=key,
                 image=image.to(self.device, non_blocking=True),
-                masks=distinct.view(-1, *flat.shape[1:]).bool(),
-                inverse=inverse,
-                shape=(n, levels),
+                masks=distinct.to(self.device, non_blocking=True),
+                index=index,
             ))
             while sum(p.total - p.cursor for p in queue) >= self.batch_size:
                 yield from self._run_batch(queue)
@@ -366,9 +380,10 @@ class MaskedImageEncoder:
             yield from self._run_batch(queue)
 
     def embed(self, image: Image.Image | np.ndarray | torch.Tensor, masks: np.ndarray | torch.Tensor) -> np.ndarray:
-        """Embeddings ``(N, L, D)`` float32 of one image (RGB PIL / uint8 ``(H, W, 3)`` / uint8 ``(3, H, W)`` tensor)."""
+        """Embeddings ``(N, L, D)`` float32 of one image (RGB PIL / uint8 ``(H, W, 3)`` / uint8 ``(3, H, W)`` tensor)
+        for bool ``masks (N, L, H, W)``."""
         if not isinstance(image, torch.Tensor):
             image = torch.from_numpy(np.array(image.convert("RGB") if isinstance(image, Image.Image) else image)).permute(2, 0, 1)
         masks = torch.as_tensor(np.asarray(masks, dtype=bool)) if not isinstance(masks, torch.Tensor) else masks
-        ((_, embeds),) = list(self.embed_stream([(0, image, masks)]))
+        ((_, embeds),) = list(self.embed_stream([(0, image, *distinct_masks(masks.to(self.device)))]))
         return embeds

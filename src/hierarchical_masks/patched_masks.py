@@ -2,7 +2,8 @@
 
 Every image of ``<in_data_path>/<class>/`` is resized to ``img_size`` and
 prompted with one point per ``patch_size`` patch; SAM's three masks per point
-go to ``<out_data_path>/<class>/<stem>.pkl`` (see ``mask_io.save_masks``).
+go to ``<out_data_path>/<class>/<stem>.pkl`` (see ``mask_io.save_masks``; each
+distinct mask once, ``--mask_format=v1`` stores all of them).
 Finished files are skipped (``--overwrite`` recomputes), each file is written
 atomically, and ``--num_processes``/``--num_nodes`` split the images over
 Lightning Fabric DDP ranks.
@@ -33,6 +34,8 @@ import numpy as np
 import torch
 
 from hierarchical_masks.mask_io import (
+    DEFAULT_MASK_FORMAT,
+    MASK_FORMATS,
     ImageRecord,
     InputError,
     OutputWriteError,
@@ -96,6 +99,7 @@ def write_patched_masks(
     overwrite: bool = False,
     skip_bad_images: bool = False,
     meta: dict[str, Any] | None = None,
+    mask_format: str = DEFAULT_MASK_FORMAT,
     show_progress: bool = True,
 ) -> Progress:
     """Write the masks of this worker's share of ``records`` under ``out_root``.
@@ -120,7 +124,7 @@ def write_patched_masks(
     meta = meta or {}
     with StopOnSignal() as stop:
         try:
-            _write_batches(batches, out_root, masker, progress, skip_bad_images, meta, stop)
+            _write_batches(batches, out_root, masker, progress, skip_bad_images, meta, mask_format, stop)
         except OutputWriteError as exc:
             progress.bar.close()
             raise disk_full_hint(exc, out_root, len(todo) - progress.done, progress.mean_file_bytes) from None
@@ -145,7 +149,7 @@ def writer_threads() -> int:
 
 def _write_batches(
     batches: list, out_root: str | os.PathLike, masker: PointGridMasker, progress: Progress, skip_bad_images: bool, meta: dict,
-    stop: StopOnSignal,
+    mask_format: str, stop: StopOnSignal,
 ) -> None:
     """The pipelined loop of :func:`write_patched_masks`: read ahead, compute, write behind; ends early on ``stop``."""
     with ThreadPoolExecutor(max_workers=1) as reader, ThreadPoolExecutor(max_workers=writer_threads()) as writer:
@@ -162,7 +166,8 @@ def _write_batches(
             progress.update(failed=len(failures))
             masks = masker.predict_model_inputs(np.stack(inputs)).cpu().numpy() if kept else []
             previous = writing
-            writing = [writer.submit(save_masks, r.output_path(out_root), m, **meta) for r, m in zip(kept, masks)]
+            writing = [writer.submit(save_masks, r.output_path(out_root), m, mask_format=mask_format, **meta)
+                       for r, m in zip(kept, masks)]
             for future in previous:  # at most one batch of files in flight
                 progress.update(written=1, nbytes=future.result())
         for future in writing:
@@ -186,6 +191,7 @@ def run(
     points_per_batch: int = 196,
     overwrite: bool = False,
     skip_bad_images: bool = False,
+    mask_format: str = DEFAULT_MASK_FORMAT,
     num_processes: int = 1,
     num_nodes: int = 1,
     show_progress: bool = True,
@@ -200,6 +206,7 @@ def run(
     check_choice("precision", precision, PRECISIONS)
     check_choice("attention", attention, ATTENTIONS)
     check_choice("sam_model_type", sam_model_type, SAM_BUILDERS)
+    check_choice("mask_format", mask_format, MASK_FORMATS)
     if batch_size < 1 or points_per_batch < 1:
         raise ValueError(f"--batch_size={batch_size} and --points_per_batch={points_per_batch} must be >= 1")
     resolve_device(device)
@@ -240,6 +247,7 @@ def run(
         overwrite=overwrite,
         skip_bad_images=skip_bad_images,
         meta=meta,
+        mask_format=mask_format,
         show_progress=show_progress,
     )
 
@@ -274,6 +282,9 @@ def define_flags() -> None:
     flags.DEFINE_integer("points_per_batch", 196, "point prompts per mask-decoder call (lower it if memory runs out)")
     flags.DEFINE_boolean("overwrite", False, "recompute masks that already exist")
     flags.DEFINE_boolean("skip_bad_images", False, "log unreadable images to <out_data_path>/failed.txt and carry on")
+    flags.DEFINE_enum(
+        "mask_format", DEFAULT_MASK_FORMAT, list(MASK_FORMATS), "v2: each distinct mask once plus an index (small); v1: all masks"
+    )
     flags.DEFINE_integer("num_processes", 1, "processes per node (GPUs on CUDA) sharing the images through Lightning DDP")
     flags.DEFINE_integer("num_nodes", 1, "nodes sharing the images through Lightning DDP")
 
@@ -307,6 +318,7 @@ def main(argv: Sequence[str]) -> int:
             points_per_batch=FLAGS.points_per_batch,
             overwrite=FLAGS.overwrite,
             skip_bad_images=FLAGS.skip_bad_images,
+            mask_format=FLAGS.mask_format,
             num_processes=FLAGS.num_processes,
             num_nodes=FLAGS.num_nodes,
         )
