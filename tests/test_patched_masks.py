@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from sam2.sam2_image_predictor import SAM2ImagePredictor
 from segment_anything import SamPredictor
 
 from hierarchical_masks import patched_masks
@@ -50,12 +49,14 @@ def tiny_sam2():
 predictor_warning = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
 
 
-def sam2_predictor(model) -> SAM2ImagePredictor:
-    """sam2's own predictor (default settings) for ``model``.
+def sam2_predictor(model):
+    """sam2's own ``SAM2ImagePredictor`` (default settings) for ``model`` (sam2 imported here, as stage 1 does).
 
-    SAM2ImagePredictor assumes a 1024 px model: it hard-codes its three feature
+    The predictor assumes a 1024 px model: it hard-codes its three feature
     sizes (256, 128, 64); the small test model's follow from its image size.
     """
+    from sam2.sam2_image_predictor import SAM2ImagePredictor
+
     predictor = SAM2ImagePredictor(model)
     predictor._bb_feat_sizes = [(model.image_size // stride,) * 2 for stride in (4, 8, 16)]
     return predictor
@@ -116,18 +117,22 @@ def test_patch_grid_points_row_major_patch_centres():
         patch_grid_points(225, 16)
 
 
-def assert_masks_match_predictor_one_point_at_a_time(masks, images, predictor, point_labels="foreground"):
-    """``masks`` (b, k, 3, H, W) equal the predictor's, one single-point prompt at a time (IoU >= 0.99 each)."""
+def assert_masks_match_predictor_one_point_at_a_time(masks, images, predictor, point_labels="foreground", every=1):
+    """``masks`` (b, k, 3, H, W) equal the predictor's, one single-point prompt at a time (IoU >= 0.99 each).
+
+    ``every``: check every point (1) or every n-th one (a big model on a CPU).
+    """
     points = patch_grid_points(images[0].shape[0], images[0].shape[0] // int(np.sqrt(masks.shape[1])))
     for image, ours in zip(images, masks):
         predictor.set_image(image)
-        for k in range(len(points)):
+        for k in range(0, len(points), every):
             label = 1 if point_labels == "foreground" else k
             theirs, _, _ = predictor.predict(points[k : k + 1], np.array([label]), multimask_output=True)
             iou = mask_iou(ours[k], theirs.astype(bool))
             assert iou.min() >= 0.99, (k, iou)
     # the masks are not degenerate: they differ between images, points and levels
-    assert (masks[0] != masks[-1]).any() and (masks[0, 0] != masks[0, -1]).any() and (masks[0, :, 0] != masks[0, :, 2]).any()
+    assert len(masks) == 1 or (masks[0] != masks[-1]).any()
+    assert (masks[0, 0] != masks[0, -1]).any() and (masks[0, :, 0] != masks[0, :, 2]).any()
 
 
 @pytest.mark.parametrize("point_labels", ["foreground", "reference"])
@@ -150,11 +155,11 @@ def test_sam2_batched_masks_match_sam2_image_predictor_one_point_at_a_time(tiny_
 @pytest.mark.slow
 @predictor_warning
 def test_sam2_1_hiera_tiny_masks_match_sam2_image_predictor_one_point_at_a_time():
-    """The real SAM 2.1 Hiera-T (1024 px, random weights), one image (about 30 s on a CPU)."""
+    """The real SAM 2.1 Hiera-T (1024 px, random weights), one image, every 7th point (40-90 s on a shared 2-core CPU)."""
     model = build_sam2_model("sam2.1_hiera_tiny")
     images = [synthetic_image(4, (224, 224))]
     masks = Sam2PointGridMasker(model, img_size=224, patch_size=16, points_per_batch=98)(images).numpy()
-    assert_masks_match_predictor_one_point_at_a_time(masks, images, SAM2ImagePredictor(model))
+    assert_masks_match_predictor_one_point_at_a_time(masks, images, sam2_predictor(model), every=7)  # 1024 px: sizes unchanged
 
 
 def test_precisions_run_and_bf16_mostly_agrees(tiny_sam):
