@@ -90,20 +90,25 @@ def default_checkpoint(model_type: str) -> str:
     return url.rsplit("/", 1)[1] if url else DEFAULT_CHECKPOINT
 
 
-def check_model_options(model_type: str, checkpoint: str | None, *, point_labels: str, attention: str, compile_encoder: bool) -> None:
-    """Raise :class:`InputError` for a bad model type, a missing checkpoint, or an option the model lacks."""
+def check_model_options(model_type: str, *, point_labels: str, attention: str, compile_encoder: bool) -> None:
+    """Raise :class:`InputError` for an unknown model type or an option the model lacks."""
     check_choice("sam_model_type", model_type, MODEL_TYPES)
+    if not is_sam2_model(model_type):
+        return
+    if point_labels != "foreground":
+        raise InputError(f"--point_labels={point_labels} reproduces the reference's SAM 1 prompts; SAM 2.1 takes --point_labels=foreground")
+    if attention != "sdpa":
+        raise InputError(f"--attention={attention} is for SAM 1's image encoder; SAM 2.1 always uses its own (SDPA): drop the flag")
+    if compile_encoder:
+        raise InputError("--compile is not supported for SAM 2.1 yet; drop the flag")
+
+
+def require_model_checkpoint(model_type: str, checkpoint: str) -> None:
+    """A missing checkpoint file is an error naming its download address (its fit is checked when each worker loads it)."""
     if is_sam2_model(model_type):
-        if point_labels != "foreground":
-            raise InputError(f"--point_labels={point_labels} reproduces the reference's SAM 1 prompts; SAM 2.1 takes --point_labels=foreground")
-        if attention != "sdpa":
-            raise InputError(f"--attention={attention} is for SAM 1's image encoder; SAM 2.1 always uses its own (SDPA): drop the flag")
-        if compile_encoder:
-            raise InputError("--compile is not supported for SAM 2.1 yet; drop the flag")
-        if checkpoint is not None:
-            require_sam2_checkpoint_file(checkpoint, model_type)
-    elif checkpoint is not None:
-        require_checkpoint_file(checkpoint, model_type)  # its fit is checked when each worker loads it
+        require_sam2_checkpoint_file(checkpoint, model_type)
+    else:
+        require_checkpoint_file(checkpoint, model_type)
 
 
 def build_masker(
@@ -255,7 +260,7 @@ def run(
     check_choice("point_labels", point_labels, POINT_LABELS)
     check_choice("precision", precision, PRECISIONS)
     check_choice("attention", attention, ATTENTIONS)
-    check_model_options(sam_model_type, None, point_labels=point_labels, attention=attention, compile_encoder=compile_encoder)
+    check_model_options(sam_model_type, point_labels=point_labels, attention=attention, compile_encoder=compile_encoder)
     if batch_size < 1 or points_per_batch < 1:
         raise ValueError(f"--batch_size={batch_size} and --points_per_batch={points_per_batch} must be >= 1")
     resolve_device(device)
@@ -263,7 +268,8 @@ def run(
     if not records:
         raise InputError(f"--in_data_path={in_data_path}: no images in its class folders (expected <root>/<class>/<image>, e.g. datasets/imagenette2/val)")
     prepare_output_folder(out_data_path)  # also removes temporary files a killed run left
-    check_model_options(sam_model_type, sam_checkpoint, point_labels=point_labels, attention=attention, compile_encoder=compile_encoder)
+    if sam_checkpoint is not None:
+        require_model_checkpoint(sam_model_type, sam_checkpoint)
 
     worker = launch_workers(device, num_processes, num_nodes)
     masker = build_masker(
