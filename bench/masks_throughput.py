@@ -18,11 +18,18 @@ Prints images/s of each, their ratio, bytes per image, and how well the masks
 agree (IoU per mask; ours uses the same point labels as the reference way, so
 fp32 masks should agree to rounding and bf16 shows its own error).
 
+With a SAM 2.1 model (``--model_type sam2.1_hiera_*``) the baseline is the way
+sam2's README calls it: ``SAM2ImagePredictor.set_image`` per image, then one
+``predict`` with all grid points as a batch of single-point prompts (foreground
+labels), ``multimask_output=True``, files in the reference format; ours runs
+``fp32:sdpa`` / ``bf16:sdpa`` (SAM 2.1 has no other attention and no compile here).
+
     python bench/masks_throughput.py --model_type vit_tiny --num_images 8               # CPU smoke
     python bench/masks_throughput.py --model_type vit_b --num_images 4 --warmup 0 \
         --ours fp32:reference --ours fp32:sdpa --ours bf16:sdpa                          # CPU
     python bench/masks_throughput.py --device cuda --model_type vit_h --ours fp32:sdpa \
         --ours bf16:reference --ours bf16:sdpa --ours bf16:sdpa:compile                  # GPU
+    python bench/masks_throughput.py --model_type sam2.1_hiera_tiny --num_images 4 --warmup 1   # SAM 2.1, CPU
 """
 
 from __future__ import annotations
@@ -43,20 +50,23 @@ from PIL import Image
 from segment_anything.utils.transforms import ResizeLongestSide
 
 from hierarchical_masks.mask_io import list_image_folder, load_masks, load_rgb_image
-from hierarchical_masks.patched_masks import write_patched_masks
+from hierarchical_masks.patched_masks import MODEL_TYPES, write_patched_masks
+from hierarchical_masks.sam2_points import Sam2PointGridMasker, build_sam2_model, is_sam2_model
 from hierarchical_masks.sam_attention import ATTENTIONS, set_attention
-from hierarchical_masks.sam_points import PRECISIONS, SAM_BUILDERS, PointGridMasker, build_sam, patch_grid_points
+from hierarchical_masks.sam_points import PRECISIONS, PointGridMasker, build_sam, patch_grid_points
 from suite_table import save_rows
 
 flags.DEFINE_string("device", None, "torch device (default: cuda if visible, else cpu)")
-flags.DEFINE_enum("model_type", "vit_tiny", sorted(SAM_BUILDERS), "SAM model")
+flags.DEFINE_enum("model_type", "vit_tiny", MODEL_TYPES, "SAM model (SAM 1 or SAM 2.1)")
 flags.DEFINE_string("checkpoint", None, "SAM state dict (default: random weights, which time the same)")
 flags.DEFINE_multi_string(
     "ours", ["fp32:sdpa"], "our path's variants, each timed: PRECISION:ATTENTION[:compile] (precision fp32|bf16|fp16, attention sdpa|reference)"
 )
 flags.DEFINE_string("compile_backend", "inductor", "torch.compile backend of ':compile' variants (eager: a quick dry run of the traced path)")
 flags.DEFINE_string("summary_json", None, "append the figures as JSON lines here (bench/suite_table.py prints them)")
-flags.DEFINE_enum("point_labels", "reference", ["foreground", "reference"], "our path's labels (reference: masks comparable)")
+flags.DEFINE_enum(
+    "point_labels", "reference", ["foreground", "reference"], "SAM 1: our path's labels (reference: masks comparable); SAM 2.1: foreground"
+)
 flags.DEFINE_integer("num_images", 10, "images per path")
 flags.DEFINE_integer("warmup", 1, "untimed images per path before timing")
 flags.DEFINE_integer("batch_size", 8, "our path: images per encoder forward")
@@ -116,6 +126,24 @@ def reference_way(records, sam, out_root: Path, img_size: int, patch_size: int, 
             torch.cuda.empty_cache()
 
 
+def sam2_predictor_way(records, model, out_root: Path, img_size: int, patch_size: int) -> None:
+    """SAM 2.1 as its README calls it: set_image, then all points at once as single-point prompts (reference file format)."""
+    from sam2.sam2_image_predictor import SAM2ImagePredictor
+
+    predictor = SAM2ImagePredictor(model)
+    # the predictor hard-codes the feature sizes of a 1024 px model; the test model's follow from its image size
+    predictor._bb_feat_sizes = [(model.image_size // stride,) * 2 for stride in (4, 8, 16)]
+    points = patch_grid_points(img_size, patch_size)[:, None, :]  # (k, 1, 2)
+    labels = np.ones(points.shape[:2], dtype=np.int64)
+    for record in records:
+        predictor.set_image(np.asarray(load_rgb_image(record.path, (img_size, img_size))))
+        masks, _, _ = predictor.predict(points, labels, multimask_output=True)  # (k, 3, H, W)
+        path = record.output_path(out_root)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "wb") as handle:
+            pickle.dump([mask.astype(bool) for mask in masks], handle, protocol=pickle.HIGHEST_PROTOCOL)
+
+
 def timed(fn) -> float:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -147,7 +175,14 @@ def main(argv):
         torch.set_num_threads(FLAGS.threads)
     variants = [parse_variant(spec) for spec in FLAGS.ours]
     device = torch.device(FLAGS.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    sam = build_sam(FLAGS.model_type, FLAGS.checkpoint).to(device)  # one instance; each path sets its attention
+    sam2 = is_sam2_model(FLAGS.model_type)
+    if sam2 and any(attention != "sdpa" or compiled for _, attention, compiled in variants):
+        raise SystemExit("error: SAM 2.1 runs --ours=fp32:sdpa|bf16:sdpa|fp16:sdpa only (its own attention, no compile here)")
+    point_labels = "foreground" if sam2 else FLAGS.point_labels
+    if sam2:
+        sam = build_sam2_model(FLAGS.model_type, FLAGS.checkpoint).to(device)
+    else:
+        sam = build_sam(FLAGS.model_type, FLAGS.checkpoint).to(device)  # one instance; each path sets its attention
     meta = dict(grid=FLAGS.img_size // FLAGS.patch_size, img_size=FLAGS.img_size, patch_size=FLAGS.patch_size, sam_model=FLAGS.model_type)
     n = FLAGS.num_images
     with tempfile.TemporaryDirectory(prefix="masks_bench_") as tmp:
@@ -160,6 +195,9 @@ def main(argv):
         warm, timed_records = records[: FLAGS.warmup], records[FLAGS.warmup :]
 
         def reference(recs, out):
+            if sam2:
+                sam2_predictor_way(recs, sam, out, FLAGS.img_size, FLAGS.patch_size)
+                return
             set_attention(sam, "reference")
             reference_way(recs, sam, out, FLAGS.img_size, FLAGS.patch_size, FLAGS.reference_batch)
 
@@ -173,23 +211,31 @@ def main(argv):
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
         print(f"device: {device} ({name}); torch {torch.__version__}; model {FLAGS.model_type}; {n} images {FLAGS.img_size} px, "
               f"patch {FLAGS.patch_size}")
-        baseline = f"reference way (Sam.__call__, batch {FLAGS.reference_batch}, fp32)"
+        baseline = (
+            "SAM2ImagePredictor (set_image, one predict of all points, fp32)" if sam2
+            else f"reference way (Sam.__call__, batch {FLAGS.reference_batch}, fp32)"
+        )
         print(f"{baseline}: {n / t_ref:.3f} images/s, {ref_bytes / 1e6:.2f} MB/image", flush=True)
         reference_masks = []
         for spec, (precision, attention, compiled) in zip(FLAGS.ours, variants):
             label = f"{precision}, {attention} attention" + (f", compiled ({FLAGS.compile_backend})" if compiled else "")
             tag = f"{precision}_{attention}" + ("_compile" if compiled else "")
-            set_attention(sam, attention)
-            masker = PointGridMasker(
-                sam,
-                img_size=FLAGS.img_size,
-                patch_size=FLAGS.patch_size,
-                point_labels=FLAGS.point_labels,
-                precision=precision,
-                points_per_batch=FLAGS.points_per_batch,
-                compile_encoder=compiled,
-                compile_options={"backend": FLAGS.compile_backend},
-            )
+            if sam2:
+                masker = Sam2PointGridMasker(
+                    sam, img_size=FLAGS.img_size, patch_size=FLAGS.patch_size, precision=precision, points_per_batch=FLAGS.points_per_batch
+                )
+            else:
+                set_attention(sam, attention)
+                masker = PointGridMasker(
+                    sam,
+                    img_size=FLAGS.img_size,
+                    patch_size=FLAGS.patch_size,
+                    point_labels=point_labels,
+                    precision=precision,
+                    points_per_batch=FLAGS.points_per_batch,
+                    compile_encoder=compiled,
+                    compile_options={"backend": FLAGS.compile_backend},
+                )
 
             def ours(recs, out):
                 write_patched_masks(recs, out, masker, batch_size=FLAGS.batch_size, meta=meta, show_progress=False)
@@ -207,16 +253,16 @@ def main(argv):
                 t_model = timed(lambda: [masker.predict_model_inputs(b).cpu() for b in batches])
                 warm_note += f"; model alone {n / t_model:.3g} img/s"
             print(
-                f"ours (batch {FLAGS.batch_size}, {label}, {FLAGS.point_labels} labels): {n / t_ours:.3f} images/s, "
+                f"ours (batch {FLAGS.batch_size}, {label}, {point_labels} labels): {n / t_ours:.3f} images/s, "
                 f"{our_bytes / 1e6:.3f} MB/image; speed-up {t_ref / t_ours:.2f}x, files {ref_bytes / our_bytes:.0f}x smaller{warm_note}"
             )
             note = f"{our_bytes / 1e6:.2f} MB/image (ref {ref_bytes / 1e6:.1f}){warm_note}"
-            if FLAGS.point_labels == "reference":  # same prompts: the masks must agree
+            if sam2 or point_labels == "reference":  # same prompts: the masks must agree
                 if not reference_masks:  # read once, compared with every variant
                     reference_masks.extend(load_masks(r.output_path(tmp / "ref")) for r in timed_records)
                 ious = np.concatenate([mask_iou(ref, load_masks(r.output_path(out))).ravel() for ref, r in zip(reference_masks, timed_records)])
                 print(
-                    f"  masks vs the reference way: IoU min {ious.min():.4f}, mean {ious.mean():.4f}; "
+                    f"  masks vs the baseline: IoU min {ious.min():.4f}, mean {ious.mean():.4f}; "
                     f"{(ious >= 0.97).mean() * 100:.2f}% of masks >= 0.97, {(ious >= 0.99).mean() * 100:.2f}% >= 0.99"
                 )
                 note = f"IoU vs ref masks mean {ious.mean():.4f}, min {ious.min():.4f}, {(ious >= 0.97).mean():.2%} >= 0.97; " + note

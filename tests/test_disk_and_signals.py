@@ -134,9 +134,13 @@ def stage1_images(root: Path, count: int) -> Path:
     return root
 
 
-def stage1_args(images: Path, out: Path) -> list[str]:
-    return ["--device=cpu", "--sam_model_type=vit_tiny", "--img_size=64", "--batch_size=1",
+def stage1_args(images: Path, out: Path, model_type: str = "vit_tiny") -> list[str]:
+    return ["--device=cpu", f"--sam_model_type={model_type}", "--img_size=64", "--batch_size=1",
             f"--in_data_path={images}", f"--out_data_path={out}"]
+
+
+# the teachers' small test models and their maskers (module, class), for tests of both
+STAGE1_TEACHERS = {"vit_tiny": ("sam_points", "PointGridMasker"), "sam2.1_hiera_test": ("sam2_points", "Sam2PointGridMasker")}
 
 
 @pytest.mark.slow
@@ -165,8 +169,10 @@ def test_stage1_full_disk_is_one_line_and_a_rerun_finishes(tmp_path):
         assert len(list(out.rglob("*.pkl"))) == 6
 
 
-def test_stage1_sigterm_finishes_the_file_in_hand_and_a_rerun_completes(tmp_path):
-    """The real CLI, with SIGTERM sent to itself while SAM computes the second image."""
+@pytest.mark.parametrize("model_type", list(STAGE1_TEACHERS))
+def test_stage1_sigterm_finishes_the_file_in_hand_and_a_rerun_completes(tmp_path, model_type):
+    """The real CLI, with SIGTERM sent to itself while SAM (1 or 2.1) computes the second image."""
+    module, masker = STAGE1_TEACHERS[model_type]
     images, out = stage1_images(tmp_path / "images", 5), tmp_path / "masks"
     out.mkdir()
     (out / ".img9.pkl.partwhole-nohost-1-abcd1234.tmp").write_bytes(b"")  # a dead writer's leftover (old, foreign)
@@ -174,19 +180,19 @@ def test_stage1_sigterm_finishes_the_file_in_hand_and_a_rerun_completes(tmp_path
     driver = (
         "import os, runpy, signal, sys\n"
         f"sys.path.insert(0, {str(REPO / 'src')!r})\n"
-        "from hierarchical_masks.sam_points import PointGridMasker\n"
-        "real, calls = PointGridMasker.predict_model_inputs, []\n"
+        f"from hierarchical_masks.{module} import {masker} as Masker\n"
+        "real, calls = Masker.predict_model_inputs, []\n"
         "def predict(self, inputs):\n"
         "    calls.append(1)\n"
         "    if len(calls) == 2:\n"
         "        os.kill(os.getpid(), signal.SIGTERM)\n"
         "    return real(self, inputs)\n"
-        "PointGridMasker.predict_model_inputs = predict\n"
+        "Masker.predict_model_inputs = predict\n"
         f"sys.argv = [{str(STAGE1)!r}] + sys.argv[1:]\n"
         f"runpy.run_path({str(STAGE1)!r}, run_name='__main__')\n"
     )
-    result = subprocess.run([sys.executable, "-c", driver, *stage1_args(images, out)], capture_output=True, text=True,
-                            env=ENV, timeout=300)
+    result = subprocess.run([sys.executable, "-c", driver, *stage1_args(images, out, model_type)], capture_output=True,
+                            text=True, env=ENV, timeout=300)
     assert result.returncode == 128 + signal.SIGTERM, result.stderr[-2000:]
     assert last_line(result.stderr) == ("patched_masks: stopped by SIGTERM after writing 2 file(s); 3 image(s) left: "
                                         "rerun the same command to finish them (finished files are skipped)")
@@ -196,7 +202,7 @@ def test_stage1_sigterm_finishes_the_file_in_hand_and_a_rerun_completes(tmp_path
         assert load_masks(path).shape == (16, 3, 64, 64)
     from hierarchical_masks import patched_masks
 
-    rerun = patched_masks.run(in_data_path=str(images), out_data_path=str(out), sam_model_type="vit_tiny",
+    rerun = patched_masks.run(in_data_path=str(images), out_data_path=str(out), sam_model_type=model_type,
                               sam_checkpoint=None, img_size=64, batch_size=2, show_progress=False)
     assert (rerun.written, rerun.skipped) == (3, 2)
 

@@ -1,7 +1,9 @@
-"""Stage 1 (patched_masks.py): point grid, masks vs SamPredictor, file format, resume, DDP, bad input.
+"""Stage 1 (patched_masks.py): point grid, masks vs SamPredictor / SAM2ImagePredictor, file format, resume, DDP, bad input.
 
-Everything runs the real segment_anything code on CPU with the random-weight
-``vit_tiny`` SAM (a 256 px model built from segment_anything's own modules).
+Everything runs the real segment_anything and sam2 code on CPU with random-weight
+test models: ``vit_tiny`` (a 256 px SAM built from segment_anything's own modules)
+and ``sam2.1_hiera_test`` (sam2's Hiera-T config made small, 256 px). Tests of
+what both teachers must do take the ``model_type`` parameter (:data:`TEACHERS`).
 """
 
 import os
@@ -21,6 +23,7 @@ from segment_anything import SamPredictor
 from hierarchical_masks import patched_masks
 from hierarchical_masks.mask_io import (InputError, list_image_folder, load_masks, read_distinct_masks, read_mask_record,
                                         safe_pickle_load, save_masks)
+from hierarchical_masks.sam2_points import Sam2PointGridMasker, build_sam2_model, load_sam2_checkpoint
 from hierarchical_masks.sam_points import PointGridMasker, build_sam, load_sam_checkpoint, patch_grid_points
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,11 +33,37 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+TEACHERS = ["vit_tiny", "sam2.1_hiera_test"]  # SAM 1 and SAM 2.1, small random-weight models of each
+MASKERS = {"vit_tiny": PointGridMasker, "sam2.1_hiera_test": Sam2PointGridMasker}
+# each teacher and each file format at least once (the format does not depend on the teacher)
+TEACHER_FORMATS = [("vit_tiny", "v2"), ("vit_tiny", "v1"), ("sam2.1_hiera_test", "v2")]
 
 
 @pytest.fixture(scope="module")
 def tiny_sam():
     return build_sam("vit_tiny")
+
+
+@pytest.fixture(scope="module")
+def tiny_sam2():
+    return build_sam2_model("sam2.1_hiera_test")
+
+
+# SAM2ImagePredictor scripts its transforms with torch.jit.script, which torch now warns about
+predictor_warning = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+
+
+def sam2_predictor(model):
+    """sam2's own ``SAM2ImagePredictor`` (default settings) for ``model`` (sam2 imported here, as stage 1 does).
+
+    The predictor assumes a 1024 px model: it hard-codes its three feature
+    sizes (256, 128, 64); the small test model's follow from its image size.
+    """
+    from sam2.sam2_image_predictor import SAM2ImagePredictor
+
+    predictor = SAM2ImagePredictor(model)
+    predictor._bb_feat_sizes = [(model.image_size // stride,) * 2 for stride in (4, 8, 16)]
+    return predictor
 
 
 def synthetic_image(seed: int, size=(240, 180)) -> np.ndarray:
@@ -92,24 +121,49 @@ def test_patch_grid_points_row_major_patch_centres():
         patch_grid_points(225, 16)
 
 
+def assert_masks_match_predictor_one_point_at_a_time(masks, images, predictor, point_labels="foreground", every=1):
+    """``masks`` (b, k, 3, H, W) equal the predictor's, one single-point prompt at a time (IoU >= 0.99 each).
+
+    ``every``: check every point (1) or every n-th one (a big model on a CPU).
+    """
+    points = patch_grid_points(images[0].shape[0], images[0].shape[0] // int(np.sqrt(masks.shape[1])))
+    for image, ours in zip(images, masks):
+        predictor.set_image(image)
+        for k in range(0, len(points), every):
+            label = 1 if point_labels == "foreground" else k
+            theirs, _, _ = predictor.predict(points[k : k + 1], np.array([label]), multimask_output=True)
+            iou = mask_iou(ours[k], theirs.astype(bool))
+            assert iou.min() >= 0.99, (k, iou)
+    # the masks are not degenerate: they differ between images, points and levels
+    assert len(masks) == 1 or (masks[0] != masks[-1]).any()
+    assert (masks[0, 0] != masks[0, -1]).any() and (masks[0, :, 0] != masks[0, :, 2]).any()
+
+
 @pytest.mark.parametrize("point_labels", ["foreground", "reference"])
 def test_batched_masks_match_sam_predictor_one_point_at_a_time(tiny_sam, point_labels):
     images = [synthetic_image(1, (224, 224)), synthetic_image(2, (224, 224))]
     masker = PointGridMasker(tiny_sam, img_size=224, patch_size=16, point_labels=point_labels, points_per_batch=64)
     masks = masker(images).numpy()
     assert masks.shape == (2, 196, 3, 224, 224) and masks.dtype == bool
+    assert_masks_match_predictor_one_point_at_a_time(masks, images, SamPredictor(tiny_sam), point_labels)
 
-    predictor = SamPredictor(tiny_sam)
-    points = patch_grid_points(224, 16)
-    for image, ours in zip(images, masks):
-        predictor.set_image(image)
-        for k in range(len(points)):
-            label = 1 if point_labels == "foreground" else k
-            theirs, _, _ = predictor.predict(points[k : k + 1], np.array([label]), multimask_output=True)
-            iou = mask_iou(ours[k], theirs)
-            assert iou.min() >= 0.99, (k, iou)
-    # the masks are not degenerate: they differ between images and points
-    assert (masks[0] != masks[1]).any() and (masks[0, 0] != masks[0, 100]).any()
+
+@predictor_warning
+def test_sam2_batched_masks_match_sam2_image_predictor_one_point_at_a_time(tiny_sam2):
+    images = [synthetic_image(1, (224, 224)), synthetic_image(2, (224, 224))]
+    masks = Sam2PointGridMasker(tiny_sam2, img_size=224, patch_size=16, points_per_batch=64)(images).numpy()
+    assert masks.shape == (2, 196, 3, 224, 224) and masks.dtype == bool
+    assert_masks_match_predictor_one_point_at_a_time(masks, images, sam2_predictor(tiny_sam2))
+
+
+@pytest.mark.slow
+@predictor_warning
+def test_sam2_1_hiera_tiny_masks_match_sam2_image_predictor_one_point_at_a_time():
+    """The real SAM 2.1 Hiera-T (1024 px, random weights), one image, every 7th point (40-90 s on a shared 2-core CPU)."""
+    model = build_sam2_model("sam2.1_hiera_tiny")
+    images = [synthetic_image(4, (224, 224))]
+    masks = Sam2PointGridMasker(model, img_size=224, patch_size=16, points_per_batch=98)(images).numpy()
+    assert_masks_match_predictor_one_point_at_a_time(masks, images, sam2_predictor(model), every=7)  # 1024 px: sizes unchanged
 
 
 def test_precisions_run_and_bf16_mostly_agrees(tiny_sam):
@@ -123,18 +177,20 @@ def test_precisions_run_and_bf16_mostly_agrees(tiny_sam):
 # --------------------------------------------------------------------------- file format
 
 
-@pytest.mark.parametrize("mask_format", ["v2", "v1"])
-def test_format_round_trip_meta_and_reference_format(tmp_path, tiny_sam, mask_format):
+@pytest.mark.parametrize("model_type,mask_format", TEACHER_FORMATS)
+def test_format_round_trip_meta_and_reference_format(tmp_path, tiny_sam, tiny_sam2, model_type, mask_format):
     out = tmp_path / "masks"
-    run_stage(make_image_folder(tmp_path / "val", per_class=1), out, img_size=64, patch_size=16, mask_format=mask_format)
+    run_stage(make_image_folder(tmp_path / "val", per_class=1), out, img_size=64, patch_size=16, sam_model_type=model_type,
+              mask_format=mask_format)
     assert safe_pickle_load(out / "cat" / "img0.pkl")["format"] == f"partwhole-masks/{mask_format[1]}"
     masks, meta = read_mask_record(out / "cat" / "img0.pkl")
     assert masks.shape == (16, 3, 64, 64) and masks.dtype == bool
-    for key, value in dict(grid=4, img_size=64, patch_size=16, levels=3, sam_model="vit_tiny", point_labels="foreground").items():
+    for key, value in dict(grid=4, img_size=64, patch_size=16, levels=3, sam_model=model_type, point_labels="foreground").items():
         assert meta[key] == value
     # the same masks as the library computes on the same resized image
     image = np.asarray(Image.open(tmp_path / "val" / "cat" / "img0.png").convert("RGB").resize((64, 64), Image.BICUBIC))
-    np.testing.assert_array_equal(masks, PointGridMasker(tiny_sam, img_size=64, patch_size=16)([image])[0].numpy())
+    model = tiny_sam if model_type == "vit_tiny" else tiny_sam2
+    np.testing.assert_array_equal(masks, MASKERS[model_type](model, img_size=64, patch_size=16)([image])[0].numpy())
     np.testing.assert_array_equal(read_distinct_masks(out / "cat" / "img0.pkl").expand(), masks)
 
     # the reference format: a pickled list of N bool arrays (3, H, W)
@@ -239,35 +295,36 @@ def test_corrupt_v2_file_is_one_line_error_naming_it(tmp_path, damage, message):
 # --------------------------------------------------------------------------- resume, overwrite, DDP
 
 
-@pytest.mark.parametrize("mask_format", ["v2", "v1"])
-def test_resume_skips_finished_files_and_overwrite_rewrites(tmp_path, mask_format):
+@pytest.mark.parametrize("model_type,mask_format", TEACHER_FORMATS)
+def test_resume_skips_finished_files_and_overwrite_rewrites(tmp_path, model_type, mask_format):
     images, out = make_image_folder(tmp_path / "val"), tmp_path / "masks"
-    first = run_stage(images, out, img_size=64, mask_format=mask_format)
+    first = run_stage(images, out, img_size=64, sam_model_type=model_type, mask_format=mask_format)
     assert (first.written, first.skipped) == (4, 0)
     before = snapshot(out)
 
-    again = run_stage(images, out, img_size=64, mask_format=mask_format)
+    again = run_stage(images, out, img_size=64, sam_model_type=model_type, mask_format=mask_format)
     assert (again.written, again.skipped) == (0, 4)
     assert snapshot(out) == before
 
     lost = out / "dog" / "img1.pkl"
     lost.unlink()  # as if the run had been killed before writing it
-    resumed = run_stage(images, out, img_size=64, mask_format=mask_format)
+    resumed = run_stage(images, out, img_size=64, sam_model_type=model_type, mask_format=mask_format)
     assert (resumed.written, resumed.skipped) == (1, 3)
     after = snapshot(out)
     assert {p: b for p, (_, b) in after.items()} == {p: b for p, (_, b) in before.items()}  # seeded weights: same bytes
     assert {p: v for p, v in after.items() if p != lost} == {p: v for p, v in before.items() if p != lost}
 
-    rewritten = run_stage(images, out, img_size=64, overwrite=True, mask_format=mask_format)
+    rewritten = run_stage(images, out, img_size=64, overwrite=True, sam_model_type=model_type, mask_format=mask_format)
     assert (rewritten.written, rewritten.skipped) == (4, 0)
     assert all(p.stat().st_mtime_ns != before[p][0] for p in before)
 
 
-@pytest.mark.parametrize("mask_format", ["v2", "v1"])
-def test_killed_run_leaves_complete_files_and_resumes(tmp_path, monkeypatch, mask_format):
+@pytest.mark.parametrize("model_type,mask_format", TEACHER_FORMATS)
+def test_killed_run_leaves_complete_files_and_resumes(tmp_path, monkeypatch, model_type, mask_format):
     images, out = make_image_folder(tmp_path / "val"), tmp_path / "masks"
     calls = {"n": 0}
-    real = PointGridMasker.predict_model_inputs
+    masker_class = MASKERS[model_type]
+    real = masker_class.predict_model_inputs
 
     def dies_on_second_batch(self, inputs):
         calls["n"] += 1
@@ -275,9 +332,9 @@ def test_killed_run_leaves_complete_files_and_resumes(tmp_path, monkeypatch, mas
             raise KeyboardInterrupt
         return real(self, inputs)
 
-    monkeypatch.setattr(PointGridMasker, "predict_model_inputs", dies_on_second_batch)
+    monkeypatch.setattr(masker_class, "predict_model_inputs", dies_on_second_batch)
     with pytest.raises(KeyboardInterrupt):
-        run_stage(images, out, img_size=64, batch_size=2, mask_format=mask_format)
+        run_stage(images, out, img_size=64, batch_size=2, sam_model_type=model_type, mask_format=mask_format)
     written = sorted(out.rglob("*.pkl"))
     assert len(written) == 2 and not list(out.rglob("*.tmp"))
     for path in written:
@@ -285,7 +342,7 @@ def test_killed_run_leaves_complete_files_and_resumes(tmp_path, monkeypatch, mas
         assert safe_pickle_load(path)["format"] == f"partwhole-masks/{mask_format[1]}"
     monkeypatch.undo()
 
-    resumed = run_stage(images, out, img_size=64, mask_format=mask_format)
+    resumed = run_stage(images, out, img_size=64, sam_model_type=model_type, mask_format=mask_format)
     assert (resumed.written, resumed.skipped) == (2, 2)
 
 
@@ -367,11 +424,32 @@ def test_tiny_checkpoint_loads_and_mismatches_are_explained(tmp_path, tiny_sam):
         build_sam("vit_tiny", garbage)
 
 
+def test_sam2_checkpoint_loads_and_mismatches_are_explained(tmp_path, tiny_sam, tiny_sam2):
+    released = tmp_path / "sam2_test.pt"  # the released files hold {"model": state_dict}
+    torch.save({"model": tiny_sam2.state_dict()}, released)
+    loaded = build_sam2_model("sam2.1_hiera_test", released, seed=1)  # another seed: the weights come from the file
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), tiny_sam2.state_dict().values()))
+
+    sam1 = tmp_path / "tiny.pth"
+    torch.save(tiny_sam.state_dict(), sam1)
+    with pytest.raises(InputError, match=r"does not fit --sam_model_type=sam2.1_hiera_test.*--sam_model_type=vit_tiny$"):
+        load_sam2_checkpoint(tiny_sam2, sam1, "sam2.1_hiera_test")
+    with pytest.raises(InputError, match=r"does not fit --sam_model_type=vit_tiny.*--sam_model_type=sam2.1_hiera_test$"):
+        load_sam_checkpoint(build_sam("vit_tiny"), released, "vit_tiny")
+
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(InputError, match="not a readable SAM 2.1 checkpoint"):
+        build_sam2_model("sam2.1_hiera_test", garbage)
+
+
 @pytest.mark.parametrize(
     "case, message",
     [
         ("img_size", "img_size=100 must be a positive multiple of patch_size=16"),
         ("missing_checkpoint", "--sam_checkpoint=.*missing.pth: file not found; download it from https://"),
+        ("missing_sam2_checkpoint", "--sam_checkpoint=.*missing.pt: file not found; download it from https://.*/sam2.1_hiera_large.pt$"),
+        ("sam2_reference_labels", "--point_labels=reference reproduces the reference's SAM 1 prompts; SAM 2.1 takes"),
         ("mismatched_checkpoint", "does not fit --sam_model_type=vit_b"),
         ("no_class_folders", "no class folders found"),
         ("unwritable_output", "--out_data_path=.*cannot write there"),
@@ -387,6 +465,10 @@ def test_bad_input_is_one_line_error_and_touches_nothing(tmp_path, tiny_sam, cas
         kwargs["img_size"] = 100
     elif case == "missing_checkpoint":
         kwargs.update(sam_model_type="vit_h", sam_checkpoint=tmp_path / "missing.pth")
+    elif case == "missing_sam2_checkpoint":
+        kwargs.update(sam_model_type="sam2.1_hiera_large", sam_checkpoint=tmp_path / "missing.pt")
+    elif case == "sam2_reference_labels":
+        kwargs.update(sam_model_type="sam2.1_hiera_test", point_labels="reference")
     elif case == "mismatched_checkpoint":
         torch.save(tiny_sam.state_dict(), tmp_path / "tiny.pth")
         kwargs.update(sam_model_type="vit_b", sam_checkpoint=tmp_path / "tiny.pth")
@@ -417,13 +499,38 @@ def test_bad_input_is_one_line_error_and_touches_nothing(tmp_path, tiny_sam, cas
     assert not list(out.rglob("*.tmp"))
 
 
-def test_model_type_alias_and_default_tiny_random_weights(tmp_path):
+@pytest.mark.parametrize("model_type", TEACHERS)
+def test_model_type_alias_and_default_tiny_random_weights(tmp_path, model_type):
     images, out = make_image_folder(tmp_path / "val", per_class=1), tmp_path / "masks"
-    result = run_cli("--device=cpu", "--model_type=vit_tiny", "--img_size=32", "--patch_size=16", "--mask_format=v1",
+    fmt = "v1" if model_type == "vit_tiny" else "v2"  # the flag, both ways
+    result = run_cli("--device=cpu", f"--model_type={model_type}", "--img_size=32", "--patch_size=16", f"--mask_format={fmt}",
                      f"--in_data_path={images}", f"--out_data_path={out}")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "patched_masks: 2 written, 0 skipped (already done), 0 failed" in result.stdout
     meta = read_mask_record(out / "dog" / "img0.pkl")[1]
-    assert (meta["sam_model"], meta["grid"], meta["sam_checkpoint"]) == ("vit_tiny", 2, None)
-    assert safe_pickle_load(out / "dog" / "img0.pkl")["format"] == "partwhole-masks/1"  # --mask_format=v1
+    assert (meta["sam_model"], meta["grid"], meta["sam_checkpoint"]) == (model_type, 2, None)
+    assert safe_pickle_load(out / "dog" / "img0.pkl")["format"] == f"partwhole-masks/{fmt[1]}"
     assert list_image_folder(images)  # the images were left alone
+
+
+def test_sam2_model_without_checkpoint_flag_looks_for_its_released_file(tmp_path):
+    images, out = make_image_folder(tmp_path / "val", per_class=1), tmp_path / "masks"
+    result = run_cli("--device=cpu", "--sam_model_type=sam2.1_hiera_small", f"--in_data_path={images}", f"--out_data_path={out}")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: --sam_checkpoint=sam2.1_hiera_small.pt: file not found; "
+        "download it from https://dl.fbaipublicfiles.com/segment_anything_2/092824/sam2.1_hiera_small.pt"
+    )
+    assert not list(out.rglob("*.pkl"))
+
+
+@pytest.mark.slow
+def test_sam2_1_hiera_tiny_random_weights_writes_masks_for_a_folder(tmp_path):
+    """The acceptance run: --sam_model_type=sam2.1_hiera_tiny with random weights, through the CLI."""
+    images, out = make_image_folder(tmp_path / "val", per_class=1), tmp_path / "masks"
+    result = run_cli("--device=cpu", "--sam_model_type=sam2.1_hiera_tiny", "--sam_checkpoint=none", "--img_size=64",
+                     f"--in_data_path={images}", f"--out_data_path={out}", timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    masks, meta = read_mask_record(out / "cat" / "img0.pkl")
+    assert masks.shape == (16, 3, 64, 64) and (meta["sam_model"], meta["sam_checkpoint"]) == ("sam2.1_hiera_tiny", None)
+    assert len(list(out.rglob("*.pkl"))) == 2

@@ -3,7 +3,9 @@
 Every image of ``<in_data_path>/<class>/`` is resized to ``img_size`` and
 prompted with one point per ``patch_size`` patch; SAM's three masks per point
 go to ``<out_data_path>/<class>/<stem>.pkl`` (see ``mask_io.save_masks``; each
-distinct mask once, ``--mask_format=v1`` stores all of them).
+distinct mask once, ``--mask_format=v1`` stores all of them). The teacher is SAM 1
+(``--sam_model_type=vit_h|vit_l|vit_b``) or SAM 2.1 (``sam2.1_hiera_tiny|small|base_plus|large``);
+the files are the same either way.
 Finished files are skipped (``--overwrite`` recomputes), each file is written
 atomically, and ``--num_processes``/``--num_nodes`` split the images over
 Lightning Fabric DDP ranks.
@@ -14,8 +16,9 @@ Reference command (still works verbatim)::
         --in_data_path=datasets/imagenette2/val --out_data_path=datasets/imagenette2/val_masks \\
         --sam_checkpoint=sam_vit_h_4b8939.pth --sam_model_type=vit_h --img_size 224 --patch_size=16
 
-This file is the wiring (flags, errors); the maths is in ``sam_points.py`` and
-the shared per-image loop helpers in ``per_image_runner.py``.
+This file is the wiring (flags, errors); the maths is in ``sam_points.py`` (SAM 1)
+and ``sam2_points.py`` (SAM 2.1), the shared per-image loop helpers in
+``per_image_runner.py``.
 """
 
 from __future__ import annotations
@@ -57,7 +60,15 @@ from hierarchical_masks.per_image_runner import (
     resolve_device,
 )
 from hierarchical_masks.sam_attention import ATTENTIONS
+from hierarchical_masks.sam2_points import (
+    SAM2_CONFIGS,
+    Sam2PointGridMasker,
+    build_sam2_model,
+    is_sam2_model,
+    require_sam2_checkpoint_file,
+)
 from hierarchical_masks.sam_points import (
+    CHECKPOINT_URLS,
     POINT_LABELS,
     PRECISIONS,
     SAM_BUILDERS,
@@ -71,9 +82,59 @@ from hierarchical_masks.sam_points import (
 log = logging.getLogger(__name__)
 
 DEFAULT_CHECKPOINT = "sam_vit_h_4b8939.pth"
+MODEL_TYPES = sorted(SAM_BUILDERS) + list(SAM2_CONFIGS)  # SAM 1, then SAM 2.1
+TEST_MODEL_TYPES = ("vit_tiny", "sam2.1_hiera_test")  # small random-weight models for tests and smoke runs
+Masker = PointGridMasker | Sam2PointGridMasker
 
 
-def _load_batch(records: Sequence[ImageRecord], masker: PointGridMasker, skip_bad_images: bool):
+def default_checkpoint(model_type: str) -> str:
+    """The released checkpoint's file name for ``model_type`` (looked for in the working directory)."""
+    url = SAM2_CONFIGS[model_type][1] if is_sam2_model(model_type) else CHECKPOINT_URLS.get(model_type)
+    return url.rsplit("/", 1)[1] if url else DEFAULT_CHECKPOINT
+
+
+def check_model_options(model_type: str, *, point_labels: str, attention: str, compile_encoder: bool) -> None:
+    """Raise :class:`InputError` for an unknown model type or an option the model lacks."""
+    check_choice("sam_model_type", model_type, MODEL_TYPES)
+    if not is_sam2_model(model_type):
+        return
+    if point_labels != "foreground":
+        raise InputError(f"--point_labels={point_labels} reproduces the reference's SAM 1 prompts; SAM 2.1 takes --point_labels=foreground")
+    if attention != "sdpa":
+        raise InputError(f"--attention={attention} is for SAM 1's image encoder; SAM 2.1 always uses its own (SDPA): drop the flag")
+    if compile_encoder:
+        raise InputError("--compile is not supported for SAM 2.1 yet; drop the flag")
+
+
+def require_model_checkpoint(model_type: str, checkpoint: str) -> None:
+    """A missing checkpoint file is an error naming its download address (its fit is checked when each worker loads it)."""
+    if is_sam2_model(model_type):
+        require_sam2_checkpoint_file(checkpoint, model_type)
+    else:
+        require_checkpoint_file(checkpoint, model_type)
+
+
+def build_masker(
+    model_type: str, checkpoint: str | None, device: torch.device | str, *, img_size: int, patch_size: int, point_labels: str,
+    precision: str, attention: str, points_per_batch: int, compile_encoder: bool,
+) -> Masker:
+    """The teacher (SAM 1 or SAM 2.1, on ``device``) wrapped in its point-grid masker."""
+    if is_sam2_model(model_type):
+        model = build_sam2_model(model_type, checkpoint).to(device)
+        return Sam2PointGridMasker(model, img_size=img_size, patch_size=patch_size, precision=precision, points_per_batch=points_per_batch)
+    sam = build_sam(model_type, checkpoint, attention=attention).to(device)
+    return PointGridMasker(
+        sam,
+        img_size=img_size,
+        patch_size=patch_size,
+        point_labels=point_labels,
+        precision=precision,
+        points_per_batch=points_per_batch,
+        compile_encoder=compile_encoder,
+    )
+
+
+def _load_batch(records: Sequence[ImageRecord], masker: Masker, skip_bad_images: bool):
     """Read and resize a batch of images; returns ``(records, model inputs, [(record, reason)] failures)``."""
     kept, inputs, failures = [], [], []
     for record in records:
@@ -92,7 +153,7 @@ def _load_batch(records: Sequence[ImageRecord], masker: PointGridMasker, skip_ba
 def write_patched_masks(
     records: Sequence[ImageRecord],
     out_root: str | os.PathLike,
-    masker: PointGridMasker,
+    masker: Masker,
     *,
     worker: WorkerContext | None = None,
     batch_size: int = 8,
@@ -148,7 +209,7 @@ def writer_threads() -> int:
 
 
 def _write_batches(
-    batches: list, out_root: str | os.PathLike, masker: PointGridMasker, progress: Progress, skip_bad_images: bool, meta: dict,
+    batches: list, out_root: str | os.PathLike, masker: Masker, progress: Progress, skip_bad_images: bool, meta: dict,
     mask_format: str, stop: StopOnSignal,
 ) -> None:
     """The pipelined loop of :func:`write_patched_masks`: read ahead, compute, write behind; ends early on ``stop``."""
@@ -205,7 +266,7 @@ def run(
     check_choice("point_labels", point_labels, POINT_LABELS)
     check_choice("precision", precision, PRECISIONS)
     check_choice("attention", attention, ATTENTIONS)
-    check_choice("sam_model_type", sam_model_type, SAM_BUILDERS)
+    check_model_options(sam_model_type, point_labels=point_labels, attention=attention, compile_encoder=compile_encoder)
     check_choice("mask_format", mask_format, MASK_FORMATS)
     if batch_size < 1 or points_per_batch < 1:
         raise ValueError(f"--batch_size={batch_size} and --points_per_batch={points_per_batch} must be >= 1")
@@ -215,16 +276,18 @@ def run(
         raise InputError(f"--in_data_path={in_data_path}: no images in its class folders (expected <root>/<class>/<image>, e.g. datasets/imagenette2/val)")
     prepare_output_folder(out_data_path)  # also removes temporary files a killed run left
     if sam_checkpoint is not None:
-        require_checkpoint_file(sam_checkpoint, sam_model_type)  # its fit is checked when each worker loads it
+        require_model_checkpoint(sam_model_type, sam_checkpoint)
 
     worker = launch_workers(device, num_processes, num_nodes)
-    sam = build_sam(sam_model_type, sam_checkpoint, attention=attention).to(worker.device)
-    masker = PointGridMasker(
-        sam,
+    masker = build_masker(
+        sam_model_type,
+        sam_checkpoint,
+        worker.device,
         img_size=img_size,
         patch_size=patch_size,
         point_labels=point_labels,
         precision=precision,
+        attention=attention,
         points_per_batch=points_per_batch,
         compile_encoder=compile_encoder,
     )
@@ -264,9 +327,15 @@ def define_flags() -> None:
     flags.DEFINE_string("in_data_path", None, "image folder <root>/<class>/<image> (default datasets/imagenette2/<split>)")
     flags.DEFINE_string("out_data_path", None, "mask folder to write (default datasets/imagenette2/<split>_masks)")
     flags.DEFINE_string(
-        "sam_checkpoint", DEFAULT_CHECKPOINT, "SAM state dict; empty or 'none' for random weights (vit_tiny: random unless given)"
+        "sam_checkpoint",
+        DEFAULT_CHECKPOINT,
+        "SAM checkpoint file (default: the released file name of --sam_model_type, e.g. sam_vit_h_4b8939.pth or "
+        "sam2.1_hiera_large.pt); empty or 'none' for random weights (vit_tiny, sam2.1_hiera_test: random unless given)",
     )
-    flags.DEFINE_enum("sam_model_type", "vit_h", sorted(SAM_BUILDERS), "SAM model: a segment_anything registry key or vit_tiny")
+    flags.DEFINE_enum(
+        "sam_model_type", "vit_h", MODEL_TYPES,
+        "teacher: SAM 1 (a segment_anything registry key, or vit_tiny) or SAM 2.1 (sam2.1_hiera_*; sam2.1_hiera_test is tiny)",
+    )
     flags.DEFINE_alias("model_type", "sam_model_type")
     flags.DEFINE_integer("img_size", 224, "images are resized to img_size x img_size")
     flags.DEFINE_integer("patch_size", 16, "one point prompt at the centre of every patch_size x patch_size patch")
@@ -297,9 +366,10 @@ def main(argv: Sequence[str]) -> int:
         print(f"error: unexpected arguments {' '.join(argv[1:])}; every option is a --flag", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    checkpoint = FLAGS.sam_checkpoint
+    given = FLAGS["sam_checkpoint"].present
+    checkpoint = FLAGS.sam_checkpoint if given else default_checkpoint(FLAGS.sam_model_type)
     random_weights = checkpoint is None or checkpoint.strip().lower() in ("", "none") or (
-        FLAGS.sam_model_type == "vit_tiny" and not FLAGS["sam_checkpoint"].present
+        FLAGS.sam_model_type in TEST_MODEL_TYPES and not given
     )
     try:
         run(

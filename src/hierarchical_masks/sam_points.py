@@ -123,10 +123,14 @@ SAM_BUILDERS: dict[str, Callable[[str | None], Sam]] = {
 
 
 def _model_type_of(state_dict: dict) -> str | None:
-    """Guess which registry model a state dict belongs to, from its encoder width."""
+    """Guess which model a state dict belongs to: SAM 1 from its encoder width, else SAM 2.1 (``sam2_points``)."""
     widths = {1280: "vit_h", 1024: "vit_l", 768: "vit_b", 64: "vit_tiny"}
     pos = state_dict.get("image_encoder.pos_embed")
-    return widths.get(int(pos.shape[-1])) if isinstance(pos, torch.Tensor) else None
+    if isinstance(pos, torch.Tensor):
+        return widths.get(int(pos.shape[-1]))
+    from hierarchical_masks.sam2_points import sam2_model_type_of  # imports no sam2 (only its file layout)
+
+    return sam2_model_type_of(state_dict)
 
 
 def require_checkpoint_file(checkpoint: str | os.PathLike, model_type: str) -> Path:
