@@ -72,6 +72,7 @@ from hierarchical_masks.sam_points import (
     POINT_LABELS,
     PRECISIONS,
     SAM_BUILDERS,
+    GridMasker,
     PointGridMasker,
     build_sam,
     check_choice,
@@ -84,7 +85,6 @@ log = logging.getLogger(__name__)
 DEFAULT_CHECKPOINT = "sam_vit_h_4b8939.pth"
 MODEL_TYPES = sorted(SAM_BUILDERS) + list(SAM2_CONFIGS)  # SAM 1, then SAM 2.1
 TEST_MODEL_TYPES = ("vit_tiny", "sam2.1_hiera_test")  # small random-weight models for tests and smoke runs
-Masker = PointGridMasker | Sam2PointGridMasker
 
 
 def default_checkpoint(model_type: str) -> str:
@@ -117,7 +117,7 @@ def require_model_checkpoint(model_type: str, checkpoint: str) -> None:
 def build_masker(
     model_type: str, checkpoint: str | None, device: torch.device | str, *, img_size: int, patch_size: int, point_labels: str,
     precision: str, attention: str, points_per_batch: int, compile_encoder: bool,
-) -> Masker:
+) -> GridMasker:
     """The teacher (SAM 1 or SAM 2.1, on ``device``) wrapped in its point-grid masker."""
     if is_sam2_model(model_type):
         model = build_sam2_model(model_type, checkpoint).to(device)
@@ -134,7 +134,7 @@ def build_masker(
     )
 
 
-def _load_batch(records: Sequence[ImageRecord], masker: Masker, skip_bad_images: bool):
+def _load_batch(records: Sequence[ImageRecord], masker: GridMasker, skip_bad_images: bool):
     """Read and resize a batch of images; returns ``(records, model inputs, [(record, reason)] failures)``."""
     kept, inputs, failures = [], [], []
     for record in records:
@@ -153,7 +153,7 @@ def _load_batch(records: Sequence[ImageRecord], masker: Masker, skip_bad_images:
 def write_patched_masks(
     records: Sequence[ImageRecord],
     out_root: str | os.PathLike,
-    masker: Masker,
+    masker: GridMasker,
     *,
     worker: WorkerContext | None = None,
     batch_size: int = 8,
@@ -209,7 +209,7 @@ def writer_threads() -> int:
 
 
 def _write_batches(
-    batches: list, out_root: str | os.PathLike, masker: Masker, progress: Progress, skip_bad_images: bool, meta: dict,
+    batches: list, out_root: str | os.PathLike, masker: GridMasker, progress: Progress, skip_bad_images: bool, meta: dict,
     mask_format: str, stop: StopOnSignal,
 ) -> None:
     """The pipelined loop of :func:`write_patched_masks`: read ahead, compute, write behind; ends early on ``stop``."""

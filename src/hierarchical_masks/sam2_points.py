@@ -32,18 +32,16 @@ the package is not installed (e.g. the offline GPU machine of
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 from torch.nn import functional as F
 
 from hierarchical_masks.mask_io import InputError, patch_grid_points
-from hierarchical_masks.sam_points import PRECISIONS, check_choice
+from hierarchical_masks.sam_points import PRECISIONS, GridMasker, check_choice
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +149,7 @@ def build_sam2_model(model_type: str, checkpoint: str | os.PathLike | None = Non
     return model.eval()
 
 
-class Sam2PointGridMasker:
+class Sam2PointGridMasker(GridMasker):
     """Masks of a SAM 2.1 model for every patch-centre point of ``img_size`` images.
 
     The same interface as ``sam_points.PointGridMasker``: call with uint8 RGB
@@ -188,26 +186,9 @@ class Sam2PointGridMasker:
             self.dense = dense[:1]  # the no-mask embedding, the same for every prompt: (1, c, h, w)
             self.image_pe = model.sam_prompt_encoder.get_dense_pe()  # (1, c, h, w)
 
-    @property
-    def num_points(self) -> int:
-        return self.sparse.shape[0]
-
     def model_input(self, image: np.ndarray) -> np.ndarray:
         """uint8 ``(img_size, img_size, 3)`` -> uint8 ``(3, img_size, img_size)`` (resized on the device, batched)."""
-        image = np.asarray(image)
-        if image.shape != (self.img_size, self.img_size, 3) or image.dtype != np.uint8:
-            raise ValueError(f"expected a uint8 ({self.img_size}, {self.img_size}, 3) RGB image, got {image.dtype} {image.shape}")
-        return np.ascontiguousarray(image.transpose(2, 0, 1))
-
-    def _autocast(self):
-        if self.precision == "fp32":
-            return contextlib.nullcontext()
-        return torch.autocast(self.sam.device.type, dtype=PRECISIONS[self.precision])
-
-    @torch.inference_mode()
-    def __call__(self, images: np.ndarray | Sequence[np.ndarray]) -> torch.Tensor:
-        """Masks ``(b, k, 3, img_size, img_size)`` bool for uint8 RGB images ``(b, img_size, img_size, 3)``."""
-        return self.predict_model_inputs(np.stack([self.model_input(im) for im in images]))
+        return np.ascontiguousarray(self.checked_image(image).transpose(2, 0, 1))
 
     @torch.inference_mode()
     def predict_model_inputs(self, inputs: np.ndarray | torch.Tensor) -> torch.Tensor:

@@ -245,7 +245,47 @@ def decode_multimask_shared_image(
     return (hyper_in @ upscaled.flatten(2)).view(k, -1, *upscaled.shape[-2:])
 
 
-class PointGridMasker:
+class GridMasker:
+    """What the SAM 1 and SAM 2.1 point-grid maskers share: the image check, autocast and the call.
+
+    A subclass sets ``sam``, ``img_size``, ``precision`` and ``sparse`` (the encoded point prompts)
+    and implements :meth:`model_input` and :meth:`predict_model_inputs`.
+    """
+
+    sam: torch.nn.Module
+    img_size: int
+    precision: str
+    sparse: torch.Tensor
+
+    @property
+    def num_points(self) -> int:
+        return self.sparse.shape[0]
+
+    def checked_image(self, image: np.ndarray) -> np.ndarray:
+        """``image`` as a uint8 ``(img_size, img_size, 3)`` array, or a ValueError saying what it is."""
+        image = np.asarray(image)
+        if image.shape != (self.img_size, self.img_size, 3) or image.dtype != np.uint8:
+            raise ValueError(f"expected a uint8 ({self.img_size}, {self.img_size}, 3) RGB image, got {image.dtype} {image.shape}")
+        return image
+
+    def model_input(self, image: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def predict_model_inputs(self, inputs: np.ndarray | torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _autocast(self):
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.sam.device.type, dtype=PRECISIONS[self.precision])
+
+    @torch.inference_mode()
+    def __call__(self, images: np.ndarray | Sequence[np.ndarray]) -> torch.Tensor:
+        """Masks ``(b, k, 3, img_size, img_size)`` bool for uint8 RGB images ``(b, img_size, img_size, 3)``."""
+        return self.predict_model_inputs(np.stack([self.model_input(im) for im in images]))
+
+
+class PointGridMasker(GridMasker):
     """Masks of a SAM for every patch-centre point of ``img_size`` images.
 
     Call with uint8 RGB images ``(b, img_size, img_size, 3)`` (or a list of
@@ -310,26 +350,9 @@ class PointGridMasker:
         low_res = 4 * sam.prompt_encoder.image_embedding_size[0]  # the decoder upscales 4x
         self.upsample = postprocess_matrix(low_res, sam.image_encoder.img_size, input_size, img_size).to(device)
 
-    @property
-    def num_points(self) -> int:
-        return self.sparse.shape[0]
-
     def model_input(self, image: np.ndarray) -> np.ndarray:
         """uint8 ``(img_size, img_size, 3)`` -> SAM's uint8 ``(3, S, S')`` input (the resize SamPredictor does)."""
-        image = np.asarray(image)
-        if image.shape != (self.img_size, self.img_size, 3) or image.dtype != np.uint8:
-            raise ValueError(f"expected a uint8 ({self.img_size}, {self.img_size}, 3) RGB image, got {image.dtype} {image.shape}")
-        return np.ascontiguousarray(self.resize.apply_image(image).transpose(2, 0, 1))
-
-    def _autocast(self):
-        if self.precision == "fp32":
-            return contextlib.nullcontext()
-        return torch.autocast(self.sam.device.type, dtype=PRECISIONS[self.precision])
-
-    @torch.inference_mode()
-    def __call__(self, images: np.ndarray | Sequence[np.ndarray]) -> torch.Tensor:
-        """Masks ``(b, k, 3, img_size, img_size)`` bool for uint8 RGB images ``(b, img_size, img_size, 3)``."""
-        return self.predict_model_inputs(np.stack([self.model_input(im) for im in images]))
+        return np.ascontiguousarray(self.resize.apply_image(self.checked_image(image)).transpose(2, 0, 1))
 
     @torch.inference_mode()
     def predict_model_inputs(self, inputs: np.ndarray | torch.Tensor) -> torch.Tensor:
