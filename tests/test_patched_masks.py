@@ -420,7 +420,7 @@ def test_tiny_checkpoint_loads_and_mismatches_are_explained(tmp_path, tiny_sam):
 
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"not a checkpoint")
-    with pytest.raises(InputError, match="not a readable SAM state dict"):
+    with pytest.raises(InputError, match="not a readable SAM checkpoint"):
         build_sam("vit_tiny", garbage)
 
 

@@ -41,7 +41,7 @@ import torch
 from torch.nn import functional as F
 
 from hierarchical_masks.mask_io import InputError, patch_grid_points
-from hierarchical_masks.sam_points import PRECISIONS, GridMasker, check_choice
+from hierarchical_masks.sam_points import PRECISIONS, GridMasker, check_choice, load_state_dict_file
 
 log = logging.getLogger(__name__)
 
@@ -104,24 +104,7 @@ def load_sam2_checkpoint(model: torch.nn.Module, checkpoint: str | os.PathLike, 
     flag and the fix) for a missing or unreadable file or one of another model.
     """
     path = require_sam2_checkpoint_file(checkpoint, model_type)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types (with pages of text) for a bad file; all mean the same here
-        raise InputError(
-            f"--sam_checkpoint={checkpoint}: not a readable SAM 2.1 checkpoint ({type(exc).__name__} in torch.load); "
-            f"pass the .pt file published for {model_type}"
-        ) from None
-    state_dict = state.get("model", state) if isinstance(state, dict) else state
-    if not isinstance(state_dict, dict):
-        raise InputError(f"--sam_checkpoint={checkpoint}: holds a {type(state_dict).__name__}, not a SAM 2.1 state dict")
-    try:
-        model.load_state_dict(state_dict)
-    except RuntimeError:
-        from hierarchical_masks.sam_points import _model_type_of  # SAM 1 or SAM 2.1
-
-        guess = _model_type_of(state_dict)
-        hint = f"it looks like a {guess} checkpoint: pass --sam_model_type={guess}" if guess else "pass the checkpoint of that model type"
-        raise InputError(f"--sam_checkpoint={checkpoint} does not fit --sam_model_type={model_type}; {hint}") from None
+    load_state_dict_file(model, path, checkpoint, model_type, kind="SAM 2.1", published=".pt file")
 
 
 def build_sam2_model(model_type: str, checkpoint: str | os.PathLike | None = None, *, seed: int = 0) -> torch.nn.Module:

@@ -143,6 +143,34 @@ def require_checkpoint_file(checkpoint: str | os.PathLike, model_type: str) -> P
     return path
 
 
+def load_state_dict_file(model: torch.nn.Module, path: Path, checkpoint: str | os.PathLike, model_type: str, *,
+                         kind: str = "SAM", published: str = ".pth file") -> None:
+    """Load the state dict in ``path`` (read with ``weights_only=True``) into ``model``: SAM 1 and SAM 2.1 alike.
+
+    A released SAM 2.1 file wraps it as ``{'model': state_dict}``; that is unwrapped.
+
+    Raises:
+        InputError: not a state dict, or one of another model (the message names ``--sam_checkpoint``,
+            and the ``--sam_model_type`` the file fits when that can be told).
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types (with pages of text) for a bad file; all mean the same here
+        raise InputError(
+            f"--sam_checkpoint={checkpoint}: not a readable {kind} checkpoint ({type(exc).__name__} in torch.load); "
+            f"pass the {published} published for {model_type}"
+        ) from None
+    state_dict = state.get("model", state) if isinstance(state, dict) else state
+    if not isinstance(state_dict, dict):
+        raise InputError(f"--sam_checkpoint={checkpoint}: holds a {type(state_dict).__name__}, not a {kind} state dict")
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError:
+        guess = _model_type_of(state_dict)
+        hint = f"it looks like a {guess} checkpoint: pass --sam_model_type={guess}" if guess else "pass the checkpoint of that model type"
+        raise InputError(f"--sam_checkpoint={checkpoint} does not fit --sam_model_type={model_type}; {hint}") from None
+
+
 def load_sam_checkpoint(sam: Sam, checkpoint: str | os.PathLike, model_type: str) -> None:
     """Load ``checkpoint`` (a state dict, read with ``weights_only=True``) into ``sam``.
 
@@ -150,22 +178,7 @@ def load_sam_checkpoint(sam: Sam, checkpoint: str | os.PathLike, model_type: str
         InputError: the file is missing, not a state dict, or belongs to another
             model type (the message names the flag and the fix).
     """
-    path = require_checkpoint_file(checkpoint, model_type)
-    try:
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types (with pages of text) for a bad file; all mean the same here
-        raise InputError(
-            f"--sam_checkpoint={checkpoint}: not a readable SAM state dict ({type(exc).__name__} in torch.load); "
-            f"pass the .pth file published for {model_type}"
-        ) from None
-    if not isinstance(state_dict, dict):
-        raise InputError(f"--sam_checkpoint={checkpoint}: holds a {type(state_dict).__name__}, not a SAM state dict")
-    try:
-        sam.load_state_dict(state_dict)
-    except RuntimeError:
-        guess = _model_type_of(state_dict)
-        hint = f"it looks like a {guess} checkpoint: pass --sam_model_type={guess}" if guess else "pass the checkpoint of that model type"
-        raise InputError(f"--sam_checkpoint={checkpoint} does not fit --sam_model_type={model_type}; {hint}") from None
+    load_state_dict_file(sam, require_checkpoint_file(checkpoint, model_type), checkpoint, model_type)
 
 
 def build_sam(
