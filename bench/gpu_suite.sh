@@ -10,17 +10,20 @@
 #   stage2    bench/embeds_throughput.py: maxvit_rmlp_pico_rw_256 (random weights) vs the reference loop
 #   stage3    bench/train_throughput.py: config_IMAGENETTE model step vs the reference maths, +- compile
 #   e2e       bench/end_to_end.py: stages 1-3 through their CLIs on 200 generated 64 px toy images
+#   sam2      bench/masks_throughput.py: SAM 2.1 Hiera-L (random weights), SAM2ImagePredictor one image at a
+#             time vs ours fp32 / bf16, and the masks vs the predictor's (last: it gets what the budget leaves)
 # Every figure is printed beside its baseline measured in the same run, with the device and the
 # torch version. Logs and the table go to --out (default runs/gpu_suite/): table.md, logs.tar.gz.
 #
 # How to run it on a lent GPU machine (the device tool; it has Python 3.12 with torch, timm,
-# Lightning, absl, pytest, but not segment_anything, and no network):
-#   1. here, once (the wheel is git-ignored, so it must be carried):
-#        python -m pip wheel segment-anything==1.0 --no-deps -w .whl/
+# Lightning, absl, pytest, but not segment_anything nor sam2, and no network):
+#   1. here, once (the wheels are git-ignored, so they must be carried; all are pure Python, ~0.7 MB):
+#        SAM2_BUILD_CUDA=0 python -m pip wheel segment-anything==1.0 sam2==1.1.0 hydra-core==1.3.8 omegaconf==2.3.1 \
+#            iopath==0.1.10 antlr4-python3-runtime==4.9.3 portalocker==4.4.2 --no-deps -w .whl/
 #   2. the device call:
 #        run(command="bash bench/gpu_suite.sh --out $OUT", carry=[".whl"], timeout_s=560)
-#      The script installs .whl/segment_anything-*.whl (into a temporary folder on PYTHONPATH)
-#      when segment_anything is missing. $OUT comes back with table.md and logs.tar.gz.
+#      The script installs the wheels of .whl/ (into a temporary folder on PYTHONPATH) when
+#      segment_anything or sam2 is missing. $OUT comes back with table.md and logs.tar.gz.
 # CPU dry run (tiny models, 20 images; 1.5-2.5 minutes on 2 cores shared with other jobs, about 85 s of CPU
 # time; tests/test_gpu_suite.py runs it and checks every row has a figure):
 #        bash bench/gpu_suite.sh --dry_run
@@ -55,15 +58,15 @@ START=$(date +%s)
 export PYTHONUNBUFFERED=1
 : >"$WORK/expected.tsv"
 
-# segment_anything is not on the lent machines: install the carried wheel where it is missing
-if ! "$PY" -c "import segment_anything" 2>/dev/null; then
-    wheels=(.whl/segment_anything-*.whl)
+# segment_anything and sam2 are not on the lent machines: install the carried wheels where one is missing
+if ! "$PY" -c "import segment_anything, sam2" 2>/dev/null; then
+    wheels=(.whl/*.whl)
     if [[ -f ${wheels[0]} ]]; then
-        "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$WORK/site" "${wheels[0]}" \
+        "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$WORK/site" "${wheels[@]}" \
             && export PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
     else
-        echo "warning: segment_anything is missing and .whl/ holds no wheel of it; build one here with" \
-            "'python -m pip wheel segment-anything==1.0 --no-deps -w .whl/' and carry .whl: stage 1 rows will fail"
+        echo "warning: segment_anything or sam2 is missing and .whl/ holds no wheels; build them here (see the" \
+            "header of this script) and carry .whl: the stage 1 / sam2 rows will fail"
     fi
 fi
 
@@ -160,6 +163,16 @@ else
     E2E=(--device cuda --sam_model_type vit_h --train_per_class 15 --val_per_class 5)
 fi
 step e2e 100 "$PY" bench/end_to_end.py "${E2E[@]}" --summary_json "$WORK/e2e.jsonl"
+
+# ----------------------------------------------------------------------------- SAM 2.1 (stage 1 with the other teacher)
+SAM2_VARIANTS=(fp32:sdpa bf16:sdpa)
+for v in "${SAM2_VARIANTS[@]}"; do expect sam2 "$v" "stage 1 SAM 2.1 masks, ours ${v%:sdpa}"; done
+if ((DRY_RUN)); then
+    SAM2=(--device cpu --model_type sam2.1_hiera_test --num_images 2 --warmup 1 --batch_size 2 --model_only)
+else
+    SAM2=(--device cuda --model_type sam2.1_hiera_large --num_images 24 --warmup 4 --batch_size 8 --model_only)
+fi
+step sam2 90 "$PY" bench/masks_throughput.py "${SAM2[@]}" "${SAM2_VARIANTS[@]/#/--ours=}" --summary_json "$WORK/sam2.jsonl"
 
 # ----------------------------------------------------------------------------- the table
 echo

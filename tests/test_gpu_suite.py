@@ -19,6 +19,7 @@ STEPS = {
     "stage2": ["fast:bf16:8", "fast:fp32:8"],
     "stage3": ["fp32", "default", "compile"],
     "e2e": ["data", "stage1", "stage2", "stage3", "total"],
+    "sam2": ["fp32:sdpa", "bf16:sdpa"],
 }
 
 
