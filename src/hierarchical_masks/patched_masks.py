@@ -201,9 +201,11 @@ def write_patched_masks(
 def writer_threads() -> int:
     """Threads that compress and write mask files: half the CPU cores, 2 to 8.
 
-    Packing and zlib take ~0.1 s per 224 px image on one core, so two threads
-    cap a run near 20 images/s, under what one GPU computes; zlib releases
-    the GIL, so more threads write more files at once.
+    Packing and zlib take up to ~0.1 s per 224 px image on one core when the
+    masks rarely repeat (v1; v2 of masks that repeat, as a photo's do: 10-25 ms,
+    ``bench/mask_file_sizes.py``), so two threads could cap a run near 20
+    images/s, under what one GPU computes; zlib releases the GIL, so more
+    threads write more files at once.
     """
     return min(8, max(2, (os.cpu_count() or 2) // 2))
 
