@@ -41,7 +41,7 @@ import torch
 from torch.nn import functional as F
 
 from hierarchical_masks.mask_io import InputError, patch_grid_points
-from hierarchical_masks.sam_points import PRECISIONS, GridMasker, check_choice, load_state_dict_file
+from hierarchical_masks.sam_points import PRECISIONS, GridMasker, check_choice, load_state_dict_file, require_checkpoint_file
 
 log = logging.getLogger(__name__)
 
@@ -89,12 +89,7 @@ def sam2_model_type_of(state_dict: dict) -> str | None:
 
 def require_sam2_checkpoint_file(checkpoint: str | os.PathLike, model_type: str) -> Path:
     """``checkpoint`` as a path; a missing file is an error that says where to download it."""
-    path = Path(checkpoint)
-    if not path.is_file():
-        url = SAM2_CONFIGS[model_type][1]
-        fix = f"download it from {url}" if url else "pass an existing file"
-        raise InputError(f"--sam_checkpoint={checkpoint}: file not found; {fix}")
-    return path
+    return require_checkpoint_file(checkpoint, model_type, url=SAM2_CONFIGS[model_type][1])
 
 
 def load_sam2_checkpoint(model: torch.nn.Module, checkpoint: str | os.PathLike, model_type: str) -> None:

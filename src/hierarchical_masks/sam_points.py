@@ -133,11 +133,14 @@ def _model_type_of(state_dict: dict) -> str | None:
     return sam2_model_type_of(state_dict)
 
 
-def require_checkpoint_file(checkpoint: str | os.PathLike, model_type: str) -> Path:
-    """``checkpoint`` as a path; a missing file is an error that says where to download it."""
+def require_checkpoint_file(checkpoint: str | os.PathLike, model_type: str, url: str | None = None) -> Path:
+    """``checkpoint`` as a path; a missing file is an error that says where to download it.
+
+    ``url``: the download address (default: SAM 1's released file of ``model_type``, if any).
+    """
     path = Path(checkpoint)
     if not path.is_file():
-        url = CHECKPOINT_URLS.get(model_type)
+        url = url or CHECKPOINT_URLS.get(model_type)
         fix = f"download it from {url}" if url else "pass an existing file"
         raise InputError(f"--sam_checkpoint={checkpoint}: file not found; {fix}")
     return path
