@@ -1,6 +1,8 @@
-"""The toy study: does distilling part-whole masks from a pretrained teacher help, across seeds, against controls?
+"""The toy study: does distilling part-whole masks from a pretrained teacher help, across seeds,
+pretraining budgets and controls?
 
-    python experiments/toy_study.py                       # 3 seeds x 4 methods, then the report
+    python experiments/toy_study.py                       # 3 seeds x 5 methods x budgets 10,30,100, then the report
+    python experiments/toy_study.py --budgets=10,30       # shorter; the same command with more budgets extends it
     python experiments/toy_study.py --seeds=0 --methods=sam_distill --variant=no_norm \\
         --pretrain_flags=--teacher_norm=none              # one tuning variant (validation only)
 
@@ -13,22 +15,32 @@ For every seed and method, on the toy set (``docs/toy.md``, oracle stage-1 masks
   architecture (the control: what the masks alone pass on);
 * ``supcon``: the original Agglomerator's supervised contrastive pretraining (the paper's baseline);
 * ``random_init``: no pretraining;
+* ``supervised``: the reference row, the same Agglomerator trained end to end with the labels
+  (``--supervise --finetune_backbone`` from random init, ``--supervised_epochs``): what the
+  architecture reaches on the toy set at all.
 
-then the same frozen-backbone fine-tuning of the classifier. Model choices are made
-on a validation split held out of train (``--val_from_train``, per seed); the test
-split (the toy ``val`` folder) is only reported. Per run it records test and
-validation accuracy, islands scores of the pretrained columns (against the
-stage-1 masks and the toy ground truth) and linear probes of every level
-(tuned on validation), plus linear probes of the teacher's own embeddings (the
-ceiling of what distillation can pass on). The report (``<out_dir>/<variant>/report.md``,
-``results.json``, ``accuracy.png``) gives mean +- std over seeds and the run time.
+Budgets: each pretraining is one run at a constant learning rate, read at every budget
+(``checkpoints/epoch-<N>.ckpt``, ``--keep_checkpoints_at``); a longer budget continues the
+same run from its ``last.ckpt``. At every budget the same frozen-backbone fine-tuning of the
+classifier gives test and validation accuracy, and (``sam_distill`` arms) the checkpoint's
+``test/distill_r2``. Model choices are made on a validation split held out of train
+(``--val_from_train``, per seed); the test split (the toy ``val`` folder) is only reported.
+At the longest budget it also records islands scores of the pretrained columns and linear
+probes of every level (tuned on validation), plus linear probes of the teacher's own
+embeddings (the ceiling of what distillation can pass on). The report
+(``<out_dir>/<variant>/report.md``, ``results.json``, ``accuracy.png``) gives mean +- std over
+seeds, learning curves and the run time.
 
-Every step is a project CLI run as a subprocess; finished steps are reused on a
-rerun (``--overwrite`` redoes them), so a killed study resumes.
+Every step is a project CLI run as a subprocess; finished steps are reused on a rerun and an
+unfinished training resumes from its ``last.ckpt`` (``--overwrite`` redoes them), so a killed
+study, rerun with the same command, continues where it stopped. The work is done budget by
+budget (every seed and method to 10 epochs, then to 30, ...), so a study stopped early
+already has complete rows for the shorter budgets.
 """
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import sys
@@ -46,23 +58,29 @@ from hierarchical_masks.encoder_weights import OFFLINE_TEACHER_MODEL, OFFLINE_TE
 from hierarchical_masks.mask_io import atomic_write_bytes  # noqa: E402
 
 FLAGS = flags.FLAGS
-METHODS = ("sam_distill", "sam_distill_random", "supcon", "random_init")
+METHODS = ("sam_distill", "sam_distill_random", "supcon", "random_init", "supervised")
+PRETRAINED = ("sam_distill", "sam_distill_random", "supcon")
 TEACHER_SUFFIX = {"sam_distill": "_masks_embeds", "sam_distill_random": f"_masks_embeds_random_{OFFLINE_TEACHER_MODEL}"}
 flags.DEFINE_string("out_dir", "runs/toy_study", "Runs, probes and the report go under <out_dir>/<variant>.")
-flags.DEFINE_string("variant", "default", "Name of this set of settings (a sub-folder of --out_dir).")
+flags.DEFINE_string("variant", "budgets", "Name of this set of settings (a sub-folder of --out_dir).")
 flags.DEFINE_string("data_dir", "datasets", "The toy set lives in <data_dir>/toy (generated if missing).")
 flags.DEFINE_integer("train_per_class", 100, "Toy training images per class (the demo's set).")
 flags.DEFINE_integer("val_per_class", 30, "Toy test images per class (the toy val folder, used as the test split).")
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds: each one seeds pretraining, fine-tuning and the held-out split.")
 flags.DEFINE_list("methods", list(METHODS), f"Which of {', '.join(METHODS)}.")
 flags.DEFINE_float("val_from_train", 0.1, "Fraction of train held out (per class) as the validation split.")
-flags.DEFINE_integer("pretrain_epochs", 10, "Epochs of each pretraining.")
+flags.DEFINE_list("budgets", ["10", "30", "100"], "Pretraining epochs at which each pretraining is read (one run, constant learning rate).")
 flags.DEFINE_integer("finetune_epochs", 8, "Epochs of each fine-tuning.")
-flags.DEFINE_list("pretrain_flags", [], "Extra src/main.py flags for pretraining (a tuning variant), e.g. --teacher_norm=none.")
+flags.DEFINE_integer("supervised_epochs", 30, "Epochs of the end-to-end supervised reference.")
+flags.DEFINE_list("pretrain_flags", ["--scheduler=constant"],
+                  "Extra src/main.py flags for pretraining (a tuning variant), e.g. --teacher_norm=none. Budgets read one "
+                  "run at several lengths, so the default keeps the learning rate constant.")
 flags.DEFINE_list("finetune_flags", [], "Extra src/main.py flags for fine-tuning.")
-flags.DEFINE_integer("islands_count", 30, "Test images whose islands are scored per run.")
-flags.DEFINE_bool("probes", True, "Linear probes of every level (and of the teachers).")
+flags.DEFINE_integer("islands_count", 30, "Test images whose islands are scored per run (at the longest budget).")
+flags.DEFINE_bool("probes", True, "Linear probes of every level at the longest budget (and of the teachers).")
 flags.DEFINE_bool("overwrite", False, "Redo finished steps.")
+flags.DEFINE_bool("report_only", False, "Run nothing: write the report from the steps finished so far (a study still running, "
+                  "or stopped before its longest budget); unfinished rows are left out. Teacher probes are computed if missing.")
 
 
 # --------------------------------------------------------------------------- steps
@@ -86,49 +104,127 @@ def common_flags(seed: int, suffix: str) -> list[str]:
             f"--val_from_train={FLAGS.val_from_train}", "--logger=csv"]
 
 
-def run_method(folder: Path, method: str, seed: int) -> dict:
-    """Pretrain (unless random_init), fine-tune the frozen backbone, score islands; returns the run's numbers."""
-    suffix = TEACHER_SUFFIX.get(method, "_masks_embeds")
-    common = common_flags(seed, suffix)
-    result: dict = {"method": method, "seed": seed}
-    checkpoint = None
-    if method != "random_init":
-        objective = "supcon" if method == "supcon" else "sam_distill"
-        pre = folder / "pretrain"
-        train_once(f"{method} seed {seed}: pretrain", pre, [*common, f"--pretrain_objective={objective}",
-                                                            f"--max_epochs={FLAGS.pretrain_epochs}", *FLAGS.pretrain_flags],
+def budgets() -> list[int]:
+    values = sorted({int(b) for b in FLAGS.budgets})
+    if not values or values[0] < 1:
+        raise app.UsageError(f"--budgets={','.join(FLAGS.budgets)}: give pretraining epochs, 1 or more")
+    return values
+
+
+def pretrain_to(folder: Path, method: str, seed: int, budget: int) -> Path:
+    """Pretrain ``method`` to ``budget`` epochs (continuing the same run); returns ``epoch-<budget>.ckpt``."""
+    objective = "supcon" if method == "supcon" else "sam_distill"
+    keep = ",".join(map(str, budgets()))
+    checkpoint = folder / "pretrain" / "checkpoints" / f"epoch-{budget:03d}.ckpt"
+    train_once(f"{method} seed {seed}: pretrain to epoch {budget}", folder / "pretrain",
+               [*common_flags(seed, TEACHER_SUFFIX.get(method, "_masks_embeds")), f"--pretrain_objective={objective}",
+                f"--max_epochs={budget}", f"--keep_checkpoints_at={keep}", *FLAGS.pretrain_flags],
+               FLAGS.overwrite and budget == budgets()[0], quiet=True, done=checkpoint) and record_segment(folder / "pretrain", budget)
+    if not checkpoint.is_file():
+        sys.exit(f"error: {checkpoint} missing after the pretraining to epoch {budget}; was it run with other --budgets? "
+                 f"rerun with --overwrite")
+    return checkpoint
+
+
+def run_budget(folder: Path, method: str, seed: int, budget: int) -> dict | None:
+    """One row of the study: ``method`` pretrained ``budget`` epochs (0: none), then fine-tuned frozen.
+
+    With ``--report_only`` nothing runs: the row is read from its files, None when it is not finished.
+    """
+    common = common_flags(seed, TEACHER_SUFFIX.get(method, "_masks_embeds"))
+    fine = folder / ("supervised" if method == "supervised" else f"finetune_e{budget:03d}")
+    tested = folder / f"test_e{budget:03d}"
+    distill = budget > 0 and method != "supcon"
+    if FLAGS.report_only:
+        if not (fine / "results.json").is_file() or (distill and not (tested / "results.json").is_file()):
+            return None
+    elif method == "supervised":
+        train_once(f"supervised seed {seed}: end to end", fine, [*common, "--supervise", "--finetune_backbone",
+                                                                 f"--max_epochs={FLAGS.supervised_epochs}", *FLAGS.finetune_flags],
                    FLAGS.overwrite, quiet=True)
-        checkpoint = pre / "checkpoints" / "last.ckpt"
-        done = json.loads((pre / "results.json").read_text())
-        result["pretrain_seconds"] = done["seconds"]
-        result["pretrain_val_loss"] = done["test"].get("test/loss")  # the test split's pretraining loss, for reference
-        islands = folder / "islands"
-        if not (islands / "islands" / "scores.json").is_file() or FLAGS.overwrite:
-            run_step(f"{method} seed {seed}: islands", ["src/main.py", *common, "--mode=islands", f"--load_checkpoint_dir={checkpoint}",
-                                                         f"--islands_count={FLAGS.islands_count}", f"--output_dir={islands}"], quiet=True)
-        result["islands"] = json.loads((islands / "islands" / "scores.json").read_text())
-    fine = folder / "finetune"
-    resume = ["--resume_training", f"--load_checkpoint_dir={checkpoint}"] if checkpoint else []
-    architecture = FLAGS.pretrain_flags if checkpoint else []  # the backbone must be built as it was pretrained
-    train_once(f"{method} seed {seed}: fine-tune", fine, [*common, "--supervise", *resume, f"--max_epochs={FLAGS.finetune_epochs}",
-                                                         *architecture, *FLAGS.finetune_flags], FLAGS.overwrite, quiet=True)
-    done = json.loads((fine / "results.json").read_text())
-    result["test_accuracy"] = done["test"].get("test/accuracy")
-    result["finetune_seconds"] = done["seconds"]
-    result["val_accuracy"] = best_val_accuracy(fine)
-    if FLAGS.probes and checkpoint is not None:
-        result["probes"] = cached(folder / "probes.json", lambda: student_probes(checkpoint, seed))
+    else:
+        checkpoint = pretrain_to(folder, method, seed, budget) if budget else None
+        if distill and (not (tested / "results.json").is_file() or FLAGS.overwrite):
+            run_step(f"{method} seed {seed}: test the distillation at epoch {budget}",
+                     ["src/main.py", *common, "--mode=test", f"--load_checkpoint_dir={checkpoint}", f"--output_dir={tested}"], quiet=True)
+        resume = ["--resume_training", f"--load_checkpoint_dir={checkpoint}"] if checkpoint else []
+        architecture = [f for f in FLAGS.pretrain_flags if not f.startswith("--scheduler")] if checkpoint else []
+        train_once(f"{method} seed {seed}: fine-tune after {budget} pretraining epochs", fine,
+                   [*common, "--supervise", *resume, f"--max_epochs={FLAGS.finetune_epochs}", *architecture, *FLAGS.finetune_flags],
+                   FLAGS.overwrite, quiet=True)
+    result: dict = {"method": method, "seed": seed, "budget": budget, **fine_tune_numbers(fine)}
+    if distill:
+        test = json.loads((tested / "results.json").read_text())["test"]
+        result.update({k.split("/")[1]: test.get(k) for k in ("test/distill_r2", "test/image_mean_r2", "test/loss")})
     return result
+
+
+def fine_tune_numbers(fine: Path) -> dict:
+    done = json.loads((fine / "results.json").read_text())
+    return {"test_accuracy": done["test"].get("test/accuracy"), "val_accuracy": best_val_accuracy(fine),
+            "finetune_seconds": done["seconds"]}
+
+
+def final_extras(folder: Path, method: str, seed: int, budget: int) -> dict:
+    """At the longest budget: islands scores, probes, the pretraining's time and learning curve
+    (with ``--report_only``: the time and curve only, and whatever was computed already)."""
+    common = common_flags(seed, TEACHER_SUFFIX.get(method, "_masks_embeds"))
+    checkpoint = folder / "pretrain" / "checkpoints" / f"epoch-{budget:03d}.ckpt"
+    extras: dict = {"pretrain_seconds": pretrain_seconds(folder / "pretrain"), "curve": learning_curve(folder / "pretrain")}
+    islands = folder / "islands"
+    if FLAGS.report_only:
+        if (islands / "islands" / "scores.json").is_file():
+            extras["islands"] = json.loads((islands / "islands" / "scores.json").read_text())
+        if (folder / f"probes_e{budget:03d}.json").is_file():
+            extras["probes"] = json.loads((folder / f"probes_e{budget:03d}.json").read_text())
+        return extras
+    if not (islands / "islands" / "scores.json").is_file() or FLAGS.overwrite:
+        run_step(f"{method} seed {seed}: islands", ["src/main.py", *common, "--mode=islands", f"--load_checkpoint_dir={checkpoint}",
+                                                     f"--islands_count={FLAGS.islands_count}", f"--output_dir={islands}"], quiet=True)
+    extras["islands"] = json.loads((islands / "islands" / "scores.json").read_text())
+    if FLAGS.probes:
+        extras["probes"] = cached(folder / f"probes_e{budget:03d}.json", lambda: student_probes(checkpoint, seed))
+    return extras
+
+
+def csv_rows(run: Path) -> list[dict]:
+    rows = []
+    for log in sorted((run / "logs").glob("version_*/metrics.csv"), key=lambda p: int(p.parent.name.split("_")[1])):
+        rows += list(csv.DictReader(open(log)))
+    return rows
 
 
 def best_val_accuracy(run: Path) -> float:
     """The best epoch's val/accuracy from the run's CSV log (the checkpoint the test used)."""
-    import csv
-
-    values = []
-    for log in sorted((run / "logs").glob("version_*/metrics.csv")):
-        values += [float(row["val/accuracy"]) for row in csv.DictReader(open(log)) if row.get("val/accuracy")]
+    values = [float(row["val/accuracy"]) for row in csv_rows(run) if row.get("val/accuracy")]
     return max(values) if values else float("nan")
+
+
+def learning_curve(run: Path) -> dict:
+    """Per epoch (1-based), the pretraining's validation loss and (sam_distill) distill_r2, over every resumed segment."""
+    curve: dict = {}
+    for row in csv_rows(run):
+        if row.get("val/loss") and row.get("epoch"):
+            entry = curve.setdefault(int(row["epoch"]) + 1, {})
+            entry["val_loss"] = float(row["val/loss"])
+            if row.get("val/distill_r2"):
+                entry["val_distill_r2"] = float(row["val/distill_r2"])
+    return {str(k): curve[k] for k in sorted(curve)}
+
+
+def record_segment(run: Path, budget: int) -> None:
+    """Keep the training seconds of the invocation that took the pretraining to ``budget`` (``segments.json``)."""
+    record = run / "segments.json"
+    seconds = json.loads(record.read_text()) if record.is_file() else {}
+    seconds[str(budget)] = json.loads((run / "results.json").read_text())["seconds"]
+    atomic_write_bytes(record, json.dumps(seconds, indent=2).encode())
+
+
+def pretrain_seconds(run: Path) -> float:
+    """Training seconds of a pretraining over its segments (the invocations that finished each budget; the time
+    of an invocation killed before its budget is not counted)."""
+    record = run / "segments.json"
+    return float(sum(json.loads(record.read_text()).values())) if record.is_file() else float("nan")
 
 
 def cached(path: Path, compute):
@@ -210,70 +306,144 @@ def fmt(values, scale: float = 100.0, digits: int = 1) -> str:
     return "n/a" if not np.isfinite(mean) else f"{scale * mean:.{digits}f} ± {scale * std:.{digits}f}"
 
 
+LABELS = {"sam_distill": "sam_distill, pretrained teacher (the paper)", "sam_distill_random": "sam_distill, random teacher (control)",
+          "supcon": "supcon (the paper's baseline)", "random_init": "no pretraining", "supervised": "end to end with labels (reference)"}
+COLOURS = {"sam_distill": "#1f77b4", "sam_distill_random": "#ff7f0e", "supcon": "#7f7f7f", "random_init": "#d62728",
+           "supervised": "#2ca02c"}
+
+
+def finished_budgets(results: list[dict]) -> list[int]:
+    return sorted({r["budget"] for r in results if r["method"] in PRETRAINED}) or budgets()
+
+
 def report(results: list[dict], teachers: dict, seconds: float, out: Path) -> str:
     methods = [m for m in METHODS if any(r["method"] == m for r in results)]
-    by = {m: [r for r in results if r["method"] == m] for m in methods}
     seeds = sorted({r["seed"] for r in results})
-    lines = [f"Toy study, variant `{FLAGS.variant}`: {len(seeds)} seeds ({', '.join(map(str, seeds))}), "
-             f"{FLAGS.pretrain_epochs} pretraining + {FLAGS.finetune_epochs} fine-tuning epochs, "
-             f"validation = {FLAGS.val_from_train:.0%} of train held out, test = the toy val folder "
-             f"({FLAGS.val_per_class * 10} images); mean ± std over seeds. Extra pretraining flags: "
-             f"{' '.join(FLAGS.pretrain_flags) or 'none'}. Wall time of this invocation {seconds / 60:.0f} min "
-             f"(steps finished by an earlier invocation are reused); training alone "
-             f"{sum(r.get('pretrain_seconds', 0) + r['finetune_seconds'] for r in results) / 60:.0f} min.", "",
-             "| pretraining (frozen backbone) | test accuracy % | val accuracy % |", "| --- | --- | --- |"]
+    steps = finished_budgets(results)
+    rows = lambda m, b: [r for r in results if r["method"] == m and r["budget"] == b]  # noqa: E731
+    training = sum(np.nansum([r.get("finetune_seconds", 0), r.get("pretrain_seconds", 0)]) for r in results)
+    lines = [f"Toy study, variant `{FLAGS.variant}`: {len(seeds)} seeds ({', '.join(map(str, seeds))}), pretraining budgets "
+             f"{', '.join(map(str, steps))} epochs (one run per seed and method, read at each budget), then {FLAGS.finetune_epochs} "
+             f"fine-tuning epochs of the classifier on the frozen backbone; validation = {FLAGS.val_from_train:.0%} of train held "
+             f"out, test = the toy val folder ({FLAGS.val_per_class * 10} images); mean ± std over seeds. Pretraining flags: "
+             f"{' '.join(FLAGS.pretrain_flags) or 'none'}. Wall time of this invocation {seconds / 60:.0f} min (steps finished by an "
+             f"earlier invocation are reused); training alone {training / 60:.0f} min.", "",
+             "Test accuracy % (frozen backbone) by pretraining epochs:", "",
+             "| pretraining | " + " | ".join(f"{b} epochs" for b in steps) + " |", "| --- |" + " --- |" * len(steps)]
     for m in methods:
-        lines.append(f"| {m} | {fmt([r['test_accuracy'] for r in by[m]])} | {fmt([r['val_accuracy'] for r in by[m]])} |")
-    lines += ["", "Islands (pretrained columns, test images): pair_corr / ARI per level, mean over seeds.", "",
-              "| pretraining | against | L0 | L1 | L2 |", "| --- | --- | --- | --- | --- |"]
+        if m in PRETRAINED:
+            lines.append(f"| {LABELS[m]} | " + " | ".join(fmt([r["test_accuracy"] for r in rows(m, b)]) for b in steps) + " |")
+    for m in ("random_init", "supervised"):
+        if m in methods:
+            lines.append(f"| {LABELS[m]} | {fmt([r['test_accuracy'] for r in rows(m, 0)])} (any budget) |" + " |" * (len(steps) - 1))
+    lines += ["", "Validation accuracy % (the split choices are made on):", "",
+              "| pretraining | " + " | ".join(f"{b} epochs" for b in steps) + " |", "| --- |" + " --- |" * len(steps)]
     for m in methods:
-        for key, label in (("stage1_masks", "stage-1 masks"), ("ground_truth", "GT parts / object / all objects")):
-            runs = [r["islands"][key] for r in by[m] if key in r.get("islands", {})]
-            if runs:
-                cells = [f"{fmt([s[str(i)]['pair_corr'] for s in runs], 1, 2)} / {fmt([s[str(i)]['ari'] for s in runs], 1, 2)}"
-                         for i in range(3)]
-                lines.append(f"| {m} | {label} | " + " | ".join(cells) + " |")
-    probe_rows = []
-    for name, per_seed in teachers.items():
-        probe_rows.append((f"teacher {name} (mean over points)",
-                           [fmt([p[f"level{i}"]["test_accuracy"] for p in per_seed]) for i in range(3)]))
-    for m in methods:
-        runs = [r["probes"] for r in by[m] if "probes" in r]
-        if runs:
-            probe_rows.append((f"{m}: column levels (flattened)", [fmt([p[f"level{i}"]["test_accuracy"] for p in runs]) for i in range(3)]))
-            if "encoded0" in runs[0] and m.startswith("sam_distill"):  # the others never train the levels encoder
-                probe_rows.append((f"{m}: regressed outputs (mean over columns)",
-                                   [fmt([p[f"encoded{i}"]["test_accuracy"] for p in runs]) for i in range(3)]))
+        if m in PRETRAINED:
+            lines.append(f"| {LABELS[m]} | " + " | ".join(fmt([r["val_accuracy"] for r in rows(m, b)]) for b in steps) + " |")
+    for m in ("random_init", "supervised"):
+        if m in methods:
+            lines.append(f"| {LABELS[m]} | {fmt([r['val_accuracy'] for r in rows(m, 0)])} |" + " |" * (len(steps) - 1))
+    distill = [m for m in methods if m.startswith("sam_distill")]
+    if distill:
+        lines += ["", "How much of its targets the student predicts: test `distill_r2` (1 - loss / loss of the train-set mean "
+                  "target; 0 = the mean predictor) by pretraining epochs, and the image-level share "
+                  "(`image_mean_r2`, what knowing each image's mean target would reach):", "",
+                  "| teacher | " + " | ".join(f"{b} epochs" for b in steps) + " | image-level share |", "| --- |" + " --- |" * (len(steps) + 1)]
+        for m in distill:
+            share = fmt([r.get("image_mean_r2") for b in steps for r in rows(m, b)], 1, 3)
+            lines.append(f"| {LABELS[m]} | " + " | ".join(fmt([r.get("distill_r2") for r in rows(m, b)], 1, 3) for b in steps)
+                         + f" | {share} |")
+    last = steps[-1]
+    pairs = [(a, b) for a, b in (("sam_distill", "sam_distill_random"), ("sam_distill", "supcon")) if a in methods and b in methods]
+    if pairs:
+        lines += ["", f"Paired differences at {last} epochs (same seed, same split), test accuracy points:", ""]
+        for a, b in pairs:
+            diffs = [100 * (x["test_accuracy"] - y["test_accuracy"]) for x in rows(a, last) for y in rows(b, last) if x["seed"] == y["seed"]]
+            if diffs:
+                lines.append(f"- {a} minus {b}: {np.mean(diffs):+.1f} ± {np.std(diffs, ddof=1) if len(diffs) > 1 else 0:.1f} "
+                             f"(seeds: {', '.join(f'{d:+.1f}' for d in diffs)})")
+    final = {m: [r for r in rows(m, last) if "islands" in r] for m in methods}
+    if any(final.values()):
+        lines += ["", f"Islands (pretrained columns at {last} epochs, test images): pair_corr / ARI per level, mean over seeds.", "",
+                  "| pretraining | against | L0 | L1 | L2 |", "| --- | --- | --- | --- | --- |"]
+        for m, runs in final.items():
+            for key, label in (("stage1_masks", "stage-1 masks"), ("ground_truth", "GT parts / object / all objects")):
+                scores = [r["islands"][key] for r in runs if key in r["islands"]]
+                if scores:
+                    cells = [f"{fmt([s[str(i)]['pair_corr'] for s in scores], 1, 2)} / {fmt([s[str(i)]['ari'] for s in scores], 1, 2)}"
+                             for i in range(3)]
+                    lines.append(f"| {m} | {label} | " + " | ".join(cells) + " |")
+    probe_rows = [(f"teacher {name} (mean over points)", [fmt([p[f"level{i}"]["test_accuracy"] for p in per_seed]) for i in range(3)])
+                  for name, per_seed in teachers.items()]
+    for m, runs in final.items():
+        probes = [r["probes"] for r in runs if "probes" in r]
+        if probes:
+            probe_rows.append((f"{m} at {last} epochs: column levels (flattened)",
+                               [fmt([p[f"level{i}"]["test_accuracy"] for p in probes]) for i in range(3)]))
+            if "encoded0" in probes[0] and m.startswith("sam_distill"):  # the others never train the levels encoder
+                probe_rows.append((f"{m} at {last} epochs: regressed outputs (mean over columns)",
+                                   [fmt([p[f"encoded{i}"]["test_accuracy"] for p in probes]) for i in range(3)]))
     if probe_rows:
         lines += ["", "Linear probes (weight decay chosen on validation), test accuracy %:", "",
                   "| features | L0 | L1 | L2 |", "| --- | --- | --- | --- |"]
         lines += [f"| {name} | " + " | ".join(cells) + " |" for name, cells in probe_rows]
+    times = {m: [r["pretrain_seconds"] for r in final[m] if np.isfinite(r.get("pretrain_seconds", float("nan")))] for m in methods}
+    if any(times.values()):
+        lines += ["", f"Pretraining time to {last} epochs (training only, finishing invocations): " + "; ".join(
+            f"{m} {np.mean(t) / 60:.1f} min" for m, t in times.items() if t) + "."]
     text = "\n".join(lines) + "\n"
-    draw(by, teachers, out / "accuracy.png")
+    draw(results, methods, teachers, out / "accuracy.png")
     return text
 
 
-def draw(by: dict, teachers: dict, path: Path) -> None:
+def draw(results: list[dict], methods: list[str], teachers: dict, path: Path) -> None:
+    """Accuracy against pretraining epochs (bands: mean ± std over seeds) and distill_r2 (test per budget, val per epoch)."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(6, 3.2), layout="constrained")
-    ax = fig.subplots()
-    names = list(by)
-    for i, m in enumerate(names):
-        accs = [100 * r["test_accuracy"] for r in by[m]]
-        mean, std = mean_std(accs)
-        ax.bar(i, mean, yerr=std, capsize=4, color="#4c72b0" if m.startswith("sam_distill") else "#999999", alpha=0.85)
-        ax.scatter([i] * len(accs), accs, color="black", s=10, zorder=3)
-    ax.axhline(10, color="red", linestyle=":", linewidth=1, label="chance")
-    for name, style in (("pretrained", "--"), ("random", "-.")):
+    steps = finished_budgets(results)
+    fig = Figure(figsize=(10, 3.8), layout="constrained")
+    ax, ax_r2 = fig.subplots(1, 2, width_ratios=(3, 2))
+    for m in methods:
+        if m not in PRETRAINED:
+            continue
+        stats = [mean_std([100 * r["test_accuracy"] for r in results if r["method"] == m and r["budget"] == b]) for b in steps]
+        mean, std = np.array([s[0] for s in stats]), np.array([s[1] for s in stats])
+        ax.plot(steps, mean, "o-", color=COLOURS[m], label=LABELS[m])
+        ax.fill_between(steps, mean - std, mean + std, color=COLOURS[m], alpha=0.2)
+    for m, style in (("random_init", ":"), ("supervised", "-.")):
+        values = [100 * r["test_accuracy"] for r in results if r["method"] == m]
+        if values:
+            mean, std = mean_std(values)
+            ax.axhline(mean, color=COLOURS[m], linestyle=style, label=f"{LABELS[m]} ({mean:.1f} ± {std:.1f})")
+            ax.axhspan(mean - std, mean + std, color=COLOURS[m], alpha=0.1)
+    for name, style in (("pretrained", "--"), ("random", (0, (1, 3)))):
         if teachers.get(name):
             ceiling, _ = mean_std([p["level2"]["test_accuracy"] for p in teachers[name]])
-            ax.axhline(100 * ceiling, color="green", linestyle=style, linewidth=1, label=f"linear probe of the {name} teacher (L2)")
-    ax.set_xticks(range(len(names)), names, fontsize=8)
+            ax.axhline(100 * ceiling, color="black", linestyle=style, linewidth=1, label=f"linear probe of the {name} teacher (L2)")
+    ax.axhline(10, color="red", linewidth=0.5, label="chance")
+    ax.set_xscale("log")
+    ax.set_xticks(steps, [str(b) for b in steps])
+    ax.set_xlabel("pretraining epochs")
     ax.set_ylabel("test accuracy % (frozen backbone)")
-    ax.set_title(f"toy study, variant {FLAGS.variant}: mean ± std, dots = seeds", fontsize=9)
-    ax.set_ylim(0, 108)
-    ax.legend(fontsize=7, loc="center right")
+    ax.set_ylim(0, 105)
+    ax.set_title(f"toy study ({FLAGS.variant}): mean ± std over seeds", fontsize=9)
+    ax.legend(fontsize=6.5, loc="lower right")
+    for m in ("sam_distill", "sam_distill_random"):
+        curves = [r["curve"] for r in results if r["method"] == m and r.get("curve")]
+        for i, curve in enumerate(curves):
+            epochs = [int(e) for e, v in curve.items() if "val_distill_r2" in v]
+            ax_r2.plot(epochs, [curve[str(e)]["val_distill_r2"] for e in epochs], color=COLOURS[m], alpha=0.5, linewidth=0.8,
+                       label=f"{m}: val, per epoch (a line per seed)" if i == 0 else None)
+        stats = [mean_std([r.get("distill_r2") for r in results if r["method"] == m and r["budget"] == b]) for b in steps]
+        if any(np.isfinite(s[0]) for s in stats):
+            ax_r2.errorbar(steps, [s[0] for s in stats], yerr=[s[1] for s in stats], fmt="o", color=COLOURS[m], capsize=3,
+                           label=f"{m}: test, mean ± std")
+    ax_r2.axhline(0, color="black", linewidth=0.5)
+    ax_r2.set_xlabel("pretraining epochs")
+    ax_r2.set_ylabel("distill_r2 (0 = the mean predictor)")
+    ax_r2.set_title("how much of the targets the student predicts", fontsize=9)
+    ax_r2.legend(fontsize=6.5)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
     atomic_write_bytes(path, buffer.getvalue())
@@ -288,8 +458,33 @@ def main(argv) -> None:
     unknown = [m for m in FLAGS.methods if m not in METHODS]
     if unknown:
         raise app.UsageError(f"--methods: unknown {unknown}; choose from {', '.join(METHODS)}")
-    prepare_data(toy)
-    results = [run_method(out / method / f"seed{seed}", method, int(seed)) for seed in FLAGS.seeds for method in FLAGS.methods]
+    steps = budgets()
+    if not FLAGS.report_only:
+        prepare_data(toy)
+    results = []
+    seeds = [int(seed) for seed in FLAGS.seeds]
+    row = lambda m, seed, budget: run_budget(out / m / f"seed{seed}", m, seed, budget)  # noqa: E731
+    if "random_init" in FLAGS.methods:  # cheap, and the floor every budget is compared with
+        results += [row("random_init", seed, 0) for seed in seeds]
+    supervised = "supervised" in FLAGS.methods
+    for budget in steps:  # every seed and method to this budget before the next: a stopped study has whole rows
+        if supervised and budget > 30:  # the reference row before the long budgets
+            results += [row("supervised", seed, 0) for seed in seeds]
+            supervised = False
+        results += [row(m, seed, budget) for seed in seeds for m in FLAGS.methods if m in PRETRAINED]
+    if supervised:
+        results += [row("supervised", seed, 0) for seed in seeds]
+    results = [r for r in results if r is not None]
+    wanted = len(seeds) * len([m for m in FLAGS.methods if m in PRETRAINED])
+    partial = {b: sum(r["budget"] == b for r in results if r["method"] in PRETRAINED) for b in steps}
+    partial = {b: n for b, n in partial.items() if 0 < n < wanted}
+    if partial:  # a mean over some seeds beside means over all would mislead: whole budgets only
+        print("left out of the report (unfinished): " + ", ".join(f"budget {b} ({n} of {wanted} runs)" for b, n in partial.items()))
+        results = [r for r in results if r["budget"] not in partial]
+    last = max([r["budget"] for r in results if r["method"] in PRETRAINED], default=steps[-1])
+    for r in results:
+        if r["method"] in PRETRAINED and r["budget"] == last:
+            r.update(final_extras(out / r["method"] / f"seed{r['seed']}", r["method"], r["seed"], r["budget"]))
     teachers = {}
     if FLAGS.probes:
         for method, suffix in TEACHER_SUFFIX.items():
@@ -298,8 +493,8 @@ def main(argv) -> None:
                               for seed in FLAGS.seeds]
     text = report(results, teachers, time.perf_counter() - start, out)
     atomic_write_bytes(out / "results.json", json.dumps({"flags": {k: str(getattr(FLAGS, k)) for k in (
-        "seeds", "methods", "val_from_train", "pretrain_epochs", "finetune_epochs", "pretrain_flags", "finetune_flags")},
-        "runs": results, "teachers": teachers}, indent=2, default=float).encode())
+        "seeds", "methods", "val_from_train", "budgets", "finetune_epochs", "supervised_epochs", "pretrain_flags",
+        "finetune_flags")}, "runs": results, "teachers": teachers}, indent=2, default=float).encode())
     atomic_write_bytes(out / "report.md", text.encode())
     print("\n" + text + f"\nreport: {out / 'report.md'}, figure: {out / 'accuracy.png'}")
 

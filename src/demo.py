@@ -31,7 +31,7 @@ flags.DEFINE_string("out_dir", "runs/demo", "Where runs, figures and summary.md 
 flags.DEFINE_string("data_dir", "datasets", "The toy set is written to <data_dir>/toy.")
 flags.DEFINE_integer("train_per_class", 100, "Toy training images per class.")
 flags.DEFINE_integer("val_per_class", 30, "Toy validation (= test) images per class.")
-flags.DEFINE_integer("pretrain_epochs", 4, "Epochs of each pretraining (the toy study: 10).")
+flags.DEFINE_integer("pretrain_epochs", 12, "Epochs of each pretraining (the toy study: 10 to 100).")
 flags.DEFINE_integer("finetune_epochs", 4, "Epochs of each classifier fine-tuning (the toy study: 8).")
 flags.DEFINE_string("encoder", OFFLINE_TEACHER_MODEL, "timm backbone of stage 2, the teacher (its features are the targets' D).")
 flags.DEFINE_enum("teacher", "package", list(TEACHERS),
@@ -105,6 +105,7 @@ def main(argv) -> None:
         train_once(f"pretrain ({objective})", out / objective,
                    [*config, f"--pretrain_objective={objective}", f"--max_epochs={FLAGS.pretrain_epochs}"], FLAGS.overwrite)
         runs[objective] = out / objective / "checkpoints" / "last.ckpt"
+    distill = json.loads((out / "sam_distill" / "results.json").read_text())["test"]
     accuracy = {}
     for name, checkpoint in (("sam_distill", runs["sam_distill"]), ("supcon", runs["supcon"]), ("random init", None)):
         folder = out / f"finetune_{name.replace(' ', '_')}"
@@ -137,6 +138,11 @@ def main(argv) -> None:
              f"stage 1: {mask_note}; stage 2 (the teacher): {FLAGS.encoder}, {weights_note}, D = {dim}.", "",
              "| backbone (frozen) | test accuracy |", "| --- | --- |"]
     lines += [f"| {name} | {100 * acc:.1f} % |" for name, acc in accuracy.items()]
+    if "test/distill_r2" in distill:
+        lines += ["", f"How much of its targets the sam_distill student learned in {FLAGS.pretrain_epochs} epochs: test distill_r2 = "
+                  f"{distill['test/distill_r2']:.3f} (0 = predicting the train-set mean target, 1 = perfect; levels 0/1/2: "
+                  + " / ".join(f"{distill.get(f'test/distill_r2_l{i}', float('nan')):.3f}" for i in range(3))
+                  + f"); knowing each image's mean target over its columns would reach {distill['test/image_mean_r2']:.3f}."]
     lines += ["", "| pretraining | against | " + " | ".join(f"L{i} pair_corr / ARI" for i in range(3)) + " |",
               "| --- | --- | --- | --- | --- |"]
     for name, result in scores.items():

@@ -77,3 +77,13 @@ flags.DEFINE_list("islands_images", [], "--mode islands: image files to draw ins
 flags.DEFINE_bool("islands_animate", False, "--mode islands: also watch the islands form: per image an animated GIF "
                   "(one frame per iteration, initial state first) and a strip PNG (level x iteration) in <run>/islands/iterations.")
 flags.DEFINE_bool("compile", False, "torch.compile the model (faster steps on GPU after a compile pause).")
+flags.DEFINE_integer("target_dim", 0, "sam_distill: regress the k leading principal axes of the normalised teacher embeddings "
+                     "(a PCA fitted on train, kept in the checkpoint) instead of all D; the model must output k "
+                     "(--levels_encoder_dim=k, or no levels encoder when k = --patch_dim). 0: all D (the reference).")
+flags.DEFINE_bool("embeds_in_memory", False, "sam_distill: read every teacher embedding (and transformed image) once at "
+                  "start-up instead of once per item and epoch, and compute the train targets once (the toy set: 0.5 GB "
+                  "in float16; Imagenette at D = 256: about 3 GB).")
+flags.DEFINE_bool("compile_column_nets", False, "torch.compile only the column nets (most of a CPU step; tens of seconds to "
+                  "compile, where --compile takes minutes): pays on runs of a few hundred steps or more.")
+flags.DEFINE_list("keep_checkpoints_at", [], "Training: also keep checkpoints/epoch-<N>.ckpt after each of these epochs "
+                  "(e.g. 10,30,100: one run read at several budgets; use with --scheduler=constant).")

@@ -55,6 +55,7 @@ def model_config_from_flags() -> dict:
 
 
 def module_from_flags(objective: str):
+    from agglomerator.data import PartWholeDataModule
     from agglomerator.lit_module import AgglomeratorLitModule
 
     def floats(name):
@@ -63,12 +64,15 @@ def module_from_flags(objective: str):
         except ValueError:
             raise ValueError(f"--{name}={','.join(getattr(FLAGS, name))}: give comma-separated numbers") from None
 
+    distill = objective == "sam_distill"
     return AgglomeratorLitModule(
         model=model_config_from_flags(), objective=objective, learning_rate=FLAGS.learning_rate,
         weight_decay=FLAGS.weight_decay, optimizer=FLAGS.optimizer, lion_betas=floats("lion_betas"),
         scheduler=FLAGS.scheduler, level_weights=floats("level_weights"), temperature=FLAGS.temperature,
         finetune_backbone=FLAGS.finetune_backbone,
-        teacher_norm=FLAGS.teacher_norm if objective == "sam_distill" else "none",
+        teacher_norm=FLAGS.teacher_norm if distill else "none",
+        embed_dim=PartWholeDataModule(data_config(objective)).teacher_dim() if distill and FLAGS.target_dim else None,
+        target_dim=FLAGS.target_dim if distill and FLAGS.target_dim else None,
     )
 
 
@@ -87,20 +91,27 @@ def module_from_checkpoint(path: str, objective: str):
     return module
 
 
-def datamodule_for(module, objective: str, val_masks: bool = True):
-    """The data module; with ``val_masks`` the first val batch carries stage-1 masks for the islands scores."""
-    from agglomerator.data import DataConfig, PartWholeDataModule
+def data_config(objective: str, val_masks: bool = True):
+    """The data module's settings from the flags."""
+    from agglomerator.data import DataConfig
 
-    config = DataConfig(
+    return DataConfig(
         dataset=FLAGS.dataset, data_dir=FLAGS.data_dir, image_size=FLAGS.image_size, n_channels=FLAGS.n_channels,
         batch_size=FLAGS.batch_size, num_workers=FLAGS.num_workers, objective=objective, seed=FLAGS.seed,
         crop_size=model_input_size() if model_input_size() != FLAGS.image_size else None,
         embeds_suffix=FLAGS.embeds_suffix, val_from_train=FLAGS.val_from_train,
-        val_masks_items=ISLANDS_SCORED_IMAGES if val_masks else 0,
+        val_masks_items=ISLANDS_SCORED_IMAGES if val_masks else 0, embeds_in_memory=FLAGS.embeds_in_memory,
     )
+
+
+def datamodule_for(module, objective: str, val_masks: bool = True):
+    """The data module; with ``val_masks`` the first val batch carries stage-1 masks for the islands scores."""
+    from agglomerator.data import PartWholeDataModule
+
     model = module.model
-    shape = (model.config.num_patches, model.config.levels, model.embed_dim)
-    datamodule = PartWholeDataModule(config, expected_embed_shape=shape)
+    teacher_dim = module.targets.mean.numel() if hasattr(module, "targets") else model.embed_dim
+    shape = (model.config.num_patches, model.config.levels, teacher_dim)
+    datamodule = PartWholeDataModule(data_config(objective, val_masks), expected_embed_shape=shape)
     datamodule.setup()
     return datamodule
 
@@ -118,8 +129,19 @@ def trainer_for(run_dir: Path, train: bool, monitor: str | None = None, monitor_
         precision=resolve_precision(FLAGS.precision, accelerator), max_epochs=FLAGS.max_epochs,
         limit_train=FLAGS.limit_train, limit_val=FLAGS.limit_val, limit_test=FLAGS.limit_test,
         logger=FLAGS.logger, exp_name=FLAGS.exp_name, monitor=monitor, monitor_mode=monitor_mode, train=train,
-        callbacks=callbacks,
+        callbacks=callbacks, keep_checkpoints_at=epochs_list("keep_checkpoints_at"),
     )
+
+
+def epochs_list(name: str) -> list[int]:
+    """A list flag of positive epoch numbers, or a one-line error naming it."""
+    try:
+        epochs = [int(x) for x in getattr(FLAGS, name)]
+    except ValueError:
+        epochs = [0]
+    if any(e < 1 for e in epochs):
+        raise ValueError(f"--{name}={','.join(getattr(FLAGS, name))}: give comma-separated epoch numbers (1 or more)")
+    return epochs
 
 
 def write_results(run_dir: Path, results: dict) -> None:
@@ -208,8 +230,19 @@ def run_train() -> None:
     write_flags(run_dir)
     if FLAGS.compile:
         module.model.compile()  # in place: parameter names (and so checkpoints) stay the same
-    if getattr(module.hparams, "teacher_norm", "none") == "dataset" and resume_path is None:
-        module.set_teacher_stats(*datamodule.splits["train"].embedding_stats())
+    elif FLAGS.compile_column_nets:
+        module.model.compile_column_nets()
+    if objective == "sam_distill":
+        if resume_path is None:
+            module.fit_targets(datamodule.splits["train"].sample_embeddings())
+        else:  # the targets' statistics of the run (Lightning restores the rest), before the train targets are computed
+            module.load_state_dict(checkpoint["state_dict"])
+        if module.targets.target_dim:
+            print(f"targets: the {module.targets.target_dim} leading principal axes of the teacher's D = "
+                  f"{module.targets.mean.numel()} keep {module.targets.explained.sum():.1%} of its variance")
+        if FLAGS.embeds_in_memory:  # batches then carry the targets themselves (computed once, not per step)
+            for split in {id(d): d for d in datamodule.splits.values()}.values():
+                split.precompute_targets(module.targets)
     monitor, mode = ("val/accuracy", "max") if objective == "classify" else ("val/loss", "min")
     trainer = trainer_for(run_dir, train=True, monitor=monitor, monitor_mode=mode)
     start = time.perf_counter()

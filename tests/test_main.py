@@ -225,8 +225,8 @@ def test_teacher_norm_dataset_stores_the_train_statistics(data_dir, tmp_path):
                                      expected_embed_shape=(4, 3, 32))
     datamodule.setup()
     mean, std = datamodule.splits["train"].embedding_stats()
-    torch.testing.assert_close(state["teacher_mean"], torch.from_numpy(mean))
-    torch.testing.assert_close(state["teacher_std"], torch.from_numpy(std))
+    torch.testing.assert_close(state["targets.mean"], torch.from_numpy(mean))
+    torch.testing.assert_close(state["targets.std"], torch.from_numpy(std))
     assert not any(k.startswith("model.teacher") for k in state)  # the backbone's names stay the reference's
 
 

@@ -178,3 +178,30 @@ def test_levels_encoder_norm_over_columns_erases_what_an_image_s_columns_share()
         spread[norm] = float(encoded.mean(1).std(0).mean())  # how much the per-image column-mean differs between images
         assert float(encoded.std(1).mean()) > 0.1  # columns of one image still differ
     assert spread["columns"] < 1e-5 < 1e-2 < spread["features"]
+
+
+@pytest.mark.parametrize("reverse_groups", [False, True])
+def test_features_norm_layout_computes_the_per_column_layer_norm_net(reverse_groups):
+    """ColumnNet(norm="features") in its (g, b*n, d) layout equals the per-column maths written out directly."""
+    from agglomerator.model import ColumnNet
+
+    torch.manual_seed(0)
+    net = ColumnNet(8, 3, 5, hidden_layers=2, out_dim=6, norm="features")
+    for p in net.parameters():
+        p.data.normal_()
+    x = torch.randn(3, 8, 2, 5)  # (g, d, b, n)
+    expected = []
+    for level in range(3):
+        group = 2 - level if reverse_groups else level
+        h = x[level].permute(1, 2, 0)  # (b, n, d)
+        for layer in list(net.net)[1:]:
+            if isinstance(layer, torch.nn.LayerNorm):
+                h = torch.nn.functional.layer_norm(h, layer.normalized_shape, layer.weight, layer.bias, layer.eps)
+            elif isinstance(layer, torch.nn.Conv1d):
+                out = layer.out_channels // 3
+                w = layer.weight.view(3, out, -1)[group]
+                h = h @ w.T + layer.bias.view(3, out)[group]
+            else:
+                h = layer(h)
+        expected.append(h.permute(2, 0, 1))  # (d_out, b, n)
+    torch.testing.assert_close(net(x, reverse_groups=reverse_groups), torch.stack(expected), rtol=1e-5, atol=1e-5)

@@ -2,7 +2,9 @@
 
 Every batch is a dict: ``image`` ``(b, c, H, W)`` (``(b, 2, c, H, W)`` for the
 two-crop ``supcon`` objective), ``label`` ``(b,)``, ``index`` ``(b,)`` and, for
-``sam_distill``, ``embeds`` ``(b, n, levels, D)`` from the stage-2 files.
+``sam_distill``, ``embeds`` ``(b, n, levels, D)`` from the stage-2 files (or, for a
+split whose targets were precomputed in memory, ``targets`` ``(b, n, levels, k)``, what the
+student regresses, and ``target_constants``, what its scores need).
 Val (and test) batches of image folders whose ``<root>/val_masks`` exist also
 carry ``masks``: a list of ``b`` entries, the stage-1 masks bool ``(n, 3, H, W)``
 of the first ``val_masks_items`` images of the split (by index) and None for the
@@ -38,6 +40,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision import transforms as T
 
 from hierarchical_masks.mask_io import InputError, ImageRecord, list_image_folder, load_embeddings, load_masks, load_rgb_image
+from agglomerator.targets import dataset_std
 from hierarchical_masks.per_image_runner import end_loader_workers_at_exit, ignore_stop_signals, shut_down_loader_workers
 
 
@@ -57,7 +60,6 @@ TORCHVISION_DATASETS = ("CIFAR10", "CIFAR100", "MNIST", "FashionMNIST")
 DATASETS = tuple(NORMALIZATION)
 EMBEDDINGS_SUFFIX = "_masks_embeds"
 MASKS_SUFFIX = "_masks"
-STD_FLOOR = 0.1  # --teacher_norm=dataset: no feature's std below this fraction of the median feature's
 
 
 @dataclass
@@ -77,6 +79,7 @@ class DataConfig:
     embeds_suffix: str = EMBEDDINGS_SUFFIX  # folder datasets: teacher embeddings in <root>/<split><embeds_suffix>
     val_from_train: float = 0.0  # folder datasets: >0 holds out this fraction of train as val; test = the val folder
     val_masks_items: int = 4  # the first val/test images that carry their stage-1 masks (when <root>/<folder>_masks exists)
+    embeds_in_memory: bool = False  # read every split's embeddings once, at setup, instead of once per item and epoch
 
     @property
     def root(self) -> Path:
@@ -196,20 +199,56 @@ class ImageFolderWithEmbeddings(Dataset):
             )
         self._check_shape(load_embeddings(self.embeds_path(0)), self.embeds_path(0))
 
-    def embedding_stats(self, max_files: int = 500, std_floor: float = STD_FLOOR) -> tuple[np.ndarray, np.ndarray]:
-        """Per-dimension mean and std ``(D,)`` of the teacher embeddings, over up to ``max_files`` files
-        spread over the split (for ``--teacher_norm=dataset``).
+    def sample_embeddings(self, max_files: int = 500) -> np.ndarray:
+        """The embeddings ``(N, n, l, D)`` of up to ``max_files`` images spread over the split (to fit the targets on)."""
+        picks = np.unique(np.linspace(0, len(self) - 1, min(max_files, len(self))).round().astype(int))
+        return np.stack([self.embeddings(int(i)) for i in picks])
 
-        Each std is at least ``std_floor`` times the median std: a nearly dead feature (a ReLU
-        that is 0 on almost every sample) would otherwise be divided by a tiny number, and one
-        image where it fires would dominate the whole loss (seen with a random-weight teacher:
-        a validation loss of 2,000 instead of about 1).
-        """
-        picks = np.linspace(0, len(self) - 1, min(max_files, len(self))).round().astype(int)
-        arrays = [load_embeddings(self.embeds_path(i)) for i in np.unique(picks)]  # each (n, levels, D)
-        flat = np.concatenate([a.reshape(-1, a.shape[-1]) for a in arrays])
-        std = flat.std(0)
-        return flat.mean(0), np.maximum(std, std_floor * float(np.median(std)))
+    def embedding_stats(self, max_files: int = 500) -> tuple[np.ndarray, np.ndarray]:
+        """Per-dimension mean and std ``(D,)`` over :meth:`sample_embeddings` (the std floored by
+        :func:`agglomerator.targets.dataset_std`)."""
+        flat = self.sample_embeddings(max_files)
+        flat = flat.reshape(-1, flat.shape[-1])
+        return flat.mean(0), dataset_std(flat)
+
+    def load_all_embeddings(self, images: bool = False) -> None:
+        """Read every item's embeddings into memory now (in the files' dtype: float16 files stay float16); with
+        ``images``, also every transformed image (only for a deterministic transform: no augmentation)."""
+        from tqdm import tqdm
+
+        self._embeds, images_in_memory = [], []
+        for i in tqdm(range(len(self)), desc=f"{self.root.name} into memory", leave=False):
+            self._embeds.append(load_embeddings(self.embeds_path(i), dtype=None))
+            if images:
+                images_in_memory.append(self.transform(load_rgb_image(self.records[i].path)))
+        self._images = images_in_memory or None
+        for i, embeds in enumerate(self._embeds):
+            self._check_shape(embeds, self.embeds_path(i))
+
+    @torch.no_grad()
+    def precompute_targets(self, space, batch: int = 64) -> None:
+        """Replace the in-memory embeddings by what the student regresses, ``space(embeds)`` (a
+        :class:`~agglomerator.targets.TargetSpace`: normalised, maybe reduced), and what its scores need,
+        ``space.constants(embeds)``: items then carry ``targets`` and ``target_constants`` instead of
+        ``embeds``, computed once instead of in every step. Needs :meth:`load_all_embeddings` first."""
+        if getattr(self, "_embeds", None) is None:
+            raise RuntimeError("precompute_targets needs the embeddings in memory (load_all_embeddings)")
+        targets, constants = [], []
+        for start in range(0, len(self._embeds), batch):
+            chunk = torch.from_numpy(np.stack(self._embeds[start:start + batch]))
+            targets += list(space(chunk).float().unbind())
+            values = space.constants(chunk)
+            constants += [dict(zip(values, row)) for row in zip(*(v.unbind() for v in values.values()))]
+        self._targets, self._constants, self._embeds = targets, constants, None
+
+    def embeddings(self, index: int) -> np.ndarray:
+        """Item ``index``'s embeddings ``(n, l, D)``: from memory after :meth:`load_all_embeddings`, else from its file."""
+        if getattr(self, "_embeds", None) is not None:
+            return self._embeds[index]
+        path = self.embeds_path(index)
+        embeds = load_embeddings(path)
+        self._check_shape(embeds, path)
+        return embeds
 
     def _check_shape(self, embeds: np.ndarray, path: Path) -> None:
         expected = self.expected_embed_shape
@@ -223,13 +262,15 @@ class ImageFolderWithEmbeddings(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         record = self.records[index]
-        image = load_rgb_image(record.path)
-        item = {"image": self.transform(image), "label": record.label, "index": index}
-        if self.embeds_root is not None:
-            path = self.embeds_path(index)
-            embeds = load_embeddings(path)
-            self._check_shape(embeds, path)
-            item["embeds"] = torch.from_numpy(embeds)
+        if getattr(self, "_images", None) is not None:
+            image = self._images[index]
+        else:
+            image = self.transform(load_rgb_image(record.path))
+        item = {"image": image, "label": record.label, "index": index}
+        if getattr(self, "_targets", None) is not None:
+            item["targets"], item["target_constants"] = self._targets[index], self._constants[index]
+        elif self.embeds_root is not None:
+            item["embeds"] = torch.from_numpy(self.embeddings(index))
         if index < self.masks_items:
             path = record.output_path(self.masks_root)
             if path.is_file():
@@ -372,6 +413,8 @@ class PartWholeDataModule(pl.LightningDataModule):
                                             masks_items=self.config.val_masks_items, records=records)
         if embeds_root is not None:
             dataset.check_embeddings()
+            if self.config.embeds_in_memory:
+                dataset.load_all_embeddings(images=True)  # sam_distill's transforms have no augmentation
         return dataset
 
     def setup(self, stage: str | None = None) -> None:
@@ -399,6 +442,17 @@ class PartWholeDataModule(pl.LightningDataModule):
         self.splits["train"] = TupleAsDict(train_full, build_transform(c, train=True), order[n_val:])
         self.splits["val"] = TupleAsDict(train_full, build_transform(c, train=False), order[:n_val])
         self.splits["test"] = TupleAsDict(_torchvision_split(c, train=False), build_transform(c, train=False))
+
+    def teacher_dim(self) -> int:
+        """D of the teacher's embeddings in the train folder (its first file), before any split is set up."""
+        c = self.config
+        records = list_image_folder(c.root / "train")
+        if not records:
+            raise InputError(f"{c.root / 'train'}: no images found (expected <class>/<image> files)")
+        path = records[0].output_path(c.root / f"train{c.embeds_suffix}")
+        if not path.is_file():
+            raise InputError(f"{path}: embedding file missing; run src/hierarchical_masks/masks_to_embeds.py for the train split")
+        return int(load_embeddings(path).shape[-1])
 
     def hold_out(self, records: list[ImageRecord]) -> tuple[list[ImageRecord], list[ImageRecord]]:
         """Split train records into (train, val): a seeded ``val_from_train`` fraction of each class, in folder order."""

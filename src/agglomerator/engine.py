@@ -104,6 +104,18 @@ def checkpoint_callbacks(folder: Path, monitor: str | None, monitor_mode: str = 
     return callbacks
 
 
+class KeepCheckpointsAt(pl.Callback):
+    """Keep ``epoch-<N>.ckpt`` in ``folder`` after each epoch ``N`` of ``epochs`` (1-based): one run, read at several budgets."""
+
+    def __init__(self, folder: Path, epochs: Sequence[int]):
+        self.folder, self.epochs = Path(folder), {int(e) for e in epochs}
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        epoch = trainer.current_epoch + 1
+        if epoch in self.epochs and not trainer.sanity_checking:
+            trainer.save_checkpoint(self.folder / f"epoch-{epoch:03d}.ckpt")
+
+
 def checkpoint_paths(trainer: pl.Trainer) -> tuple[str, str]:
     """``(best, last)`` checkpoint paths of a trainer built by :func:`build_trainer` (best = last without a monitor)."""
     last = best = ""
@@ -118,12 +130,13 @@ def checkpoint_paths(trainer: pl.Trainer) -> tuple[str, str]:
 def build_trainer(run_dir: Path, *, accelerator: str, devices: int, num_nodes: int, precision: str, max_epochs: int,
                   limit_train: float, limit_val: float, limit_test: float, logger: str, exp_name: str,
                   monitor: str | None = None, monitor_mode: str = "min", train: bool = True,
-                  callbacks: Sequence[pl.Callback] = ()) -> pl.Trainer:
+                  callbacks: Sequence[pl.Callback] = (), keep_checkpoints_at: Sequence[int] = ()) -> pl.Trainer:
     """A Lightning Trainer writing logs and checkpoints (:func:`checkpoint_callbacks`) under ``run_dir``.
 
     Checkpoints are written atomically; a training run stopped by SIGTERM/SIGUSR1 saves
     ``checkpoints/last.ckpt`` first (:class:`PreemptionCheckpoint`). ``callbacks``: more callbacks
-    (e.g. :class:`~agglomerator.islands_callback.IslandsCallback`), run after ours.
+    (e.g. :class:`~agglomerator.islands_callback.IslandsCallback`), run after ours; ``keep_checkpoints_at``:
+    epochs after which ``checkpoints/epoch-<N>.ckpt`` is kept (:class:`KeepCheckpointsAt`).
     """
     extra_callbacks = list(callbacks)
     callbacks = []
@@ -131,6 +144,8 @@ def build_trainer(run_dir: Path, *, accelerator: str, devices: int, num_nodes: i
     if train:
         callbacks += checkpoint_callbacks(run_dir / "checkpoints", monitor, monitor_mode)
         callbacks.append(PreemptionCheckpoint(run_dir / "checkpoints" / "last.ckpt"))
+        if keep_checkpoints_at:
+            callbacks.append(KeepCheckpointsAt(run_dir / "checkpoints", keep_checkpoints_at))
         if the_logger:
             callbacks.append(LearningRateMonitor(logging_interval="step"))
     callbacks += extra_callbacks

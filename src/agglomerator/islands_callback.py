@@ -141,7 +141,7 @@ class IslandsCallback(pl.Callback):
         """One image's islands (and its teacher embeddings) into ``<run>/islands`` and the TensorBoard logger."""
         image = batch["image"]
         image = image[0, 0] if image.ndim == 5 else image[0]  # two crops: the first crop of the first image
-        teacher = batch.get("embeds")
+        teacher = batch.get("embeds", batch.get("targets"))  # precomputed targets: the normalised (reduced) embeddings
         fig = islands_figure(image.float().cpu(), levels[0].float().cpu(),
                              teacher=None if teacher is None else teacher[0].float().cpu(), title=f"{stage} step {step}")
         save_islands_figure(fig, self.islands_dir(trainer) / f"{stage}_step{step:07d}.png")

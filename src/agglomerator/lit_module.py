@@ -2,7 +2,9 @@
 
 One ``shared_step`` serves train / val / test for the three objectives:
 
-* ``sam_distill`` — pretraining: per-level MSE to the stage-2 SAM-mask embeddings;
+* ``sam_distill`` — pretraining: per-level MSE to the stage-2 SAM-mask embeddings (normalised and
+  optionally PCA-reduced by :class:`~agglomerator.targets.TargetSpace`); val/test also log
+  ``distill_r2``, how much of the targets the student predicts beyond their train-set mean;
 * ``supcon`` — pretraining: supervised contrastive loss on two crops (baseline);
 * ``classify`` — fine-tuning: cross-entropy of the classification head on the top
   level; the backbone is frozen (no grad, BatchNorm statistics fixed) unless
@@ -27,10 +29,12 @@ from typing import Any, Sequence
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from agglomerator.model import Agglomerator, AgglomeratorConfig
 from agglomerator.objectives import DEFAULT_LEVEL_WEIGHTS, levels_distill_loss, supcon_loss
+from agglomerator.targets import DistillR2, TargetSpace
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +60,12 @@ class AgglomeratorLitModule(pl.LightningModule):
         plot_every: int = 50,
         teacher_norm: str = "none",
         embed_dim: int | None = None,
+        target_dim: int | None = None,
     ):
-        """``plot_islands`` and ``plot_every`` are ignored (and no longer saved): checkpoints written before
+        """``embed_dim``: the teacher's D (default: what the model outputs); ``target_dim``: regress the
+        ``target_dim`` leading principal axes of the normalised targets instead of all D
+        (:class:`~agglomerator.targets.TargetSpace`; the model must then output ``target_dim``).
+        ``plot_islands`` and ``plot_every`` are ignored (and no longer saved): checkpoints written before
         the islands moved to :class:`~agglomerator.islands_callback.IslandsCallback` carry them."""
         super().__init__()
         if objective not in OBJECTIVES:
@@ -79,20 +87,39 @@ class AgglomeratorLitModule(pl.LightningModule):
             self.accuracy = torch.nn.ModuleDict(
                 {f"{stage}_acc": MulticlassAccuracy(num_classes=config.n_classes, average="micro") for stage in ("train", "val", "test")}
             )
-        if teacher_norm not in ("none", "dataset"):
-            raise ValueError(f"--teacher_norm={teacher_norm!r}: choose none or dataset")
-        if teacher_norm == "dataset":
-            # Filled by set_teacher_stats() before training; saved in checkpoints (outside model.*).
-            dim = embed_dim or self.model.embed_dim
-            self.register_buffer("teacher_mean", torch.zeros(dim))
-            self.register_buffer("teacher_std", torch.ones(dim))
+        if objective == "sam_distill":
+            # Fitted by fit_targets() before training; its buffers are saved in checkpoints (outside model.*).
+            self.targets = TargetSpace(embed_dim or self.model.embed_dim, config.num_patches, config.levels,
+                                       norm=teacher_norm, target_dim=target_dim)
+            if self.targets.out_dim != self.model.embed_dim:
+                raise ValueError(f"the model outputs {self.model.embed_dim} dimensions per level but the targets have "
+                                 f"{self.targets.out_dim}: set --levels_encoder_dim={self.targets.out_dim} (with --levels_encoder)"
+                                 + (" or --target_dim to the model's output" if target_dim else ""))
+            self.targets_fitted = True  # False for a checkpoint written before the mean predictor was kept
+            self.r2 = nn.ModuleDict({stage: DistillR2(config.levels, self.level_weights) for stage in ("val", "test")})
+        self._register_load_state_dict_pre_hook(self._upgrade_state_dict)
+
+    def _upgrade_state_dict(self, state_dict, prefix, *args) -> None:
+        """Checkpoints of earlier versions: ``teacher_mean``/``teacher_std`` are now ``targets.mean``/``.std``;
+        without ``targets.column_mean`` (or with no normalisation saved) the missing statistics keep their
+        neutral values and ``distill_r2`` is not logged."""
+        for old, new in (("teacher_mean", "targets.mean"), ("teacher_std", "targets.std")):
+            if prefix + old in state_dict:
+                state_dict[prefix + new] = state_dict.pop(prefix + old)
+        if not hasattr(self, "targets"):
+            return
+        for name, buffer in self.targets.named_buffers():
+            if prefix + "targets." + name not in state_dict:
+                state_dict[prefix + "targets." + name] = buffer.clone()
+                if name == "column_mean":
+                    self.targets_fitted = False
 
     # ------------------------------------------------------------------ forward / steps
 
-    def set_teacher_stats(self, mean, std) -> None:
-        """Per-dimension mean/std of the teacher's embeddings (``--teacher_norm=dataset``)."""
-        self.teacher_mean.copy_(torch.as_tensor(mean, dtype=torch.float32))
-        self.teacher_std.copy_(torch.as_tensor(std, dtype=torch.float32))
+    def fit_targets(self, embeds) -> None:
+        """Fit the targets' normalisation, mean predictor and reduction on train embeddings ``(N, n, l, D)``."""
+        self.targets.fit(embeds)
+        self.targets_fitted = True
 
     def train(self, mode: bool = True):
         """Keep a frozen backbone in eval mode (its BatchNorm statistics stay the pretrained ones)."""
@@ -120,10 +147,11 @@ class AgglomeratorLitModule(pl.LightningModule):
             out = self.model(flat)
         batch_size = image.shape[0]
         if self.objective == "sam_distill":
-            targets = batch["embeds"]
-            if self.hparams.teacher_norm == "dataset":
-                targets = (targets - self.teacher_mean) / self.teacher_std.clamp(min=1e-6)
+            targets = batch["targets"] if "targets" in batch else self.targets(batch["embeds"])
             loss = levels_distill_loss(out.encoded, targets, self.level_weights)
+            if stage != "train" and self.targets_fitted:
+                constants = batch["target_constants"] if "target_constants" in batch else self.targets.constants(batch["embeds"])
+                self.r2[stage].update(self.targets.errors(out.encoded, targets, constants))
         elif self.objective == "supcon":
             feats = self.model.project(out.top_level)
             feats = feats.view(batch_size, 2, -1) if two_crops else feats.unsqueeze(1)
@@ -150,6 +178,21 @@ class AgglomeratorLitModule(pl.LightningModule):
 
     def test_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
         return self.shared_step(batch, "test")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_r2("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_r2("test")
+
+    def _log_r2(self, stage: str) -> None:
+        """``<stage>/distill_r2`` (level-weighted, in the progress bar), ``<stage>/image_mean_r2`` and per level."""
+        if self.objective != "sam_distill" or not self.targets_fitted or not self.r2[stage].update_count:
+            return
+        values = self.r2[stage].compute()
+        self.r2[stage].reset()
+        self.log(f"{stage}/distill_r2", values.pop("distill_r2"), prog_bar=True)
+        self.log_dict({f"{stage}/{k}": v for k, v in values.items()})
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
         """Top-level features ``(b, n, d)`` and labels: what ``--mode freeze`` writes."""

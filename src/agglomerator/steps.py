@@ -1,8 +1,9 @@
 """Running the project's own CLIs as steps of a longer job (the demo, the toy study).
 
 Each step is one of the project's scripts run as a subprocess, exactly as a user
-would run it; a training step whose ``results.json`` exists is reused, so a
-killed demo or study, rerun, picks up where it stopped.
+would run it; a training step whose ``results.json`` exists is reused and an
+unfinished one resumes from its ``last.ckpt``, so a killed demo or study, rerun,
+picks up where it stopped.
 """
 
 from __future__ import annotations
@@ -33,16 +34,25 @@ def run_step(step: str, args: list[str], quiet: bool = False) -> subprocess.Comp
     return proc
 
 
-def train_once(step: str, folder: Path, args: list[str], overwrite: bool = False, quiet: bool = False) -> bool:
-    """Run a ``src/main.py`` training step into ``folder`` unless an earlier run finished it (``results.json``).
+def train_once(step: str, folder: Path, args: list[str], overwrite: bool = False, quiet: bool = False,
+               done: Path | None = None) -> bool:
+    """Run a ``src/main.py`` training step into ``folder`` unless an earlier run finished it.
 
-    Returns True if it ran. An unfinished earlier attempt (a folder without
-    ``results.json``) is removed first.
+    Finished means ``done`` exists (default ``folder/results.json``). An unfinished earlier attempt
+    that saved ``checkpoints/last.ckpt`` is resumed from it (same epoch, step and optimizer state);
+    one that saved nothing is started again. ``overwrite`` starts from scratch. Returns True if it ran.
     """
-    if (folder / "results.json").is_file() and not overwrite:
-        print(f"\n=== {step}: done in an earlier run ({folder}/results.json); --overwrite redoes it", flush=True)
+    done = done or folder / "results.json"
+    if done.is_file() and not overwrite:
+        print(f"\n=== {step}: done in an earlier run ({done}); --overwrite redoes it", flush=True)
         return False
-    if folder.exists():
-        shutil.rmtree(folder)
-    run_step(step, ["src/main.py", *args, f"--output_dir={folder}"], quiet=quiet)
+    last = folder / "checkpoints" / "last.ckpt"
+    if overwrite or not last.is_file():
+        if folder.exists():
+            shutil.rmtree(folder)
+        resume = []
+    else:
+        print(f"\n=== {step}: resuming the unfinished run from {last}", flush=True)
+        resume = ["--resume_training", f"--load_checkpoint_dir={last}"]  # last flags win: over a fine-tune's pretrained weights
+    run_step(step, ["src/main.py", *args, f"--output_dir={folder}", *resume], quiet=quiet)
     return True

@@ -563,15 +563,15 @@ def save_embeddings(path: str | os.PathLike, embeds: np.ndarray) -> int:
     return atomic_write_bytes(path, pickle.dumps(np.ascontiguousarray(embeds), protocol=4))
 
 
-def load_embeddings(path: str | os.PathLike) -> np.ndarray:
-    """Load one image's embeddings as float32 ``(N, 3, D)``; NaN/inf and bad shapes are errors."""
+def load_embeddings(path: str | os.PathLike, dtype=np.float32) -> np.ndarray:
+    """Load one image's embeddings ``(N, 3, D)`` as ``dtype`` (None: the file's); NaN/inf and bad shapes are errors."""
     obj = safe_pickle_load(path)
     if not isinstance(obj, np.ndarray) or obj.dtype.kind != "f" or obj.ndim != 3:
         desc = f"{obj.dtype} array {obj.shape}" if isinstance(obj, np.ndarray) else type(obj).__name__
         raise InputError(f"{path}: expected a float (num_patches, levels, D) array, got {desc}; rerun stage 2 for it")
     if not np.isfinite(obj).all():
         raise InputError(f"{path}: embedding holds NaN or inf values; rerun stage 2 for it")
-    return obj.astype(np.float32, copy=False)
+    return obj if dtype is None else obj.astype(dtype, copy=False)
 
 
 # --------------------------------------------------------------------------- image folders

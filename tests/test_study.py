@@ -1,0 +1,71 @@
+"""The toy study's plumbing: a killed training step resumes, and the report is built from finished steps only."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from agglomerator.steps import train_once
+from fakes import TINY_FLAGS, make_image_folder
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_train_once_resumes_an_unfinished_run_instead_of_restarting(tmp_path, capsys):
+    make_image_folder(tmp_path / "data")
+    folder = tmp_path / "run"
+    args = [*TINY_FLAGS, f"--data_dir={tmp_path / 'data'}", "--logger=csv"]
+    assert train_once("first", folder, [*args, "--max_epochs=1"])
+    last = folder / "checkpoints" / "last.ckpt"
+    first = torch.load(last, weights_only=True)
+    assert first["global_step"] == 2
+    (folder / "results.json").unlink()  # as if killed after its last checkpoint
+    assert train_once("again", folder, [*args, "--max_epochs=2"])
+    assert "resuming the unfinished run" in capsys.readouterr().out
+    resumed = torch.load(last, weights_only=True)
+    assert resumed["global_step"] == 4 and resumed["epoch"] == 1  # continued: 2 more steps, not 4 from scratch
+    assert len(list((folder / "logs").glob("version_*"))) == 2  # the first attempt's log is kept
+    assert not train_once("done", folder, [*args, "--max_epochs=2"])  # finished: reused
+    marker = folder / "checkpoints" / "epoch-003.ckpt"
+    assert train_once("to epoch 3", folder, [*args, "--max_epochs=3", "--keep_checkpoints_at=3"], done=marker)
+    assert marker.is_file() and torch.load(marker, weights_only=True)["global_step"] == 6
+
+
+def fake_row(run: Path, accuracy: float, r2: float | None) -> None:
+    """The files the report reads from a finished fine-tune (and, for sam_distill, the budget's test)."""
+    fine = run.parent / run.name
+    (fine / "logs" / "version_0").mkdir(parents=True)
+    (fine / "results.json").write_text(json.dumps({"seconds": 10.0, "test": {"test/accuracy": accuracy}}))
+    (fine / "logs" / "version_0" / "metrics.csv").write_text(f"epoch,val/accuracy\n0,{accuracy - 0.05}\n1,{accuracy}\n")
+    if r2 is not None:
+        budget = run.name.split("_e")[1]
+        tested = run.parent / f"test_e{budget}"
+        tested.mkdir()
+        (tested / "results.json").write_text(json.dumps({"test": {"test/distill_r2": r2, "test/image_mean_r2": 0.7, "test/loss": 1.0}}))
+
+
+def test_report_only_tabulates_finished_budgets(tmp_path):
+    out = tmp_path / "study" / "v"
+    for seed in (0, 1):
+        for method, acc in (("sam_distill", 0.6), ("sam_distill_random", 0.5)):
+            fake_row(out / method / f"seed{seed}" / "finetune_e010", acc + 0.01 * seed, 0.05)
+        fake_row(out / "random_init" / f"seed{seed}" / "finetune_e000", 0.3, None)
+    fake_row(out / "sam_distill" / "seed0" / "finetune_e030", 0.7, 0.1)  # budget 30 half done: left out
+    for name in ("pretrained", "random"):
+        for seed in (0, 1):
+            probe = {f"level{i}": {"test_accuracy": 0.99, "val_accuracy": 0.99, "weight_decay": 0.01} for i in range(3)}
+            (out / f"teacher_probe_{name}_seed{seed}.json").write_text(json.dumps(probe))
+    proc = subprocess.run([sys.executable, str(ROOT / "experiments" / "toy_study.py"), "--report_only", f"--out_dir={tmp_path / 'study'}",
+                           "--variant=v", "--seeds=0,1", "--methods=sam_distill,sam_distill_random,random_init",
+                           "--budgets=10,30"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    report = (out / "report.md").read_text()
+    assert "| 10 epochs |" in report and "30 epochs" not in report  # only whole rows
+    assert "| sam_distill, pretrained teacher (the paper) | 60.5 ± 0.7 |" in report
+    assert "sam_distill minus sam_distill_random: +10.0 ± 0.0" in report
+    assert "| no pretraining | 30.0 ± 0.0 (any budget) |" in report
+    results = json.loads((out / "results.json").read_text())
+    assert {r["method"] for r in results["runs"]} == {"sam_distill", "sam_distill_random", "random_init"}
+    assert (out / "accuracy.png").stat().st_size > 10_000
