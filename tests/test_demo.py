@@ -13,7 +13,7 @@ DEMO = Path(__file__).resolve().parents[1] / "src" / "demo.py"
 def test_reduced_demo_runs_end_to_end(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(DEMO), f"--out_dir={tmp_path / 'runs'}", f"--data_dir={tmp_path / 'data'}",
-         "--train_per_class=3", "--val_per_class=1", "--pretrain_epochs=1", "--finetune_epochs=1",
+         "--train_per_class=3", "--val_per_class=1", "--pretrain_epochs=1", "--supcon_epochs=1", "--finetune_epochs=1",
          "--teacher=random", f"--readme_figure={tmp_path / 'figure.png'}"],
         capture_output=True, text=True, timeout=900,
     )
