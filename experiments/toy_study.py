@@ -424,6 +424,7 @@ def draw(results: list[dict], methods: list[str], teachers: dict, path: Path) ->
     ax.axhline(10, color="red", linewidth=0.5, label="chance")
     ax.set_xscale("log")
     ax.set_xticks(steps, [str(b) for b in steps])
+    ax.set_xticks([], minor=True)  # no "2 x 10^1" between the budgets
     ax.set_xlabel("pretraining epochs")
     ax.set_ylabel("test accuracy % (frozen backbone)")
     ax.set_ylim(0, 105)
