@@ -116,10 +116,12 @@ def pretrain_to(folder: Path, method: str, seed: int, budget: int) -> Path:
     objective = "supcon" if method == "supcon" else "sam_distill"
     keep = ",".join(map(str, budgets()))
     checkpoint = folder / "pretrain" / "checkpoints" / f"epoch-{budget:03d}.ckpt"
-    train_once(f"{method} seed {seed}: pretrain to epoch {budget}", folder / "pretrain",
-               [*common_flags(seed, TEACHER_SUFFIX.get(method, "_masks_embeds")), f"--pretrain_objective={objective}",
-                f"--max_epochs={budget}", f"--keep_checkpoints_at={keep}", *FLAGS.pretrain_flags],
-               FLAGS.overwrite and budget == budgets()[0], quiet=True, done=checkpoint) and record_segment(folder / "pretrain", budget)
+    ran = train_once(f"{method} seed {seed}: pretrain to epoch {budget}", folder / "pretrain",
+                     [*common_flags(seed, TEACHER_SUFFIX.get(method, "_masks_embeds")), f"--pretrain_objective={objective}",
+                      f"--max_epochs={budget}", f"--keep_checkpoints_at={keep}", *FLAGS.pretrain_flags],
+                     FLAGS.overwrite and budget == budgets()[0], quiet=True, done=checkpoint)
+    if ran:
+        record_segment(folder / "pretrain", budget)
     if not checkpoint.is_file():
         sys.exit(f"error: {checkpoint} missing after the pretraining to epoch {budget}; was it run with other --budgets? "
                  f"rerun with --overwrite")

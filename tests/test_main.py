@@ -113,6 +113,7 @@ def test_val_from_train_holds_out_part_of_train_and_tests_on_the_val_folder(data
 def test_teacher_stats_floor_a_nearly_dead_feature(tmp_path):
     """--teacher_norm=dataset: a feature that is almost always 0 is not divided by its tiny std."""
     from agglomerator.data import ImageFolderWithEmbeddings
+    from agglomerator.targets import TargetSpace
 
     base = make_image_folder(tmp_path, per_class=3, dim=8)
     for path in sorted((base / "train_masks_embeds").rglob("*.pkl")):
@@ -122,7 +123,9 @@ def test_teacher_stats_floor_a_nearly_dead_feature(tmp_path):
     embeds[0, 0, 0] = 1e-3  # it fires once, faintly
     save_embeddings(path, embeds)
     dataset = ImageFolderWithEmbeddings(base / "train", transform=lambda x: x, embeds_root=base / "train_masks_embeds")
-    mean, std = dataset.embedding_stats()
+    space = TargetSpace(8, 4, 3, norm="dataset")
+    space.fit(dataset.sample_embeddings())  # what training fits the targets with
+    std = space.std.numpy()
     assert std[0] >= 0.0999 * np.median(std) and abs(std[1:] - 1).max() < 0.5  # floored; the others untouched (about 1)
 
 
@@ -218,15 +221,17 @@ def test_more_gpus_than_present_falls_back_with_a_warning(caplog):
 def test_teacher_norm_dataset_stores_the_train_statistics(data_dir, tmp_path):
     """--teacher_norm=dataset z-scores the targets with train-set statistics kept in the checkpoint."""
     from agglomerator.data import DataConfig, PartWholeDataModule
+    from agglomerator.targets import dataset_std
 
     run_main(*TINY_FLAGS, f"--data_dir={data_dir}", "--teacher_norm=dataset", "--max_epochs=1", f"--output_dir={tmp_path}")
     state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     datamodule = PartWholeDataModule(DataConfig(data_dir=str(data_dir), image_size=32, objective="sam_distill"),
                                      expected_embed_shape=(4, 3, 32))
     datamodule.setup()
-    mean, std = datamodule.splits["train"].embedding_stats()
-    torch.testing.assert_close(state["targets.mean"], torch.from_numpy(mean))
-    torch.testing.assert_close(state["targets.std"], torch.from_numpy(std))
+    flat = datamodule.splits["train"].sample_embeddings()
+    flat = flat.reshape(-1, flat.shape[-1])
+    torch.testing.assert_close(state["targets.mean"], torch.from_numpy(flat.mean(0)))
+    torch.testing.assert_close(state["targets.std"], torch.from_numpy(dataset_std(flat)))
     assert not any(k.startswith("model.teacher") for k in state)  # the backbone's names stay the reference's
 
 

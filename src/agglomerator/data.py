@@ -40,7 +40,6 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision import transforms as T
 
 from hierarchical_masks.mask_io import InputError, ImageRecord, list_image_folder, load_embeddings, load_masks, load_rgb_image
-from agglomerator.targets import dataset_std
 from hierarchical_masks.per_image_runner import end_loader_workers_at_exit, ignore_stop_signals, shut_down_loader_workers
 
 
@@ -204,13 +203,6 @@ class ImageFolderWithEmbeddings(Dataset):
         picks = np.unique(np.linspace(0, len(self) - 1, min(max_files, len(self))).round().astype(int))
         return np.stack([self.embeddings(int(i)) for i in picks])
 
-    def embedding_stats(self, max_files: int = 500) -> tuple[np.ndarray, np.ndarray]:
-        """Per-dimension mean and std ``(D,)`` over :meth:`sample_embeddings` (the std floored by
-        :func:`agglomerator.targets.dataset_std`)."""
-        flat = self.sample_embeddings(max_files)
-        flat = flat.reshape(-1, flat.shape[-1])
-        return flat.mean(0), dataset_std(flat)
-
     def load_all_embeddings(self, images: bool = False) -> None:
         """Read every item's embeddings into memory now (in the files' dtype: float16 files stay float16); with
         ``images``, also every transformed image (only for a deterministic transform: no augmentation)."""
@@ -218,12 +210,12 @@ class ImageFolderWithEmbeddings(Dataset):
 
         self._embeds, images_in_memory = [], []
         for i in tqdm(range(len(self)), desc=f"{self.root.name} into memory", leave=False):
-            self._embeds.append(load_embeddings(self.embeds_path(i), dtype=None))
+            embeds = load_embeddings(self.embeds_path(i), dtype=None)
+            self._check_shape(embeds, self.embeds_path(i))
+            self._embeds.append(embeds)
             if images:
                 images_in_memory.append(self.transform(load_rgb_image(self.records[i].path)))
         self._images = images_in_memory or None
-        for i, embeds in enumerate(self._embeds):
-            self._check_shape(embeds, self.embeds_path(i))
 
     @torch.no_grad()
     def precompute_targets(self, space, batch: int = 64) -> None:
