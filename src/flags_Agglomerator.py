@@ -66,6 +66,9 @@ flags.DEFINE_float("val_from_train", 0.0, "Image-folder datasets: hold out this 
                    "the validation split and keep the val folder as the test split only, to tune without touching it. "
                    "0: val = test = the val folder (the reference).")
 flags.DEFINE_string("output_dir", "", "Run folder (default runs/<exp_name>/<time>-<objective>).")
+flags.DEFINE_bool("overwrite", False, "Train into an --output_dir that holds another run's checkpoints, deleting that run "
+                  "(checkpoints, logs, results). Without it such a folder is refused, unless this is a --resume_training of "
+                  "its own checkpoints/last.ckpt.")
 flags.DEFINE_enum("logger", "csv", ["csv", "tensorboard", "wandb", "none"], "Metrics logger (wandb is optional).")
 flags.DEFINE_string("precision", "auto",
                     "auto (bf16-mixed where the device computes bf16 natively, else 32), 32, bf16-mixed or 16-mixed.")

@@ -146,11 +146,9 @@ def epochs_list(name: str) -> list[int]:
 
 def write_results(run_dir: Path, results: dict) -> None:
     """``<run>/results.json``: what a run measured, for scripts (the demo reads it)."""
-    import json
+    from hierarchical_masks.mask_io import atomic_write_json
 
-    from hierarchical_masks.mask_io import atomic_write_bytes
-
-    atomic_write_bytes(run_dir / "results.json", json.dumps(results, indent=2, default=str).encode())
+    atomic_write_json(run_dir / "results.json", results)  # strict JSON: a NaN metric is null
 
 
 def write_flags(run_dir: Path) -> None:
@@ -206,14 +204,30 @@ def stops_reported(trainer, run_dir: Path, finished: bool = False):
         raise OutputWriteError(f"{exc}{hint}", size=exc.size) from None
 
 
+DIVERGED_EXIT_CODE = 3  # not 0 (done), 1 (bad input) nor 128 + signal (stopped, requeue): a scheduler should not retry
+
+
+def diverged_message(what: str, run_dir: Path) -> str:
+    """The one line for a training stopped by :class:`~agglomerator.engine.StopOnNonFinite`."""
+    last = run_dir / "checkpoints" / "last.ckpt"
+    kept = (f"{last} is the last finite state; resume from it with other settings: {resume_command(run_dir, last)} ..."
+            if last.is_file() else "no checkpoint was written")
+    tries = [f"a lower --learning_rate (now {FLAGS.learning_rate:g})"]
+    if FLAGS.precision != "32":
+        tries.append("--precision=32")
+    if objective_from_flags() == "sam_distill" and FLAGS.teacher_norm == "none" and not FLAGS.target_dim:
+        tries.append("--teacher_norm=dataset (z-scored targets)")
+    return f"training diverged: {what}; try {', or '.join(tries)}; {kept}"
+
+
 def run_train() -> None:
     from agglomerator.checkpoints import is_own_checkpoint, read_checkpoint
-    from agglomerator.engine import checkpoint_paths, make_run_dir
+    from agglomerator.engine import claim_run_dir, make_run_dir, run_folder_lock
     from agglomerator.lit_module import load_backbone_weights
 
     objective = objective_from_flags()
     module = module_from_flags(objective)
-    resume_path = None
+    resume_path = checkpoint = None
     if FLAGS.resume_training:
         checkpoint = read_checkpoint(FLAGS.load_checkpoint_dir)
         same_run = is_own_checkpoint(checkpoint) and checkpoint["hyper_parameters"]["objective"] == objective
@@ -226,6 +240,15 @@ def run_train() -> None:
     elif objective == "classify":
         log.warning("--supervise without --resume_training: fine-tuning a randomly initialised backbone (a baseline)")
     run_dir = make_run_dir(FLAGS.output_dir, FLAGS.exp_name, objective, resume_path)
+    with run_folder_lock(run_dir):  # one run per folder; a second process is refused, naming the holder
+        claim_run_dir(run_dir, resume_path, FLAGS.overwrite, resume_command(run_dir, run_dir / "checkpoints" / "last.ckpt"))
+        train_in(run_dir, module, objective, resume_path, checkpoint)
+
+
+def train_in(run_dir: Path, module, objective: str, resume_path: str | None, checkpoint: dict | None) -> None:
+    """Train ``module`` in ``run_dir`` (held by this process), test its best checkpoint, write ``results.json``."""
+    from agglomerator.engine import DivergedError, checkpoint_paths
+
     datamodule = datamodule_for(module, objective)
     write_flags(run_dir)
     if FLAGS.compile:
@@ -247,7 +270,10 @@ def run_train() -> None:
     trainer = trainer_for(run_dir, train=True, monitor=monitor, monitor_mode=mode)
     start = time.perf_counter()
     with stops_reported(trainer, run_dir):
-        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path)
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path)
+        except DivergedError as exc:
+            raise DivergedError(diverged_message(str(exc), run_dir)) from None
     seconds = time.perf_counter() - start
     best, last = checkpoint_paths(trainer)
     with stops_reported(trainer, run_dir, finished=True):
@@ -314,6 +340,7 @@ def main(argv) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")  # tiny CPU runs set num_workers=0
     import pytorch_lightning as pl
+    from agglomerator.engine import DivergedError
     from hierarchical_masks.mask_io import DISK_ERRNOS, InputError, describe_write_error
     from pytorch_lightning.utilities.exceptions import SIGTERMException
 
@@ -324,6 +351,9 @@ def main(argv) -> None:
         if os.environ.get("PARTWHOLE_DEBUG"):
             raise
         sys.exit(f"error: {one_line(exc)}")
+    except DivergedError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(DIVERGED_EXIT_CODE)
     except SIGTERMException:  # --mode test/freeze/islands (training reports its own stop): Lightning would exit 0
         print("stopped by SIGTERM before the end; nothing is half-written: rerun the same command", file=sys.stderr, flush=True)
         sys.exit(128 + signal.SIGTERM)

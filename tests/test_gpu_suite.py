@@ -74,3 +74,10 @@ def test_a_spent_budget_skips_steps_but_the_table_still_lists_every_row(tmp_path
                   if line.startswith("| ") and not line.startswith(("| step", "| ---"))]
     assert len(table_rows) == sum(map(len, STEPS.values()))
     assert all("no figure: step skipped (suite budget of 1 s spent)" in row for row in table_rows), "\n".join(table_rows)
+
+
+def test_the_suite_is_executable_as_typed_in_a_shell():
+    """``bench/gpu_suite.sh --dry_run`` typed in a shell: the file carries its run bit (committed with mode 755)."""
+    script = REPO / "bench" / "gpu_suite.sh"
+    assert script.read_text().startswith("#!/usr/bin/env bash")
+    assert os.access(script, os.X_OK)

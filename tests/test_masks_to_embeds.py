@@ -272,6 +272,21 @@ def test_float16_output(tmp_path):
     np.testing.assert_allclose(raw.astype(np.float32), load_embeddings(tmp_path / "f32" / "cat" / "cat_0.pkl"), rtol=2e-3, atol=2e-3)
 
 
+def test_float16_overflow_is_refused_naming_the_image_and_mask(tmp_path):
+    """An encoder whose features exceed float16's range: no file holding inf, a one-line error saying why."""
+    images, masks, out = make_dataset(tmp_path, per_class=1)
+    torch.manual_seed(0)
+    weights = timm.create_model(MODEL, pretrained=False).state_dict()
+    weights["norm.weight"] *= 1e6  # the pooled features: finite in float32, far beyond 65504
+    weights["norm.bias"] *= 1e6
+    torch.save(weights, tmp_path / "loud.pth")
+    with pytest.raises(InputError, match=r"cat_0\.png: the mask of point \d+, level \d.* beyond float16's 65504.*--embed_dtype=float32"):
+        run_stage(config(images, masks, out, embed_dtype="float16", encoder_checkpoint=tmp_path / "loud.pth"))
+    assert not list(out.rglob("*.pkl"))  # the first image is refused: nothing written
+    run_stage(config(images, masks, out, embed_dtype="float32", encoder_checkpoint=tmp_path / "loud.pth"))
+    assert np.abs(load_embeddings(out / "cat" / "cat_0.pkl")).max() > 65504  # float32 holds them
+
+
 def test_every_mask_format_gives_the_same_embeddings(tmp_path):
     """v2, v1 and the reference's pickled lists: bit-identical embeddings (the same distinct masks, the same batches)."""
     runs = {fmt: make_dataset(tmp_path / fmt, per_class=1, mask_format=fmt) for fmt in ("v2", "v1", "reference")}

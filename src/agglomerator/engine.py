@@ -8,18 +8,25 @@ saves ``checkpoints/last.ckpt`` on SIGTERM/SIGUSR1 before it stops (``preemption
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
+import os
+import shutil
+import socket
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.utilities import rank_zero_only
 
 from agglomerator.checkpoint_io import AtomicCheckpointIO
 from agglomerator.preemption import PreemptionCheckpoint, cluster_plugins
-from hierarchical_masks.mask_io import remove_stale_temporaries
+from hierarchical_masks.mask_io import InputError, remove_stale_temporaries
 from hierarchical_masks.per_image_runner import bf16_native
 
 log = logging.getLogger(__name__)
@@ -66,6 +73,114 @@ def make_run_dir(output_dir: str, exp_name: str, tag: str, resume_from: str | No
     if removed:
         log.info("removed %d temporary file(s) left by an interrupted run under %s", len(removed), run)
     return run
+
+
+LOCK_NAME = "run.lock"
+RUN_OUTPUTS = ("checkpoints", "logs", "islands", "results.json", "flags.cfg")  # what a training writes in its folder
+
+
+@contextlib.contextmanager
+def run_folder_lock(run_dir: Path) -> Iterator[None]:
+    """Hold ``<run_dir>/run.lock`` (an exclusive ``flock``) while a run writes the folder; rank 0 only under DDP.
+
+    A second process is refused with an :class:`InputError` naming the holder's pid and host. The
+    kernel drops the lock when its holder dies, however it dies, so a lock file left by a killed run
+    never blocks the next one (its text is only a note of who held it last).
+    """
+    if rank_zero_only.rank != 0:  # the other ranks write no checkpoints; rank 0 holds the folder for them
+        yield
+        return
+    path = run_dir / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 300, 0).decode(errors="replace").strip() or "another process"
+            raise InputError(f"{run_dir} is in use by {holder} ({path}); wait for that run to end, or pass another "
+                             f"--output_dir") from None
+        with contextlib.suppress(OSError):  # only a note for the message above (a full disk is reported where it matters)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock; the file stays (deleting it would let a waiting opener lock a ghost)
+
+
+def claim_run_dir(run_dir: Path, resume_from: str | None, overwrite: bool, resume_hint: str) -> None:
+    """Refuse to train into a folder holding another run's checkpoints (call it under :func:`run_folder_lock`).
+
+    Allowed: an empty or new folder; ``resume_from`` = this folder's own ``checkpoints/last.ckpt`` (the
+    same run, continued); ``overwrite``, which first deletes what the earlier training wrote there
+    (:data:`RUN_OUTPUTS`). ``resume_hint`` is the command that would continue the earlier run.
+    """
+    if rank_zero_only.rank != 0:
+        return
+    last = run_dir / "checkpoints" / "last.ckpt"
+    held = sorted(p.name for p in (run_dir / "checkpoints").glob("*.ckpt")) if (run_dir / "checkpoints").is_dir() else []
+    if not held:
+        return
+    if resume_from is not None and Path(resume_from).resolve() == last.resolve():
+        return
+    if overwrite:
+        for name in RUN_OUTPUTS:
+            target = run_dir / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+        log.warning("--overwrite: removed the earlier run in %s (%s)", run_dir, ", ".join(held))
+        return
+    what = f"--resume_training from {resume_from}" if resume_from else "a new training"
+    continue_it = f"to continue that run: {resume_hint}; " if last.is_file() else ""
+    raise InputError(f"{run_dir} holds the checkpoints of an earlier run ({', '.join(held[:4])}{', ...' if len(held) > 4 else ''}), "
+                     f"and {what} would overwrite them; {continue_it}to start again there, add --overwrite; or pass "
+                     f"another --output_dir")
+
+
+class DivergedError(RuntimeError):
+    """A training whose loss (or monitored validation loss, or weights) turned NaN or infinite."""
+
+
+class StopOnNonFinite(pl.Callback):
+    """Stop at the first non-finite training loss or monitored validation loss, before a checkpoint can hold it.
+
+    Lightning's ``EarlyStopping(check_finite=True)`` stops too, but gracefully: the checkpoint callbacks
+    (which run after every other callback) would still write the NaN weights as ``last.ckpt``. Raising
+    :class:`DivergedError` here, before them, leaves ``last.ckpt`` and ``best-*`` at the last finite
+    state. Under DDP every rank raises together (one rank's NaN reaches all by the gradient all-reduce,
+    and the decision is reduced across ranks besides).
+    """
+
+    def __init__(self, monitor: str | None):
+        self.monitor = monitor
+
+    def _stop(self, trainer: pl.Trainer, bad: bool, what: str) -> None:
+        if trainer.world_size > 1:
+            bad = trainer.strategy.reduce_boolean_decision(bad, all=False)
+        if bad:
+            raise DivergedError(f"{what} at epoch {trainer.current_epoch}, step {trainer.global_step}")
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+        if isinstance(loss, torch.Tensor):
+            finite = bool(torch.isfinite(loss.detach()).all())
+            self._stop(trainer, not finite, f"the training loss is {loss.detach().float().mean().item()}")
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        value = trainer.callback_metrics.get(self.monitor) if self.monitor else None
+        if isinstance(value, torch.Tensor):
+            self._stop(trainer, not bool(torch.isfinite(value).all()), f"{self.monitor} is {value.item()}")
+
+        if not trainer.sanity_checking:
+            self._check_weights(trainer, pl_module)  # before best-* (saved at validation end) ...
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._check_weights(trainer, pl_module)  # ... and before last.ckpt and epoch-<N>.ckpt
+
+    def _check_weights(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        finite = all(bool(torch.isfinite(p).all()) for p in pl_module.parameters())
+        self._stop(trainer, not finite, "the weights hold NaN or inf")
 
 
 def make_logger(kind: str, run_dir: Path, exp_name: str):
@@ -142,6 +257,7 @@ def build_trainer(run_dir: Path, *, accelerator: str, devices: int, num_nodes: i
     callbacks = []
     the_logger = make_logger(logger, run_dir, exp_name)
     if train:
+        callbacks.append(StopOnNonFinite(monitor))  # first: before any callback that saves
         callbacks += checkpoint_callbacks(run_dir / "checkpoints", monitor, monitor_mode)
         callbacks.append(PreemptionCheckpoint(run_dir / "checkpoints" / "last.ckpt"))
         if keep_checkpoints_at:

@@ -15,7 +15,6 @@ across frames, and ``<class>_<stem>_strip.png``, one row per level and one colum
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -27,8 +26,8 @@ from agglomerator.data import EMBEDDINGS_SUFFIX, FOLDER_DATASETS, MASKS_SUFFIX, 
 from agglomerator.islands import (average_islands_scores, islands_figure, islands_iteration_frames,
                                   islands_scores_from_labels_per_iteration, islands_scores_per_iteration,
                                   islands_strip_figure, save_islands_figure, save_islands_gif)
-from hierarchical_masks.mask_io import (InputError, ImageRecord, atomic_write_bytes, list_image_folder, load_embeddings,
-                                        load_masks, load_rgb_image)
+from hierarchical_masks.mask_io import (InputError, ImageRecord, atomic_write_json, list_image_folder, load_embeddings, load_masks,
+                                        load_rgb_image)
 
 log = logging.getLogger(__name__)
 GT_SUFFIX = "_gt"
@@ -142,7 +141,7 @@ def draw_islands_for_checkpoint(module, *, dataset: str, data_dir: str, split: s
         print(format_iteration_scores(f"  over the iterations, vs {label}", per_iteration[key]))
     if per_iteration:
         result["per_iteration"] = per_iteration
-    atomic_write_bytes(out_dir / "scores.json", json.dumps(result, indent=2, default=float).encode())
+    atomic_write_json(out_dir / "scores.json", result)
     print(f"islands: {len(records)} figures in {out_dir}")
     if animate:
         print(f"islands: {len(records)} GIFs and strips ({len(iterations)} states each) in {animations_dir}, "

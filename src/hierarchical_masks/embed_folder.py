@@ -244,6 +244,20 @@ def _default_num_workers(device: torch.device, world_size: int) -> int:
     return max(1, min(8, (os.cpu_count() or 2) // max(1, world_size) - 1))
 
 
+def non_finite_message(image: Path, embeds: np.ndarray, stored: np.ndarray) -> str:
+    """Why an image's embeddings ``(N, 3, D)`` cannot be written: which mask (point, level) first, and whether
+    float16 overflowed (``embeds`` finite as computed, ``stored`` not)."""
+    point, level = np.argwhere(~np.isfinite(stored).all(-1))[0]
+    count = int((~np.isfinite(stored).all(-1)).sum())
+    where = f"the mask of point {point}, level {level} (and {count - 1} more)" if count > 1 else f"the mask of point {point}, level {level}"
+    if np.isfinite(embeds).all():
+        peak = float(np.abs(embeds).max())
+        return (f"{image}: {where} embeds to values up to {peak:.3g}, beyond float16's 65504; not written (the files "
+                f"written before it are kept): rerun with --embed_dtype=float32")
+    return (f"{image}: {where} embeds to NaN or inf; not written (the files written before it are kept): check the "
+            f"encoder weights (and --precision)")
+
+
 def embed_folder(cfg: EmbedFolderConfig, inputs: CheckedInputs, worker: WorkerContext | None = None) -> str:
     """Embed this process's share of ``inputs.records``; return the summary line.
 
@@ -316,11 +330,11 @@ def embed_folder(cfg: EmbedFolderConfig, inputs: CheckedInputs, worker: WorkerCo
         try:
             for index, embeds in encoder.embed_stream(loaded_images()):
                 record = todo[index]
-                embeds = embeds.astype(dtype, copy=False)
-                if not np.isfinite(embeds).all():
-                    hint = " (float16 overflow: use --embed_dtype=float32)" if dtype == np.float16 else ""
-                    raise InputError(f"{record.path}: embeddings hold NaN or inf{hint}; check the encoder weights")
-                progress.update(written=1, nbytes=save_embeddings(record.output_path(cfg.out_data_path), embeds))
+                with np.errstate(over="ignore"):  # an overflow is reported below, by image and mask
+                    stored = embeds.astype(dtype, copy=False)
+                if not np.isfinite(stored).all():
+                    raise InputError(non_finite_message(record.path, embeds, stored))
+                progress.update(written=1, nbytes=save_embeddings(record.output_path(cfg.out_data_path), stored))
         except OutputWriteError as exc:
             progress.bar.close()
             raise disk_full_hint(exc, cfg.out_data_path, len(todo) - progress.done, progress.mean_file_bytes) from None

@@ -221,6 +221,34 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes | memoryview) -> int
     return len(data)
 
 
+def strict_json(obj: Any) -> Any:
+    """``obj`` with every non-finite float (NaN, inf) as ``None`` and numpy scalars and arrays as Python
+    numbers and lists, so that it serialises as strict JSON (``jq``, JavaScript and ``json.load`` with
+    ``parse_constant`` refuse ``NaN``)."""
+    if isinstance(obj, dict):
+        return {str(k): strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return strict_json(obj.tolist())
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if hasattr(obj, "item") and callable(obj.item) and getattr(obj, "ndim", None) == 0:  # a 0-d tensor
+        obj = obj.item()
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    return str(obj)
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> int:
+    """Write ``obj`` as strict JSON (:func:`strict_json`: non-finite numbers become ``null``), atomically."""
+    import json
+
+    return atomic_write_bytes(path, (json.dumps(strict_json(obj), indent=indent, allow_nan=False) + "\n").encode())
+
+
 def _fsync_folder(folder: Path) -> None:
     try:
         fd = os.open(folder, os.O_RDONLY)
