@@ -36,10 +36,18 @@ unfinished training resumes from its ``last.ckpt`` (``--overwrite`` redoes them)
 study, rerun with the same command, continues where it stopped. The work is done budget by
 budget (every seed and method to 10 epochs, then to 30, ...), so a study stopped early
 already has complete rows for the shorter budgets.
+
+Every finished row is also written at once to a small ledger (``--ledger``, by default the
+study's ``results.json``; the committed study uses ``docs/toy_study_budgets.json``). A row in
+the ledger is never run again, even when its run folder is gone (a new machine, a cleaned
+``runs/``): commit the ledger and a later session, with the same command, runs only what is
+missing. A longer budget whose run folder is gone pretrains again from scratch (same seed and
+recipe) to reach it. The ledger refuses to mix recipes: its recorded flags must match.
 """
 
 from __future__ import annotations
 
+import ast
 import csv
 import io
 import json
@@ -55,7 +63,7 @@ from absl import app, flags  # noqa: E402
 
 from agglomerator.steps import REPO, run_step, train_once  # noqa: E402
 from hierarchical_masks.encoder_weights import OFFLINE_TEACHER_MODEL, OFFLINE_TEACHER_PACKAGE  # noqa: E402
-from hierarchical_masks.mask_io import atomic_write_bytes  # noqa: E402
+from hierarchical_masks.mask_io import atomic_write_bytes, atomic_write_json  # noqa: E402
 
 FLAGS = flags.FLAGS
 METHODS = ("sam_distill", "sam_distill_random", "supcon", "random_init", "supervised")
@@ -78,7 +86,9 @@ flags.DEFINE_list("pretrain_flags", ["--scheduler=constant"],
 flags.DEFINE_list("finetune_flags", [], "Extra src/main.py flags for fine-tuning.")
 flags.DEFINE_integer("islands_count", 30, "Test images whose islands are scored per run (at the longest budget).")
 flags.DEFINE_bool("probes", True, "Linear probes of every level at the longest budget (and of the teachers).")
-flags.DEFINE_bool("overwrite", False, "Redo finished steps.")
+flags.DEFINE_bool("overwrite", False, "Redo finished steps (the ledger's rows too).")
+flags.DEFINE_string("ledger", "", "JSON file of finished rows (default: <out_dir>/<variant>/results.json); rows in it are not "
+                    "run again, each new row is added as it finishes. Commit it to keep a study across machines.")
 flags.DEFINE_bool("report_only", False, "Run nothing: write the report from the steps finished so far (a study still running, "
                   "or stopped before its longest budget); unfinished rows are left out. Teacher probes are computed if missing.")
 
@@ -174,6 +184,9 @@ def final_extras(folder: Path, method: str, seed: int, budget: int) -> dict:
     checkpoint = folder / "pretrain" / "checkpoints" / f"epoch-{budget:03d}.ckpt"
     extras: dict = {"pretrain_seconds": pretrain_seconds(folder / "pretrain"), "curve": learning_curve(folder / "pretrain")}
     islands = folder / "islands"
+    if not FLAGS.report_only and not checkpoint.is_file():  # a row from the ledger whose run folder is gone
+        print(f"\n=== {method} seed {seed}: no islands or probes at {budget} epochs: {checkpoint} is gone (a ledger row)")
+        return extras
     if FLAGS.report_only:
         if (islands / "islands" / "scores.json").is_file():
             extras["islands"] = json.loads((islands / "islands" / "scores.json").read_text())
@@ -219,7 +232,7 @@ def record_segment(run: Path, budget: int) -> None:
     record = run / "segments.json"
     seconds = json.loads(record.read_text()) if record.is_file() else {}
     seconds[str(budget)] = json.loads((run / "results.json").read_text())["seconds"]
-    atomic_write_bytes(record, json.dumps(seconds, indent=2).encode())
+    atomic_write_json(record, seconds)
 
 
 def pretrain_seconds(run: Path) -> float:
@@ -233,8 +246,62 @@ def cached(path: Path, compute):
     if path.is_file() and not FLAGS.overwrite:
         return json.loads(path.read_text())
     value = compute()
-    atomic_write_bytes(path, json.dumps(value, indent=2).encode())  # a kill never leaves a truncated cache
+    atomic_write_json(path, value)  # a kill never leaves a truncated cache
     return value
+
+
+# --------------------------------------------------------------------------- the ledger
+
+RECIPE = ("val_from_train", "finetune_epochs", "supervised_epochs", "pretrain_flags", "finetune_flags", "train_per_class",
+          "val_per_class")  # the flags a row's numbers depend on (seeds, methods and budgets only say which rows)
+
+
+def recorded_flags() -> dict:
+    return {k: str(getattr(FLAGS, k)) for k in ("seeds", "methods", "budgets", *RECIPE)}
+
+
+def has_extras(row: dict) -> bool:
+    return bool(row.get("curve")) and "islands" in row and ("probes" in row or not FLAGS.probes)
+
+
+class Ledger:
+    """Finished rows of the study, keyed by method, seed and budget, in one JSON file written after every row."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.rows: dict[str, dict] = {}
+        self.teachers: dict = {}
+        if path.is_file() and not FLAGS.overwrite:
+            try:
+                data = json.loads(path.read_text())
+                rows, teachers, recorded = data["runs"], data.get("teachers", {}), data.get("flags", {})
+            except (ValueError, KeyError, TypeError) as err:
+                sys.exit(f"error: --ledger={path}: not a study results file ({err}); move it away or pass --overwrite")
+            mismatch = {k: (recorded[k], v) for k, v in recorded_flags().items() if k in RECIPE and k in recorded and recorded[k] != v}
+            if mismatch:
+                sys.exit(f"error: --ledger={path} was made with other settings ({'; '.join(f'--{k}: {a} there, {b} now' for k, (a, b) in mismatch.items())}); "
+                         f"use another --variant or --ledger, or pass --overwrite")
+            self.rows = {self.key(r["method"], r["seed"], r["budget"]): r for r in rows}
+            seeds = ast.literal_eval(recorded.get("seeds", "[]"))
+            self.teachers = {name: dict(zip(seeds, probes)) if isinstance(probes, list) else probes  # lists: an older ledger's
+                             for name, probes in teachers.items()}  # per-seed probes in its --seeds order
+
+    @staticmethod
+    def key(method: str, seed: int, budget: int) -> str:
+        return f"{method}/{seed}/{budget}"
+
+    def get(self, method: str, seed: int, budget: int) -> dict | None:
+        return self.rows.get(self.key(method, seed, budget))
+
+    def put(self, row: dict) -> dict:
+        self.rows[self.key(row["method"], row["seed"], row["budget"])] = row
+        self.save()
+        return row
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        data = {"flags": recorded_flags(), "runs": list(self.rows.values()), "teachers": self.teachers}
+        atomic_write_json(self.path, data)
 
 
 # --------------------------------------------------------------------------- probes
@@ -356,44 +423,48 @@ def report(results: list[dict], teachers: dict, seconds: float, out: Path) -> st
             share = fmt([r.get("image_mean_r2") for b in steps for r in rows(m, b)], 1, 3)
             lines.append(f"| {LABELS[m]} | " + " | ".join(fmt([r.get("distill_r2") for r in rows(m, b)], 1, 3) for b in steps)
                          + f" | {share} |")
-    last = steps[-1]
     pairs = [(a, b) for a, b in (("sam_distill", "sam_distill_random"), ("sam_distill", "supcon")) if a in methods and b in methods]
-    if pairs:
-        lines += ["", f"Paired differences at {last} epochs (same seed, same split), test accuracy points:", ""]
-        for a, b in pairs:
-            diffs = [100 * (x["test_accuracy"] - y["test_accuracy"]) for x in rows(a, last) for y in rows(b, last) if x["seed"] == y["seed"]]
-            if diffs:
-                lines.append(f"- {a} minus {b}: {np.mean(diffs):+.1f} ± {np.std(diffs, ddof=1) if len(diffs) > 1 else 0:.1f} "
-                             f"(seeds: {', '.join(f'{d:+.1f}' for d in diffs)})")
-    final = {m: [r for r in rows(m, last) if "islands" in r] for m in methods}
+    paired = []
+    for a, b in pairs:
+        common = [s for s in steps if rows(a, s) and rows(b, s)]
+        at = common[-1] if common else None  # the longest budget both have finished
+        diffs = [100 * (x["test_accuracy"] - y["test_accuracy"]) for x in rows(a, at) for y in rows(b, at) if x["seed"] == y["seed"]]
+        if diffs:
+            paired.append(f"- {a} minus {b} at {at} epochs: {np.mean(diffs):+.1f} ± {np.std(diffs, ddof=1) if len(diffs) > 1 else 0:.1f} "
+                          f"(seeds: {', '.join(f'{d:+.1f}' for d in diffs)})")
+    if paired:
+        lines += ["", "Paired differences (same seed, same split), test accuracy points, at the longest budget both finished:", "",
+                  *paired]
+    longest = {m: max((r["budget"] for r in results if r["method"] == m), default=0) for m in methods if m in PRETRAINED}
+    final = {m: [r for r in rows(m, b) if "islands" in r] for m, b in longest.items()}
     if any(final.values()):
-        lines += ["", f"Islands (pretrained columns at {last} epochs, test images): pair_corr / ARI per level, mean over seeds.", "",
-                  "| pretraining | against | L0 | L1 | L2 |", "| --- | --- | --- | --- | --- |"]
+        lines += ["", "Islands (pretrained columns at each method's longest budget, test images): pair_corr / ARI per level, mean "
+                  "over seeds.", "", "| pretraining | epochs | against | L0 | L1 | L2 |", "| --- | --- | --- | --- | --- | --- |"]
         for m, runs in final.items():
             for key, label in (("stage1_masks", "stage-1 masks"), ("ground_truth", "GT parts / object / all objects")):
                 scores = [r["islands"][key] for r in runs if key in r["islands"]]
                 if scores:
                     cells = [f"{fmt([s[str(i)]['pair_corr'] for s in scores], 1, 2)} / {fmt([s[str(i)]['ari'] for s in scores], 1, 2)}"
                              for i in range(3)]
-                    lines.append(f"| {m} | {label} | " + " | ".join(cells) + " |")
+                    lines.append(f"| {m} | {longest[m]} | {label} | " + " | ".join(cells) + " |")
     probe_rows = [(f"teacher {name} (mean over points)", [fmt([p[f"level{i}"]["test_accuracy"] for p in per_seed]) for i in range(3)])
                   for name, per_seed in teachers.items()]
     for m, runs in final.items():
         probes = [r["probes"] for r in runs if "probes" in r]
         if probes:
-            probe_rows.append((f"{m} at {last} epochs: column levels (flattened)",
+            probe_rows.append((f"{m} at {longest[m]} epochs: column levels (flattened)",
                                [fmt([p[f"level{i}"]["test_accuracy"] for p in probes]) for i in range(3)]))
             if "encoded0" in probes[0] and m.startswith("sam_distill"):  # the others never train the levels encoder
-                probe_rows.append((f"{m} at {last} epochs: regressed outputs (mean over columns)",
+                probe_rows.append((f"{m} at {longest[m]} epochs: regressed outputs (mean over columns)",
                                    [fmt([p[f"encoded{i}"]["test_accuracy"] for p in probes]) for i in range(3)]))
     if probe_rows:
         lines += ["", "Linear probes (weight decay chosen on validation), test accuracy %:", "",
                   "| features | L0 | L1 | L2 |", "| --- | --- | --- | --- |"]
         lines += [f"| {name} | " + " | ".join(cells) + " |" for name, cells in probe_rows]
-    times = {m: [r["pretrain_seconds"] for r in final[m] if np.isfinite(r.get("pretrain_seconds", float("nan")))] for m in methods}
+    times = {m: [r["pretrain_seconds"] for r in final[m] if np.isfinite(r.get("pretrain_seconds", float("nan")))] for m in final}
     if any(times.values()):
-        lines += ["", f"Pretraining time to {last} epochs (training only, finishing invocations): " + "; ".join(
-            f"{m} {np.mean(t) / 60:.1f} min" for m, t in times.items() if t) + "."]
+        lines += ["", "Pretraining time to the longest budget (training only, finishing invocations): " + "; ".join(
+            f"{m} {np.mean(t) / 60:.1f} min to {longest[m]} epochs" for m, t in times.items() if t) + "."]
     text = "\n".join(lines) + "\n"
     draw(results, methods, teachers, out / "accuracy.png")
     return text
@@ -464,9 +535,17 @@ def main(argv) -> None:
     steps = budgets()
     if not FLAGS.report_only:
         prepare_data(toy)
+    ledger = Ledger(Path(FLAGS.ledger) if FLAGS.ledger else out / "results.json")
     results = []
     seeds = [int(seed) for seed in FLAGS.seeds]
-    row = lambda m, seed, budget: run_budget(out / m / f"seed{seed}", m, seed, budget)  # noqa: E731
+
+    def row(method: str, seed: int, budget: int) -> dict | None:
+        done = ledger.get(method, seed, budget)
+        if done is not None:
+            return done
+        result = run_budget(out / method / f"seed{seed}", method, seed, budget)
+        return ledger.put(result) if result is not None else result  # --report_only: a row read from its files
+
     if "random_init" in FLAGS.methods:  # cheap, and the floor every budget is compared with
         results += [row("random_init", seed, 0) for seed in seeds]
     supervised = "supervised" in FLAGS.methods
@@ -478,26 +557,36 @@ def main(argv) -> None:
     if supervised:
         results += [row("supervised", seed, 0) for seed in seeds]
     results = [r for r in results if r is not None]
-    wanted = len(seeds) * len([m for m in FLAGS.methods if m in PRETRAINED])
-    partial = {b: sum(r["budget"] == b for r in results if r["method"] in PRETRAINED) for b in steps}
-    partial = {b: n for b, n in partial.items() if 0 < n < wanted}
-    if partial:  # a mean over some seeds beside means over all would mislead: whole budgets only
-        print("left out of the report (unfinished): " + ", ".join(f"budget {b} ({n} of {wanted} runs)" for b, n in partial.items()))
-        results = [r for r in results if r["budget"] not in partial]
-    last = max([r["budget"] for r in results if r["method"] in PRETRAINED], default=steps[-1])
+    counts = {(r["method"], r["budget"]): 0 for r in results}
     for r in results:
-        if r["method"] in PRETRAINED and r["budget"] == last:
-            r.update(final_extras(out / r["method"] / f"seed{r['seed']}", r["method"], r["seed"], r["budget"]))
+        counts[r["method"], r["budget"]] += 1
+    partial = {key: n for key, n in counts.items() if n < len(seeds)}
+    if partial:  # a mean over some seeds beside means over all would mislead: whole rows only
+        print("left out of the report (unfinished): " + ", ".join(f"{m} at {b} epochs ({n} of {len(seeds)} seeds)"
+                                                                  for (m, b), n in sorted(partial.items())))
+        results = [r for r in results if (r["method"], r["budget"]) not in partial]
+    for m in PRETRAINED:  # islands, probes, time and learning curve at each method's longest budget
+        last = max((r["budget"] for r in results if r["method"] == m), default=None)
+        for r in results:
+            if r["method"] == m and r["budget"] == last and not has_extras(r):
+                extras = final_extras(out / m / f"seed{r['seed']}", m, r["seed"], last)
+                known = {k: v for k, v in extras.items() if v != {} and not (isinstance(v, float) and not np.isfinite(v))}
+                if any(r.get(k) != v for k, v in known.items()):  # what a gone run folder cannot say is kept from the ledger
+                    r.update(known)
+                    ledger.put(r)
     teachers = {}
     if FLAGS.probes:
         for method, suffix in TEACHER_SUFFIX.items():
             name = "pretrained" if method == "sam_distill" else "random"
-            teachers[name] = [cached(out / f"teacher_probe_{name}_seed{seed}.json", lambda s=seed, x=suffix: teacher_probes(x, int(s)))
-                              for seed in FLAGS.seeds]
+            known = ledger.teachers.setdefault(name, {})
+            for seed in FLAGS.seeds:
+                if seed not in known:
+                    known[seed] = cached(out / f"teacher_probe_{name}_seed{seed}.json", lambda s=seed, x=suffix: teacher_probes(x, int(s)))
+            teachers[name] = [known[seed] for seed in FLAGS.seeds]
+        ledger.save()
     text = report(results, teachers, time.perf_counter() - start, out)
-    atomic_write_bytes(out / "results.json", json.dumps({"flags": {k: str(getattr(FLAGS, k)) for k in (
-        "seeds", "methods", "val_from_train", "budgets", "finetune_epochs", "supervised_epochs", "pretrain_flags",
-        "finetune_flags")}, "runs": results, "teachers": teachers}, indent=2, default=float).encode())
+    if ledger.path != out / "results.json":  # the run folder's copy: every finished row, not only those reported
+        atomic_write_bytes(out / "results.json", ledger.path.read_bytes())
     atomic_write_bytes(out / "report.md", text.encode())
     print("\n" + text + f"\nreport: {out / 'report.md'}, figure: {out / 'accuracy.png'}")
 

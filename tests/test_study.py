@@ -64,8 +64,42 @@ def test_report_only_tabulates_finished_budgets(tmp_path):
     report = (out / "report.md").read_text()
     assert "| 10 epochs |" in report and "30 epochs" not in report  # only whole rows
     assert "| sam_distill, pretrained teacher (the paper) | 60.5 ± 0.7 |" in report
-    assert "sam_distill minus sam_distill_random: +10.0 ± 0.0" in report
+    assert "sam_distill minus sam_distill_random at 10 epochs: +10.0 ± 0.0" in report
     assert "| no pretraining | 30.0 ± 0.0 (any budget) |" in report
     results = json.loads((out / "results.json").read_text())
     assert {r["method"] for r in results["runs"]} == {"sam_distill", "sam_distill_random", "random_init"}
     assert (out / "accuracy.png").stat().st_size > 10_000
+
+
+def study(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "experiments" / "toy_study.py"), f"--out_dir={tmp_path / 'study'}", "--variant=v",
+                           "--probes=false", *args], capture_output=True, text=True, cwd=ROOT, timeout=300)
+
+
+def test_rows_in_the_ledger_need_no_run_folder_and_partial_rows_are_left_out_per_method(tmp_path):
+    """A committed ledger carries a study to a machine without its runs/; a method's budget is reported
+    once every seed has it, whatever the other methods have."""
+    row = lambda m, s, b, acc, r2=None: {"method": m, "seed": s, "budget": b, "test_accuracy": acc, "val_accuracy": acc,  # noqa: E731
+                                         "finetune_seconds": 5.0, "distill_r2": r2, "image_mean_r2": 0.7 if r2 else None}
+    runs = [row("sam_distill", s, b, 0.6 + b / 1000 + 0.01 * s, 0.05) for s in (0, 1) for b in (10, 30)]
+    runs += [row("sam_distill_random", s, 10, 0.5, 0.1) for s in (0, 1)] + [row("sam_distill_random", 0, 30, 0.55, 0.12)]
+    runs += [row("random_init", s, 0, 0.3) for s in (0, 1)]
+    ledger = tmp_path / "ledger.json"
+    ledger.write_text(json.dumps({"flags": {"finetune_epochs": "8", "val_from_train": "0.1"}, "runs": runs, "teachers": {}}))
+    proc = study(tmp_path, "--report_only", f"--ledger={ledger}", "--seeds=0,1", "--methods=sam_distill,sam_distill_random,random_init",
+                 "--budgets=10,30")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "sam_distill_random at 30 epochs (1 of 2 seeds)" in proc.stdout
+    report = (tmp_path / "study" / "v" / "report.md").read_text()
+    assert "| sam_distill, pretrained teacher (the paper) | 61.5 ± 0.7 | 63.5 ± 0.7 |" in report
+    assert "| sam_distill, random teacher (control) | 50.0 ± 0.0 | n/a |" in report
+    assert "sam_distill minus sam_distill_random at 10 epochs: +11.5 ± 0.7" in report  # the longest budget both have
+    assert json.loads((tmp_path / "study" / "v" / "results.json").read_text())["runs"] == runs  # every row kept, NaN-free
+
+
+def test_a_ledger_of_another_recipe_is_refused(tmp_path):
+    ledger = tmp_path / "ledger.json"
+    ledger.write_text(json.dumps({"flags": {"finetune_epochs": "5"}, "runs": [], "teachers": {}}))
+    proc = study(tmp_path, "--report_only", f"--ledger={ledger}")
+    assert proc.returncode != 0
+    assert "--finetune_epochs: 5 there, 8 now" in proc.stderr.strip().splitlines()[-1]
