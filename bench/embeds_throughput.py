@@ -64,8 +64,9 @@ from hierarchical_masks.mask_embedding import (  # noqa: E402
     masked_pil_image,
     reference_transform,
 )
-from hierarchical_masks.mask_io import list_image_folder, load_masks, load_rgb_image, save_masks  # noqa: E402
-from hierarchical_masks.per_image_runner import keep_freed_memory  # noqa: E402
+from hierarchical_masks.image_folders import list_image_folder, load_rgb_image  # noqa: E402
+from hierarchical_masks.mask_io import load_masks, save_masks  # noqa: E402
+from hierarchical_masks.processes import keep_freed_memory  # noqa: E402
 from suite_table import save_rows  # noqa: E402
 
 

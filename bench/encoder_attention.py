@@ -21,7 +21,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from hierarchical_masks.sam_attention import set_attention  # noqa: E402
-from hierarchical_masks.sam_points import PRECISIONS, SAM_BUILDERS, build_sam  # noqa: E402
+from hierarchical_masks.devices import PRECISIONS  # noqa: E402
+from hierarchical_masks.sam_points import SAM_BUILDERS, build_sam  # noqa: E402
 
 
 def main() -> None:

@@ -32,14 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import numpy as np
 from PIL import Image
 
-from hierarchical_masks.mask_io import (
-    MASK_FORMATS,
-    load_embeddings,
-    load_masks,
-    patch_grid_points,
-    read_distinct_masks,
-    save_masks,
-)
+from hierarchical_masks.mask_io import MASK_FORMATS, load_embeddings, load_masks, read_distinct_masks, save_masks
+from hierarchical_masks.point_grid import patch_grid_points
 
 PHOTOS = ("astronaut", "camera", "chelsea", "coffee", "coins", "rocket")  # skimage.data's photos of real scenes
 

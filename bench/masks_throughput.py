@@ -49,11 +49,13 @@ from absl import app, flags
 from PIL import Image
 from segment_anything.utils.transforms import ResizeLongestSide
 
-from hierarchical_masks.mask_io import list_image_folder, load_masks, load_rgb_image
+from hierarchical_masks.image_folders import list_image_folder, load_rgb_image
+from hierarchical_masks.mask_io import load_masks
 from hierarchical_masks.patched_masks import MODEL_TYPES, write_patched_masks
 from hierarchical_masks.sam2_points import Sam2PointGridMasker, build_sam2_model, is_sam2_model
 from hierarchical_masks.sam_attention import ATTENTIONS, set_attention
-from hierarchical_masks.sam_points import PRECISIONS, PointGridMasker, build_sam, patch_grid_points
+from hierarchical_masks.devices import PRECISIONS
+from hierarchical_masks.sam_points import PointGridMasker, build_sam, patch_grid_points
 from suite_table import save_rows
 
 flags.DEFINE_string("device", None, "torch device (default: cuda if visible, else cpu)")

@@ -45,7 +45,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from hierarchical_masks.per_image_runner import bf16_native  # noqa: E402
+from hierarchical_masks.devices import bf16_native  # noqa: E402
 from suite_table import save_rows  # noqa: E402
 from agglomerator.model import Agglomerator, AgglomeratorConfig  # noqa: E402
 from agglomerator.objectives import levels_distill_loss  # noqa: E402

@@ -63,7 +63,7 @@ from absl import app, flags  # noqa: E402
 
 from agglomerator.steps import REPO, run_step, train_once  # noqa: E402
 from hierarchical_masks.encoder_weights import OFFLINE_TEACHER_MODEL, OFFLINE_TEACHER_PACKAGE  # noqa: E402
-from hierarchical_masks.mask_io import atomic_write_bytes, atomic_write_json  # noqa: E402
+from hierarchical_masks.safe_files import atomic_write_bytes, atomic_write_json  # noqa: E402
 
 FLAGS = flags.FLAGS
 METHODS = ("sam_distill", "sam_distill_random", "supcon", "random_init", "supervised")

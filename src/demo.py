@@ -22,7 +22,9 @@ from absl import app, flags
 
 from agglomerator.steps import run_step, train_once
 from hierarchical_masks.encoder_weights import OFFLINE_TEACHER_MODEL, OFFLINE_TEACHER_PACKAGE
-from hierarchical_masks.mask_io import atomic_write_bytes, list_image_folder, load_embeddings
+from hierarchical_masks.image_folders import list_image_folder
+from hierarchical_masks.mask_io import load_embeddings
+from hierarchical_masks.safe_files import atomic_write_bytes
 
 SRC = Path(__file__).resolve().parent
 FLAGS = flags.FLAGS

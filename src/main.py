@@ -11,6 +11,8 @@ Thin wiring: flags -> plain configs -> ``agglomerator`` (model, data, Lightning 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import inspect
 import io
 import logging
 import os
@@ -40,16 +42,21 @@ def model_input_size() -> int:
     return FLAGS.conv_image_size * 4 if FLAGS.dataset == "smallNORB" else FLAGS.image_size
 
 
+def from_flags(target, **derived):
+    """Call ``target`` (a dataclass or a class) with every parameter that has a flag of the same name set
+    from that flag, and ``derived`` for the values computed from several flags.
+
+    So a new option is one flag and one field (or argument): nothing is copied by hand here.
+    """
+    names = ([f.name for f in dataclasses.fields(target)] if dataclasses.is_dataclass(target)
+             else [n for n in inspect.signature(target).parameters if n != "self"])
+    return target(**{n: getattr(FLAGS, n) for n in names if n in FLAGS and n not in derived}, **derived)
+
+
 def model_config_from_flags() -> dict:
     from agglomerator.model import AgglomeratorConfig
 
-    config = AgglomeratorConfig(
-        image_size=model_input_size(), conv_image_size=FLAGS.conv_image_size, patch_size=FLAGS.patch_size,
-        patch_dim=FLAGS.patch_dim, levels=FLAGS.levels, n_channels=FLAGS.n_channels, n_classes=FLAGS.n_classes,
-        iters=FLAGS.iters, denoise_iter=FLAGS.denoise_iter, levels_encoder=FLAGS.levels_encoder,
-        levels_encoder_dim=FLAGS.levels_encoder_dim,
-        levels_encoder_norm=FLAGS.levels_encoder_norm, contr_dim=FLAGS.contr_dim, dropout=FLAGS.dropout,
-    )
+    config = from_flags(AgglomeratorConfig, image_size=model_input_size())
     config.validate()
     return config.to_dict()
 
@@ -65,12 +72,9 @@ def module_from_flags(objective: str):
             raise ValueError(f"--{name}={','.join(getattr(FLAGS, name))}: give comma-separated numbers") from None
 
     distill = objective == "sam_distill"
-    return AgglomeratorLitModule(
-        model=model_config_from_flags(), objective=objective, learning_rate=FLAGS.learning_rate,
-        weight_decay=FLAGS.weight_decay, optimizer=FLAGS.optimizer, lion_betas=floats("lion_betas"),
-        scheduler=FLAGS.scheduler, level_weights=floats("level_weights"), temperature=FLAGS.temperature,
-        finetune_backbone=FLAGS.finetune_backbone,
-        teacher_norm=FLAGS.teacher_norm if distill else "none",
+    return from_flags(
+        AgglomeratorLitModule, model=model_config_from_flags(), objective=objective, lion_betas=floats("lion_betas"),
+        level_weights=floats("level_weights"), teacher_norm=FLAGS.teacher_norm if distill else "none",
         embed_dim=PartWholeDataModule(data_config(objective)).teacher_dim() if distill and FLAGS.target_dim else None,
         target_dim=FLAGS.target_dim if distill and FLAGS.target_dim else None,
     )
@@ -95,13 +99,8 @@ def data_config(objective: str, val_masks: bool = True):
     """The data module's settings from the flags."""
     from agglomerator.data import DataConfig
 
-    return DataConfig(
-        dataset=FLAGS.dataset, data_dir=FLAGS.data_dir, image_size=FLAGS.image_size, n_channels=FLAGS.n_channels,
-        batch_size=FLAGS.batch_size, num_workers=FLAGS.num_workers, objective=objective, seed=FLAGS.seed,
-        crop_size=model_input_size() if model_input_size() != FLAGS.image_size else None,
-        embeds_suffix=FLAGS.embeds_suffix, val_from_train=FLAGS.val_from_train,
-        val_masks_items=ISLANDS_SCORED_IMAGES if val_masks else 0, embeds_in_memory=FLAGS.embeds_in_memory,
-    )
+    return from_flags(DataConfig, objective=objective, val_masks_items=ISLANDS_SCORED_IMAGES if val_masks else 0,
+                      crop_size=model_input_size() if model_input_size() != FLAGS.image_size else None)
 
 
 def datamodule_for(module, objective: str, val_masks: bool = True):
@@ -146,14 +145,14 @@ def epochs_list(name: str) -> list[int]:
 
 def write_results(run_dir: Path, results: dict) -> None:
     """``<run>/results.json``: what a run measured, for scripts (the demo reads it)."""
-    from hierarchical_masks.mask_io import atomic_write_json
+    from hierarchical_masks.safe_files import atomic_write_json
 
     atomic_write_json(run_dir / "results.json", results)  # strict JSON: a NaN metric is null
 
 
 def write_flags(run_dir: Path) -> None:
     """Save the resolved flags as a flagfile: ``--flagfile <run>/flags.cfg`` reruns the same settings."""
-    from hierarchical_masks.mask_io import atomic_write_bytes
+    from hierarchical_masks.safe_files import atomic_write_bytes
 
     lines = [f.serialize() for f in FLAGS.get_key_flags_for_module(flags_Agglomerator)]
     atomic_write_bytes(run_dir / "flags.cfg", ("\n".join(line for line in lines if line) + "\n").encode())
@@ -173,7 +172,8 @@ def stops_reported(trainer, run_dir: Path, finished: bool = False):
     (the previous ``last.ckpt`` is whole: checkpoints are written atomically).
     """
     from agglomerator.preemption import find_preemption_checkpoint
-    from hierarchical_masks.mask_io import DISK_ERRNOS, OutputWriteError, describe_write_error
+    from hierarchical_masks.errors import OutputWriteError
+    from hierarchical_masks.safe_files import DISK_ERRNOS, describe_write_error
     from pytorch_lightning.utilities.exceptions import SIGTERMException
 
     last = run_dir / "checkpoints" / "last.ckpt"
@@ -300,7 +300,7 @@ def run_test() -> None:
 
 def run_freeze() -> None:
     from agglomerator.engine import make_run_dir
-    from hierarchical_masks.mask_io import atomic_write_bytes
+    from hierarchical_masks.safe_files import atomic_write_bytes
 
     module = module_from_checkpoint(FLAGS.load_checkpoint_dir, objective_from_flags())
     datamodule = datamodule_for(module, "classify", val_masks=False)  # eval transforms, no teacher embeddings needed
@@ -341,7 +341,8 @@ def main(argv) -> None:
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")  # tiny CPU runs set num_workers=0
     import pytorch_lightning as pl
     from agglomerator.engine import DivergedError
-    from hierarchical_masks.mask_io import DISK_ERRNOS, InputError, describe_write_error
+    from hierarchical_masks.errors import InputError
+    from hierarchical_masks.safe_files import DISK_ERRNOS, describe_write_error
     from pytorch_lightning.utilities.exceptions import SIGTERMException
 
     pl.seed_everything(FLAGS.seed, workers=True)

@@ -13,7 +13,7 @@ import sys
 from absl import app, flags
 
 from agglomerator.toy_dataset import generate_toy_dataset
-from hierarchical_masks.mask_io import InputError
+from hierarchical_masks.errors import InputError
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out_dir", "datasets/toy", "Dataset root: writes {train,val}/, {train,val}_gt/, {train,val}_masks/.")

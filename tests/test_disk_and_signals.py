@@ -25,14 +25,9 @@ import pytest
 import torch
 
 from fakes import TINY_FLAGS, make_image_folder
-from hierarchical_masks.mask_io import (
-    OutputWriteError,
-    atomic_write_bytes,
-    is_stale_temporary,
-    load_embeddings,
-    load_masks,
-    remove_stale_temporaries,
-)
+from hierarchical_masks.errors import OutputWriteError
+from hierarchical_masks.mask_io import load_embeddings, load_masks
+from hierarchical_masks.safe_files import atomic_write_bytes, is_stale_temporary, remove_stale_temporaries
 
 REPO = Path(__file__).resolve().parents[1]
 MAIN = REPO / "src" / "main.py"
@@ -385,7 +380,7 @@ LOADER_SCRIPT = """
 import sys, time, torch
 sys.path.insert(0, {src!r})
 from torch.utils.data import DataLoader, Dataset
-from hierarchical_masks.per_image_runner import end_loader_workers_at_exit, ignore_stop_signals
+from hierarchical_masks.processes import end_loader_workers_at_exit, ignore_stop_signals
 
 class Items(Dataset):
     def __len__(self):

@@ -13,7 +13,8 @@ from PIL import Image
 from hierarchical_masks.encoder_weights import (OFFLINE_TEACHER_MODEL, OFFLINE_TEACHER_PACKAGE,
                                                 efficientnet_pytorch_to_timm, offline_teacher_path)
 from hierarchical_masks.mask_embedding import MaskedImageEncoder, build_encoder
-from hierarchical_masks.mask_io import InputError, load_embeddings
+from hierarchical_masks.errors import InputError
+from hierarchical_masks.mask_io import load_embeddings
 
 skimage_data = pytest.importorskip("skimage.data")
 SCRIPT = Path(__file__).resolve().parents[1] / "src" / "hierarchical_masks" / "masks_to_embeds.py"

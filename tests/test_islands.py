@@ -11,6 +11,7 @@ from agglomerator.islands import (
     PcaColours,
     adjusted_rand_index,
     average_linkage_clusters,
+    connected_segments,
     islands_figure,
     islands_iteration_frames,
     islands_scores,
@@ -239,3 +240,94 @@ def test_iteration_gif_has_one_frame_per_state_and_strip_has_a_panel_per_state(t
     assert not list((tmp_path / "gifs").glob("*.tmp"))
     with pytest.raises(ValueError, match="no frames"):
         save_islands_gif([], tmp_path / "empty.gif")
+
+
+# --------------------------------------------------------------------------- parity with the hand-written maths
+# The islands' clustering, components and ARI were hand-written until they moved to scipy and torchmetrics;
+# these are those functions as they were (commit dff7382), kept here as the reference the library versions
+# must agree with on the same inputs.
+
+
+def _first_appearance_reference(labels):
+    _, first, inverse = np.unique(labels, return_index=True, return_inverse=True)
+    rank = np.empty(len(first), np.int64)
+    rank[np.argsort(first)] = np.arange(len(first))
+    return rank[inverse.reshape(-1)]
+
+
+def _connected_segments_reference(adjacency):
+    n = len(adjacency)
+    parent = np.arange(n)
+
+    def find(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i, j in zip(*np.nonzero(np.triu(adjacency, 1))):
+        ri, rj = find(i), find(j)
+        if ri != rj:
+            parent[max(ri, rj)] = min(ri, rj)
+    return _first_appearance_reference(np.array([find(i) for i in range(n)]))
+
+
+def _average_linkage_reference(vectors, num_clusters):
+    x = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    sim = x @ x.T
+    n = len(sim)
+    num_clusters = int(min(max(num_clusters, 1), n))
+    np.fill_diagonal(sim, -np.inf)
+    size, owner = np.ones(n), np.arange(n)
+    for _ in range(n - num_clusters):
+        i, j = np.unravel_index(int(np.argmax(sim)), sim.shape)
+        i, j = min(i, j), max(i, j)
+        merged = (size[i] * sim[i] + size[j] * sim[j]) / (size[i] + size[j])
+        sim[i, :] = merged
+        sim[:, i] = merged
+        sim[i, i] = -np.inf
+        sim[j, :] = -np.inf
+        sim[:, j] = -np.inf
+        size[i] += size[j]
+        owner[owner == j] = i
+    return _first_appearance_reference(owner)
+
+
+def _ari_reference(a, b):
+    a, b = np.unique(a, return_inverse=True)[1].reshape(-1), np.unique(b, return_inverse=True)[1].reshape(-1)
+    n = len(a)
+    if n < 2:
+        return 1.0
+    table = np.zeros((a.max() + 1, b.max() + 1))
+    np.add.at(table, (a, b), 1)
+    pairs = lambda x: float((x * (x - 1) / 2).sum())  # noqa: E731
+    both, in_a, in_b = pairs(table), pairs(table.sum(1)), pairs(table.sum(0))
+    expected = in_a * in_b / pairs(np.array([n], np.float64))
+    maximum = (in_a + in_b) / 2
+    return 1.0 if maximum == expected else (both - expected) / (maximum - expected)
+
+
+def test_connected_segments_match_the_hand_written_union_find():
+    rng = np.random.default_rng(0)
+    for n, density in [(1, 0.5), (5, 0.0), (16, 0.05), (64, 0.02), (64, 0.1), (196, 0.005)]:
+        upper = np.triu(rng.random((n, n)) < density, 1)
+        adjacency = upper | upper.T | np.eye(n, dtype=bool)
+        np.testing.assert_array_equal(connected_segments(adjacency), _connected_segments_reference(adjacency))
+
+
+def test_average_linkage_matches_the_hand_written_clustering():
+    rng = np.random.default_rng(1)
+    for n, d in [(2, 3), (9, 4), (16, 8), (64, 16)]:
+        centres = rng.normal(size=(4, d))
+        for vectors in (rng.normal(size=(n, d)), centres[rng.integers(0, 4, n)] + 0.3 * rng.normal(size=(n, d))):
+            for k in sorted({1, 2, 3, n // 2, n - 1, n}):
+                np.testing.assert_array_equal(average_linkage_clusters(vectors, k), _average_linkage_reference(vectors, k),
+                                              err_msg=f"n={n} k={k}")
+
+
+def test_ari_matches_the_hand_written_formula():
+    rng = np.random.default_rng(2)
+    cases = [(rng.integers(0, ka, n), rng.integers(0, kb, n)) for n, ka, kb in [(2, 2, 2), (10, 3, 2), (64, 6, 8), (196, 12, 5)]]
+    cases += [(np.zeros(8, int), np.zeros(8, int)), (np.arange(8), np.arange(8)), (np.zeros(8, int), np.arange(8)), ([3], [1])]
+    for a, b in cases:
+        assert adjusted_rand_index(a, b) == pytest.approx(_ari_reference(np.asarray(a), np.asarray(b)), abs=1e-9)

@@ -33,14 +33,10 @@ from hierarchical_masks.mask_embedding import (
     reference_transform,
     unpack_masks,
 )
-from hierarchical_masks.mask_io import (
-    InputError,
-    load_embeddings,
-    load_rgb_image,
-    read_distinct_masks,
-    safe_pickle_load,
-    save_masks,
-)
+from hierarchical_masks.errors import InputError
+from hierarchical_masks.image_folders import load_rgb_image
+from hierarchical_masks.mask_io import load_embeddings, read_distinct_masks, save_masks
+from hierarchical_masks.safe_files import safe_pickle_load
 
 REPO = Path(__file__).resolve().parents[1]
 CLI = REPO / "src" / "hierarchical_masks" / "masks_to_embeds.py"
@@ -463,7 +459,7 @@ ALLOCATION_PROBE = """
 import resource, sys
 sys.path.insert(0, {src!r})
 import numpy as np
-from hierarchical_masks.per_image_runner import keep_freed_memory
+from hierarchical_masks.processes import keep_freed_memory
 if {keep}:
     assert keep_freed_memory(), "mallopt refused"
 def faults_of_one_allocation():

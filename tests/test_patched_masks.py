@@ -21,8 +21,10 @@ from PIL import Image
 from segment_anything import SamPredictor
 
 from hierarchical_masks import patched_masks
-from hierarchical_masks.mask_io import (InputError, list_image_folder, load_masks, read_distinct_masks, read_mask_record,
-                                        safe_pickle_load, save_masks)
+from hierarchical_masks.errors import InputError
+from hierarchical_masks.image_folders import list_image_folder
+from hierarchical_masks.mask_io import load_masks, read_distinct_masks, read_mask_record, save_masks
+from hierarchical_masks.safe_files import safe_pickle_load
 from hierarchical_masks.sam2_points import Sam2PointGridMasker, build_sam2_model, load_sam2_checkpoint
 from hierarchical_masks.sam_points import PointGridMasker, build_sam, load_sam_checkpoint, patch_grid_points
 

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from fakes import TINY_FLAGS, make_image_folder
-from hierarchical_masks.mask_io import InputError, load_embeddings, load_masks, read_distinct_masks, save_embeddings
+from hierarchical_masks.errors import InputError
+from hierarchical_masks.mask_io import load_embeddings, load_masks, read_distinct_masks, save_embeddings
 
 MAIN = Path(__file__).resolve().parents[1] / "src" / "main.py"
 

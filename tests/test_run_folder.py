@@ -15,7 +15,7 @@ import torch
 
 from agglomerator.engine import DivergedError, StopOnNonFinite, checkpoint_callbacks
 from fakes import TINY_FLAGS, make_image_folder
-from hierarchical_masks.mask_io import atomic_write_json
+from hierarchical_masks.safe_files import atomic_write_json
 
 MAIN = Path(__file__).resolve().parents[1] / "src" / "main.py"
 

@@ -14,7 +14,8 @@ from segment_anything.modeling import ImageEncoderViT
 from segment_anything.modeling.image_encoder import Attention
 
 from hierarchical_masks import patched_masks
-from hierarchical_masks.mask_io import InputError, load_masks
+from hierarchical_masks.errors import InputError
+from hierarchical_masks.mask_io import load_masks
 from hierarchical_masks.sam_attention import SDPAAttention, attention_of, set_attention
 from hierarchical_masks.sam_points import PointGridMasker, build_sam
 

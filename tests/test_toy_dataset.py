@@ -16,7 +16,9 @@ from agglomerator.toy_dataset import (
     patch_grid_points,
     render_scene,
 )
-from hierarchical_masks.mask_io import InputError, list_classes, list_image_folder, load_masks, load_rgb_image, read_mask_record
+from hierarchical_masks.errors import InputError
+from hierarchical_masks.image_folders import list_classes, list_image_folder, load_rgb_image
+from hierarchical_masks.mask_io import load_masks, read_mask_record
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 

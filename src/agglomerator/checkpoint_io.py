@@ -4,9 +4,9 @@ Lightning's ``TorchCheckpointIO`` saves through fsspec, which writes to a tempor
 system temp folder and then moves it. Across filesystems the move is a copy into the destination,
 so a full disk, a quota or a kill during that copy leaves a truncated ``last.ckpt``: the one file a
 resume needs. :class:`AtomicCheckpointIO` writes local checkpoints with
-:func:`hierarchical_masks.mask_io.atomic_write_bytes` instead: a temporary file in the checkpoint's
+:func:`hierarchical_masks.safe_files.atomic_write_bytes` instead: a temporary file in the checkpoint's
 own folder, flushed and fsynced, then ``os.replace``. A failed save leaves the previous file whole
-and raises :class:`~hierarchical_masks.mask_io.OutputWriteError` (folder, file, space needed).
+and raises :class:`~hierarchical_masks.errors.OutputWriteError` (folder, file, space needed).
 Remote paths (``s3://``, ...) keep Lightning's fsspec path.
 """
 
@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from hierarchical_masks.mask_io import atomic_write_bytes
+from hierarchical_masks.safe_files import atomic_write_bytes
 
 
 def is_local_path(path: Any) -> bool:

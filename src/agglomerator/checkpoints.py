@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from hierarchical_masks.mask_io import InputError
+from hierarchical_masks.errors import InputError
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:

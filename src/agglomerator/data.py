@@ -39,8 +39,10 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision import transforms as T
 
-from hierarchical_masks.mask_io import InputError, ImageRecord, list_image_folder, load_embeddings, load_masks, load_rgb_image
-from hierarchical_masks.per_image_runner import end_loader_workers_at_exit, ignore_stop_signals, shut_down_loader_workers
+from hierarchical_masks.errors import InputError
+from hierarchical_masks.image_folders import ImageRecord, list_image_folder, load_rgb_image
+from hierarchical_masks.mask_io import load_embeddings, load_masks
+from hierarchical_masks.processes import end_loader_workers_at_exit, ignore_stop_signals, shut_down_loader_workers
 
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

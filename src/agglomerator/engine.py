@@ -26,12 +26,13 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from agglomerator.checkpoint_io import AtomicCheckpointIO
 from agglomerator.preemption import PreemptionCheckpoint, cluster_plugins
-from hierarchical_masks.mask_io import InputError, remove_stale_temporaries
-from hierarchical_masks.per_image_runner import bf16_native
+from hierarchical_masks.errors import InputError
+from hierarchical_masks.safe_files import remove_stale_temporaries
+from hierarchical_masks.devices import LIGHTNING_PRECISION, auto_precision
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("auto", "32", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "64", "64-true")
+PRECISIONS = ("auto", "32", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "64", "64-true")  # Lightning's names
 
 
 def resolve_devices(num_gpus: int) -> tuple[str, int]:
@@ -51,7 +52,7 @@ def resolve_precision(precision: str, accelerator: str) -> str:
     if precision not in PRECISIONS:
         raise ValueError(f"--precision={precision}: choose one of {', '.join(PRECISIONS)}")
     if precision == "auto":
-        return "bf16-mixed" if bf16_native("cuda" if accelerator == "gpu" else "cpu") else "32-true"
+        return LIGHTNING_PRECISION[auto_precision("cuda" if accelerator == "gpu" else "cpu")]
     if precision == "16-mixed" and accelerator == "cpu":
         raise ValueError("--precision=16-mixed needs a GPU; use bf16-mixed or 32 on CPU")
     return precision

@@ -55,8 +55,9 @@ With label maps instead of masks, the region under a point is the set of pixels
 holding the point's label, so the "IoU" of two points is 1 when they share a
 label and 0 otherwise, and the segments are the labels themselves.
 
-Everything is deterministic (exact SVD, no random initialisation; ties go to the
-lowest index). Inputs may be numpy arrays or torch tensors on any device; the
+Everything is deterministic (exact SVD, no random initialisation). The clustering, the components
+and the ARI are scipy's and torchmetrics' (``tests/test_islands.py`` checks them against the
+hand-written versions they replaced, on the same inputs). Inputs may be numpy arrays or torch tensors on any device; the
 maths runs on CPU in float64 except the mask IoU, which runs in torch.
 No flags, no Lightning.
 """
@@ -66,6 +67,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import warnings
 from pathlib import Path
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Mapping, Sequence
@@ -75,8 +77,12 @@ import torch
 from matplotlib.collections import LineCollection
 from matplotlib.figure import Figure
 from PIL import Image
+from scipy.cluster.hierarchy import cut_tree, linkage
+from scipy.sparse.csgraph import connected_components
+from scipy.spatial.distance import squareform
+from torchmetrics.functional.clustering import adjusted_rand_score
 
-from hierarchical_masks.mask_io import atomic_write_bytes
+from hierarchical_masks.safe_files import atomic_write_bytes
 
 ArrayLike = np.ndarray | torch.Tensor
 Scores = dict[int, dict[str, float]]
@@ -129,20 +135,8 @@ def _first_appearance(labels: np.ndarray) -> np.ndarray:
 
 def connected_segments(adjacency: np.ndarray) -> np.ndarray:
     """Connected components of a symmetric bool ``(n, n)`` graph, as labels ``(n,)`` (first point first)."""
-    n = len(adjacency)
-    parent = np.arange(n)
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    for i, j in zip(*np.nonzero(np.triu(adjacency, 1))):
-        ri, rj = find(i), find(j)
-        if ri != rj:
-            parent[max(ri, rj)] = min(ri, rj)
-    return _first_appearance(np.array([find(i) for i in range(n)]))
+    _, labels = connected_components(np.asarray(adjacency, bool), directed=False)
+    return _first_appearance(labels)
 
 
 def mask_segments(masks: ArrayLike, iou_threshold: float = IOU_SEGMENT_THRESHOLD, iou: np.ndarray | None = None) -> np.ndarray:
@@ -161,51 +155,30 @@ def label_segments(label_map: ArrayLike, points_xy: ArrayLike) -> np.ndarray:
 def average_linkage_clusters(vectors: ArrayLike, num_clusters: int) -> np.ndarray:
     """Agglomerative clustering of ``(n, d)`` vectors on cosine similarity, average linkage, cut at ``num_clusters``.
 
-    Deterministic: the most similar pair of clusters is merged first; ties go to
-    the lowest index. Returns labels ``(n,)`` numbered by first appearance.
+    scipy's ``linkage(method="average")`` on the cosine distances ``1 - similarity`` (a zero vector is at
+    distance 1 from all, as :func:`cosine_similarity_matrix` has it), cut where exactly ``num_clusters``
+    clusters remain. Deterministic. Returns labels ``(n,)`` numbered by first appearance.
     """
-    sim = cosine_similarity_matrix(vectors)
-    n = len(sim)
+    distance = 1.0 - cosine_similarity_matrix(vectors)
+    n = len(distance)
     num_clusters = int(min(max(num_clusters, 1), n))
-    np.fill_diagonal(sim, -np.inf)
-    size = np.ones(n)
-    owner = np.arange(n)
-    for _ in range(n - num_clusters):
-        i, j = np.unravel_index(int(np.argmax(sim)), sim.shape)
-        i, j = min(i, j), max(i, j)
-        # Lance-Williams update for average linkage: size-weighted mean of the two rows.
-        merged = (size[i] * sim[i] + size[j] * sim[j]) / (size[i] + size[j])
-        sim[i, :] = merged
-        sim[:, i] = merged
-        sim[i, i] = -np.inf
-        sim[j, :] = -np.inf
-        sim[:, j] = -np.inf
-        size[i] += size[j]
-        owner[owner == j] = i
-    return _first_appearance(owner)
+    if num_clusters == n:
+        return np.arange(n)
+    np.fill_diagonal(distance, 0.0)
+    condensed = squareform(np.clip((distance + distance.T) / 2, 0.0, None), checks=False)
+    return _first_appearance(cut_tree(linkage(condensed, method="average"), n_clusters=num_clusters).reshape(-1))
 
 
 def adjusted_rand_index(labels_a: ArrayLike, labels_b: ArrayLike) -> float:
-    """Adjusted Rand index of two partitions ``(n,)`` (Hubert & Arabie); 1 for identical trivial partitions."""
-    a = np.unique(_numpy(labels_a, np.int64), return_inverse=True)[1].reshape(-1)
-    b = np.unique(_numpy(labels_b, np.int64), return_inverse=True)[1].reshape(-1)
-    n = len(a)
-    if n != len(b):
-        raise ValueError(f"partitions of different lengths: {n} and {len(b)}")
-    if n < 2:
+    """Adjusted Rand index of two partitions ``(n,)`` (Hubert & Arabie, torchmetrics'); 1 for identical trivial partitions."""
+    a, b = (torch.as_tensor(_numpy(x, np.int64)).reshape(-1) for x in (labels_a, labels_b))
+    if len(a) != len(b):
+        raise ValueError(f"partitions of different lengths: {len(a)} and {len(b)}")
+    if len(a) < 2:
         return 1.0
-    table = np.zeros((a.max() + 1, b.max() + 1), np.float64)
-    np.add.at(table, (a, b), 1)
-
-    def pairs(x: np.ndarray) -> float:
-        return float((x * (x - 1) / 2).sum())
-
-    both, in_a, in_b = pairs(table), pairs(table.sum(1)), pairs(table.sum(0))
-    expected = in_a * in_b / pairs(np.array([n], np.float64))
-    maximum = (in_a + in_b) / 2
-    if maximum == expected:  # both partitions trivial and identical
-        return 1.0
-    return (both - expected) / (maximum - expected)
+    with warnings.catch_warnings():  # torchmetrics builds a sparse contingency table and torch warns about its checks
+        warnings.simplefilter("ignore", UserWarning)
+        return float(adjusted_rand_score(a, b))
 
 
 def pearson_correlation(x: np.ndarray, y: np.ndarray) -> float:

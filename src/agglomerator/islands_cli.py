@@ -26,8 +26,10 @@ from agglomerator.data import EMBEDDINGS_SUFFIX, FOLDER_DATASETS, MASKS_SUFFIX, 
 from agglomerator.islands import (average_islands_scores, islands_figure, islands_iteration_frames,
                                   islands_scores_from_labels_per_iteration, islands_scores_per_iteration,
                                   islands_strip_figure, save_islands_figure, save_islands_gif)
-from hierarchical_masks.mask_io import (InputError, ImageRecord, atomic_write_json, list_image_folder, load_embeddings, load_masks,
-                                        load_rgb_image)
+from hierarchical_masks.errors import InputError
+from hierarchical_masks.image_folders import ImageRecord, list_image_folder, load_rgb_image
+from hierarchical_masks.mask_io import load_embeddings, load_masks
+from hierarchical_masks.safe_files import atomic_write_json
 
 log = logging.getLogger(__name__)
 GT_SUFFIX = "_gt"

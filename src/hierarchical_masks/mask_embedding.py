@@ -27,7 +27,6 @@ import logging
 import os
 from collections import deque
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Hashable, Iterable, Iterator
 
 import numpy as np
@@ -37,15 +36,15 @@ from PIL import Image
 from torch import nn
 
 from hierarchical_masks.eval_transform import BatchedEvalTransform
-from hierarchical_masks.mask_io import InputError
-from hierarchical_masks.per_image_runner import bf16_native
+from hierarchical_masks.errors import InputError
+from hierarchical_masks.devices import auto_precision
 
 log = logging.getLogger(__name__)
 
 DEFAULT_ENCODER = "maxvit_rmlp_pico_rw_256.sw_in1k"
 REFERENCE_BATCH_SIZE = 32  # what the reference fed per forward
 RANDOM_INIT_SEED = 0  # --pretrained=False: every process builds the same random weights
-PRECISIONS = ("auto", "fp32", "bf16")
+EMBED_PRECISIONS = ("auto", "fp32", "bf16")  # of devices.PRECISIONS (fp16 overflows in some encoders), and auto
 
 
 # --------------------------------------------------------------------------- encoder
@@ -203,11 +202,9 @@ def embed_image_reference(
 
 def resolve_precision(precision: str, device: torch.device) -> str:
     """``'fp32'`` or ``'bf16'`` for ``--precision`` (``auto``: bf16 where the hardware runs it natively)."""
-    if precision not in PRECISIONS:
-        raise InputError(f"--precision={precision!r}: use one of {', '.join(PRECISIONS)}")
-    if precision != "auto":
-        return precision
-    return "bf16" if bf16_native(device.type) else "fp32"
+    if precision not in EMBED_PRECISIONS:
+        raise InputError(f"--precision={precision!r}: use one of {', '.join(EMBED_PRECISIONS)}")
+    return auto_precision(device.type) if precision == "auto" else precision
 
 
 def default_batch_size(device: torch.device) -> int:

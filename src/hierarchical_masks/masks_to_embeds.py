@@ -28,8 +28,8 @@ if __package__ in (None, ""):
 from absl import app, flags
 
 from hierarchical_masks.embed_folder import EMBED_DTYPES, EmbedFolderConfig, check_inputs, embed_folder
-from hierarchical_masks.mask_embedding import DEFAULT_ENCODER, PRECISIONS
-from hierarchical_masks.mask_io import InputError
+from hierarchical_masks.mask_embedding import DEFAULT_ENCODER, EMBED_PRECISIONS
+from hierarchical_masks.errors import InputError
 from hierarchical_masks.per_image_runner import Interrupted
 
 FLAGS = flags.FLAGS
@@ -52,7 +52,7 @@ flags.DEFINE_string("encoder_checkpoint", None, "Local weights file (torch state
                     "(with --encoder_model_name=tf_efficientnet_lite0).")
 flags.DEFINE_enum("embed_dtype", "float32", list(EMBED_DTYPES), "dtype of the written embeddings.")
 flags.DEFINE_integer("batch_size", None, "Masked images per forward pass (default 256 on CUDA, 64 on CPU).")
-flags.DEFINE_enum("precision", "auto", list(PRECISIONS), "Model precision: auto (bf16 where the hardware runs it "
+flags.DEFINE_enum("precision", "auto", list(EMBED_PRECISIONS), "Model precision: auto (bf16 where the hardware runs it "
                   "natively: bf16 autocast on GPU), fp32 (closest to the reference), bf16.")
 flags.DEFINE_bool("overwrite", False, "Recompute images whose embedding file exists (default: skip them, i.e. resume).")
 flags.DEFINE_bool("skip_missing", False, "Skip images without a mask file (listed in <out_data_path>/failed.txt) "

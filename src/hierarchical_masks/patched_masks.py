@@ -36,16 +36,10 @@ if __package__ in (None, ""):  # run as a script: make ``src/`` importable
 import numpy as np
 import torch
 
-from hierarchical_masks.mask_io import (
-    DEFAULT_MASK_FORMAT,
-    MASK_FORMATS,
-    ImageRecord,
-    InputError,
-    OutputWriteError,
-    list_image_folder,
-    load_rgb_image,
-    save_masks,
-)
+from hierarchical_masks.devices import PRECISIONS, resolve_device
+from hierarchical_masks.errors import InputError, OutputWriteError
+from hierarchical_masks.image_folders import ImageRecord, list_image_folder, load_rgb_image
+from hierarchical_masks.mask_io import DEFAULT_MASK_FORMAT, MASK_FORMATS, save_masks
 from hierarchical_masks.per_image_runner import (
     Interrupted,
     Progress,
@@ -57,7 +51,6 @@ from hierarchical_masks.per_image_runner import (
     plan_work,
     prepare_output_folder,
     record_failure,
-    resolve_device,
 )
 from hierarchical_masks.sam_attention import ATTENTIONS
 from hierarchical_masks.sam2_points import (
@@ -70,7 +63,6 @@ from hierarchical_masks.sam2_points import (
 from hierarchical_masks.sam_points import (
     CHECKPOINT_URLS,
     POINT_LABELS,
-    PRECISIONS,
     SAM_BUILDERS,
     GridMasker,
     PointGridMasker,

@@ -40,8 +40,9 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from hierarchical_masks.mask_io import InputError, patch_grid_points
-from hierarchical_masks.sam_points import PRECISIONS, GridMasker, check_choice, load_state_dict_file, require_checkpoint_file
+from hierarchical_masks.point_grid import patch_grid_points
+from hierarchical_masks.devices import PRECISIONS
+from hierarchical_masks.sam_points import GridMasker, check_choice, load_state_dict_file, require_checkpoint_file
 
 log = logging.getLogger(__name__)
 

@@ -39,13 +39,14 @@ from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncode
 from segment_anything.utils.transforms import ResizeLongestSide
 from torch.nn import functional as F
 
-from hierarchical_masks.mask_io import InputError, patch_grid_points  # the grid is a data contract of mask_io
+from hierarchical_masks.devices import PRECISIONS
+from hierarchical_masks.errors import InputError
+from hierarchical_masks.point_grid import patch_grid_points
 from hierarchical_masks.sam_attention import ATTENTIONS, set_attention
 
 log = logging.getLogger(__name__)
 
 POINT_LABELS = ("foreground", "reference")
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CHECKPOINT_URLS = {
     "vit_h": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth",
     "vit_l": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_l_0b3195.pth",
