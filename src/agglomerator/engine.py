@@ -156,23 +156,23 @@ class StopOnNonFinite(pl.Callback):
     def __init__(self, monitor: str | None):
         self.monitor = monitor
 
-    def _stop(self, trainer: pl.Trainer, bad: bool, what: str) -> None:
+    def _stop(self, trainer: pl.Trainer, bad: bool, what) -> None:
+        """Raise if ``bad`` (on any rank); ``what()`` words it, only then (no host sync on the hot path)."""
         if trainer.world_size > 1:
             bad = trainer.strategy.reduce_boolean_decision(bad, all=False)
         if bad:
-            raise DivergedError(f"{what} at epoch {trainer.current_epoch}, step {trainer.global_step}")
+            raise DivergedError(f"{what()} at epoch {trainer.current_epoch}, step {trainer.global_step}")
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int) -> None:
         loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
         if isinstance(loss, torch.Tensor):
             finite = bool(torch.isfinite(loss.detach()).all())
-            self._stop(trainer, not finite, f"the training loss is {loss.detach().float().mean().item()}")
+            self._stop(trainer, not finite, lambda: f"the training loss is {loss.detach().float().mean().item()}")
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         value = trainer.callback_metrics.get(self.monitor) if self.monitor else None
         if isinstance(value, torch.Tensor):
-            self._stop(trainer, not bool(torch.isfinite(value).all()), f"{self.monitor} is {value.item()}")
-
+            self._stop(trainer, not bool(torch.isfinite(value).all()), lambda: f"{self.monitor} is {value.item()}")
         if not trainer.sanity_checking:
             self._check_weights(trainer, pl_module)  # before best-* (saved at validation end) ...
 
@@ -181,7 +181,7 @@ class StopOnNonFinite(pl.Callback):
 
     def _check_weights(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         finite = all(bool(torch.isfinite(p).all()) for p in pl_module.parameters())
-        self._stop(trainer, not finite, "the weights hold NaN or inf")
+        self._stop(trainer, not finite, lambda: "the weights hold NaN or inf")
 
 
 def make_logger(kind: str, run_dir: Path, exp_name: str):
