@@ -22,13 +22,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from hierarchical_masks.sam_attention import set_attention  # noqa: E402
 from hierarchical_masks.devices import PRECISIONS  # noqa: E402
-from hierarchical_masks.sam_points import SAM_BUILDERS, build_sam  # noqa: E402
+from hierarchical_masks.teachers import SAM1, TEACHERS, build_teacher  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--model_type", default="vit_b", choices=sorted(SAM_BUILDERS))
+    parser.add_argument("--model_type", default="vit_b", choices=[t.name for t in TEACHERS.values() if t.family is SAM1])
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=sorted(PRECISIONS))
     parser.add_argument("--rounds", type=int, default=3)
@@ -37,7 +37,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    sam = build_sam(args.model_type).to(device)
+    sam = build_teacher(args.model_type).to(device)
     with torch.no_grad():  # trained SAMs have non-zero relative-position tables; random ones start at zero
         for name, table in sam.image_encoder.named_parameters():
             if "rel_pos" in name:

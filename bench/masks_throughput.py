@@ -51,11 +51,13 @@ from segment_anything.utils.transforms import ResizeLongestSide
 
 from hierarchical_masks.image_folders import list_image_folder, load_rgb_image
 from hierarchical_masks.mask_io import load_masks
-from hierarchical_masks.patched_masks import MODEL_TYPES, write_patched_masks
-from hierarchical_masks.sam2_points import Sam2PointGridMasker, build_sam2_model, is_sam2_model
-from hierarchical_masks.sam_attention import ATTENTIONS, set_attention
 from hierarchical_masks.devices import PRECISIONS
-from hierarchical_masks.sam_points import PointGridMasker, build_sam, patch_grid_points
+from hierarchical_masks.patched_masks import write_patched_masks
+from hierarchical_masks.point_grid import patch_grid_points
+from hierarchical_masks.sam2_points import Sam2PointGridMasker
+from hierarchical_masks.sam_attention import ATTENTIONS, set_attention
+from hierarchical_masks.sam_points import PointGridMasker
+from hierarchical_masks.teachers import MODEL_TYPES, build_teacher, is_sam2_model
 from suite_table import save_rows
 
 flags.DEFINE_string("device", None, "torch device (default: cuda if visible, else cpu)")
@@ -181,10 +183,7 @@ def main(argv):
     if sam2 and any(attention != "sdpa" or compiled for _, attention, compiled in variants):
         raise SystemExit("error: SAM 2.1 runs --ours=fp32:sdpa|bf16:sdpa|fp16:sdpa only (its own attention, no compile here)")
     point_labels = "foreground" if sam2 else FLAGS.point_labels
-    if sam2:
-        sam = build_sam2_model(FLAGS.model_type, FLAGS.checkpoint).to(device)
-    else:
-        sam = build_sam(FLAGS.model_type, FLAGS.checkpoint).to(device)  # one instance; each path sets its attention
+    sam = build_teacher(FLAGS.model_type, FLAGS.checkpoint).to(device)  # one instance; each SAM 1 path sets its attention
     meta = dict(grid=FLAGS.img_size // FLAGS.patch_size, img_size=FLAGS.img_size, patch_size=FLAGS.patch_size, sam_model=FLAGS.model_type)
     n = FLAGS.num_images
     with tempfile.TemporaryDirectory(prefix="masks_bench_") as tmp:

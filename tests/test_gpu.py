@@ -37,12 +37,13 @@ def test_agglomerator_bf16_on_gpu_matches_fp32_cpu():
 
 
 def test_stage1_masks_on_gpu_match_cpu():
-    from hierarchical_masks.sam_points import PointGridMasker, build_sam
+    from hierarchical_masks.sam_points import PointGridMasker
+    from hierarchical_masks.teachers import build_teacher
 
     image = (np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8)
     masks = {}
     for device in ("cpu", "cuda"):
-        sam = build_sam("vit_tiny").to(device)
+        sam = build_teacher("vit_tiny").to(device)
         masker = PointGridMasker(sam, img_size=64, patch_size=16, precision="fp32")
         masks[device] = masker([image]).cpu().numpy()
     inter = (masks["cpu"] & masks["cuda"]).sum(axis=(-1, -2))
@@ -85,11 +86,12 @@ def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def test_stage1_sdpa_and_bf16_on_gpu_match_the_reference_attention_vit_b():
     """SAM ViT-B at its real size on the GPU: SDPA fp32 gives the reference's masks; bf16 + SDPA keeps mean IoU >= 0.97."""
     from hierarchical_masks.sam_attention import set_attention
-    from hierarchical_masks.sam_points import PointGridMasker, build_sam
+    from hierarchical_masks.sam_points import PointGridMasker
+    from hierarchical_masks.teachers import build_teacher
 
     rng = np.random.default_rng(0)
     images = (rng.random((2, 8, 8, 3)) * 255).astype(np.uint8).repeat(28, axis=1).repeat(28, axis=2)  # 224 px blocks
-    sam = _random_rel_pos(build_sam("vit_b")).cuda()
+    sam = _random_rel_pos(build_teacher("vit_b")).cuda()
     masks = {}
     for precision, attention in (("fp32", "reference"), ("fp32", "sdpa"), ("bf16", "sdpa")):
         set_attention(sam, attention)
@@ -100,10 +102,11 @@ def test_stage1_sdpa_and_bf16_on_gpu_match_the_reference_attention_vit_b():
 
 
 def test_stage1_inductor_compiled_encoder_on_gpu_gives_the_eager_masks():
-    from hierarchical_masks.sam_points import PointGridMasker, build_sam
+    from hierarchical_masks.sam_points import PointGridMasker
+    from hierarchical_masks.teachers import build_teacher
 
     images = (np.random.default_rng(1).random((3, 64, 64, 3)) * 255).astype(np.uint8)
-    sam = _random_rel_pos(build_sam("vit_tiny")).cuda()
+    sam = _random_rel_pos(build_teacher("vit_tiny")).cuda()
     eager = PointGridMasker(sam, img_size=64, patch_size=16)(images).cpu().numpy()
     compiled = PointGridMasker(sam, img_size=64, patch_size=16, compile_encoder=True)
     got = np.concatenate([compiled(images[:2]).cpu().numpy(), compiled(images[2:]).cpu().numpy()])  # the short batch is padded

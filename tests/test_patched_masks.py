@@ -25,8 +25,10 @@ from hierarchical_masks.errors import InputError
 from hierarchical_masks.image_folders import list_image_folder
 from hierarchical_masks.mask_io import load_masks, read_distinct_masks, read_mask_record, save_masks
 from hierarchical_masks.safe_files import safe_pickle_load
-from hierarchical_masks.sam2_points import Sam2PointGridMasker, build_sam2_model, load_sam2_checkpoint
-from hierarchical_masks.sam_points import PointGridMasker, build_sam, load_sam_checkpoint, patch_grid_points
+from hierarchical_masks.point_grid import patch_grid_points
+from hierarchical_masks.sam2_points import Sam2PointGridMasker
+from hierarchical_masks.sam_points import PointGridMasker
+from hierarchical_masks.teachers import build_teacher, load_teacher_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "src" / "hierarchical_masks" / "patched_masks.py"
@@ -43,12 +45,12 @@ TEACHER_FORMATS = [("vit_tiny", "v2"), ("vit_tiny", "v1"), ("sam2.1_hiera_test",
 
 @pytest.fixture(scope="module")
 def tiny_sam():
-    return build_sam("vit_tiny")
+    return build_teacher("vit_tiny")
 
 
 @pytest.fixture(scope="module")
 def tiny_sam2():
-    return build_sam2_model("sam2.1_hiera_test")
+    return build_teacher("sam2.1_hiera_test")
 
 
 # SAM2ImagePredictor scripts its transforms with torch.jit.script, which torch now warns about
@@ -162,7 +164,7 @@ def test_sam2_batched_masks_match_sam2_image_predictor_one_point_at_a_time(tiny_
 @predictor_warning
 def test_sam2_1_hiera_tiny_masks_match_sam2_image_predictor_one_point_at_a_time():
     """The real SAM 2.1 Hiera-T (1024 px, random weights), one image, every 7th point (40-90 s on a shared 2-core CPU)."""
-    model = build_sam2_model("sam2.1_hiera_tiny")
+    model = build_teacher("sam2.1_hiera_tiny")
     images = [synthetic_image(4, (224, 224))]
     masks = Sam2PointGridMasker(model, img_size=224, patch_size=16, points_per_batch=98)(images).numpy()
     assert_masks_match_predictor_one_point_at_a_time(masks, images, sam2_predictor(model), every=7)  # 1024 px: sizes unchanged
@@ -411,38 +413,38 @@ def test_grayscale_cmyk_rgba_images_are_converted(tmp_path):
 def test_tiny_checkpoint_loads_and_mismatches_are_explained(tmp_path, tiny_sam):
     good = tmp_path / "tiny.pth"
     torch.save(tiny_sam.state_dict(), good)
-    loaded = build_sam("vit_tiny", good)
+    loaded = build_teacher("vit_tiny", good)
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), tiny_sam.state_dict().values()))
 
     looks_like_vit_b = dict(tiny_sam.state_dict(), **{"image_encoder.pos_embed": torch.zeros(1, 64, 64, 768)})
     wrong = tmp_path / "wrong.pth"
     torch.save(looks_like_vit_b, wrong)
     with pytest.raises(InputError, match=r"does not fit --sam_model_type=vit_tiny.*--sam_model_type=vit_b"):
-        load_sam_checkpoint(build_sam("vit_tiny"), wrong, "vit_tiny")
+        load_teacher_checkpoint(build_teacher("vit_tiny"), wrong, "vit_tiny")
 
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"not a checkpoint")
     with pytest.raises(InputError, match="not a readable SAM checkpoint"):
-        build_sam("vit_tiny", garbage)
+        build_teacher("vit_tiny", garbage)
 
 
 def test_sam2_checkpoint_loads_and_mismatches_are_explained(tmp_path, tiny_sam, tiny_sam2):
     released = tmp_path / "sam2_test.pt"  # the released files hold {"model": state_dict}
     torch.save({"model": tiny_sam2.state_dict()}, released)
-    loaded = build_sam2_model("sam2.1_hiera_test", released, seed=1)  # another seed: the weights come from the file
+    loaded = build_teacher("sam2.1_hiera_test", released, seed=1)  # another seed: the weights come from the file
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), tiny_sam2.state_dict().values()))
 
     sam1 = tmp_path / "tiny.pth"
     torch.save(tiny_sam.state_dict(), sam1)
     with pytest.raises(InputError, match=r"does not fit --sam_model_type=sam2.1_hiera_test.*--sam_model_type=vit_tiny$"):
-        load_sam2_checkpoint(tiny_sam2, sam1, "sam2.1_hiera_test")
+        load_teacher_checkpoint(tiny_sam2, sam1, "sam2.1_hiera_test")
     with pytest.raises(InputError, match=r"does not fit --sam_model_type=vit_tiny.*--sam_model_type=sam2.1_hiera_test$"):
-        load_sam_checkpoint(build_sam("vit_tiny"), released, "vit_tiny")
+        load_teacher_checkpoint(build_teacher("vit_tiny"), released, "vit_tiny")
 
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a checkpoint")
     with pytest.raises(InputError, match="not a readable SAM 2.1 checkpoint"):
-        build_sam2_model("sam2.1_hiera_test", garbage)
+        build_teacher("sam2.1_hiera_test", garbage)
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,8 @@ from hierarchical_masks import patched_masks
 from hierarchical_masks.errors import InputError
 from hierarchical_masks.mask_io import load_masks
 from hierarchical_masks.sam_attention import SDPAAttention, attention_of, set_attention
-from hierarchical_masks.sam_points import PointGridMasker, build_sam
+from hierarchical_masks.sam_points import PointGridMasker
+from hierarchical_masks.teachers import build_teacher
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -81,15 +82,15 @@ def test_sdpa_encoder_equals_reference_windowed_padded_and_global():
 
 
 def test_build_sam_defaults_to_sdpa_and_checks_the_choice():
-    assert attention_of(build_sam("vit_tiny")) == "sdpa"
-    assert attention_of(build_sam("vit_tiny", attention="reference")) == "reference"
-    assert attention_of(build_sam("vit_tiny").mask_decoder) is None  # the decoder's attention is another class
+    assert attention_of(build_teacher("vit_tiny")) == "sdpa"
+    assert attention_of(build_teacher("vit_tiny", attention="reference")) == "reference"
+    assert attention_of(build_teacher("vit_tiny").mask_decoder) is None  # the decoder's attention is another class
     with pytest.raises(InputError, match="--attention='flash'"):
-        build_sam("vit_tiny", attention="flash")
+        build_teacher("vit_tiny", attention="flash")
 
 
 def test_sdpa_masks_equal_reference_attention_vit_tiny():
-    sam = random_rel_pos(build_sam("vit_tiny"))
+    sam = random_rel_pos(build_teacher("vit_tiny"))
     batch = images(2, 64)
     iou = mask_iou(masks_with(sam, "reference", batch), masks_with(sam, "sdpa", batch))
     assert iou.min() >= 0.99, f"IoU min {iou.min():.4f}"
@@ -98,7 +99,7 @@ def test_sdpa_masks_equal_reference_attention_vit_tiny():
 def test_compiled_encoder_traces_pads_the_short_batch_and_gives_the_same_masks():
     # backend "eager": dynamo traces the encoder (graph breaks, guards, the padding) in seconds on a CPU;
     # inductor's code generation is checked by the slow test below and on a GPU in test_gpu.py
-    sam = random_rel_pos(build_sam("vit_tiny"))
+    sam = random_rel_pos(build_teacher("vit_tiny"))
     batch = images(3, 64)
     expected = masks_with(sam, "reference", batch)
     set_attention(sam, "sdpa")
@@ -127,7 +128,7 @@ def test_stage1_flags_reach_the_model(tmp_path):
 
 @pytest.mark.slow
 def test_inductor_compiled_encoder_gives_the_same_masks():
-    sam = random_rel_pos(build_sam("vit_tiny"))
+    sam = random_rel_pos(build_teacher("vit_tiny"))
     batch = images(3, 64)
     expected = masks_with(sam, "reference", batch)
     set_attention(sam, "sdpa")
@@ -139,7 +140,7 @@ def test_inductor_compiled_encoder_gives_the_same_masks():
 @pytest.mark.slow
 def test_sdpa_equals_reference_vit_b():
     """SAM ViT-B (random weights, real size: 1024 px, 64x64 tokens, 14x14 windows padded to 70, 4 global blocks)."""
-    sam = random_rel_pos(build_sam("vit_b"))
+    sam = random_rel_pos(build_teacher("vit_b"))
     masker = PointGridMasker(sam, img_size=224)
     x = sam.preprocess(torch.as_tensor(masker.model_input(images(1, 224)[0]))[None].float())
     with torch.inference_mode():  # one encoder forward per attention; the masks come from those embeddings

@@ -16,8 +16,9 @@ Reference command (still works verbatim)::
         --in_data_path=datasets/imagenette2/val --out_data_path=datasets/imagenette2/val_masks \\
         --sam_checkpoint=sam_vit_h_4b8939.pth --sam_model_type=vit_h --img_size 224 --patch_size=16
 
-This file is the wiring (flags, errors); the maths is in ``sam_points.py`` (SAM 1)
-and ``sam2_points.py`` (SAM 2.1), the shared per-image loop helpers in
+This file is the wiring (flags, errors); the teachers (which models, their
+checkpoints and options) are ``teachers.py``, the maths is in ``sam_points.py``
+(SAM 1) and ``sam2_points.py`` (SAM 2.1), the shared per-image loop helpers in
 ``per_image_runner.py``.
 """
 
@@ -37,7 +38,7 @@ import numpy as np
 import torch
 
 from hierarchical_masks.devices import PRECISIONS, resolve_device
-from hierarchical_masks.errors import InputError, OutputWriteError
+from hierarchical_masks.errors import InputError, OutputWriteError, check_choice
 from hierarchical_masks.image_folders import ImageRecord, list_image_folder, load_rgb_image
 from hierarchical_masks.mask_io import DEFAULT_MASK_FORMAT, MASK_FORMATS, save_masks
 from hierarchical_masks.per_image_runner import (
@@ -52,78 +53,20 @@ from hierarchical_masks.per_image_runner import (
     prepare_output_folder,
     record_failure,
 )
+from hierarchical_masks.point_grid import patch_grid_points
 from hierarchical_masks.sam_attention import ATTENTIONS
-from hierarchical_masks.sam2_points import (
-    SAM2_CONFIGS,
-    Sam2PointGridMasker,
-    build_sam2_model,
-    is_sam2_model,
-    require_sam2_checkpoint_file,
-)
-from hierarchical_masks.sam_points import (
-    CHECKPOINT_URLS,
-    POINT_LABELS,
-    SAM_BUILDERS,
-    GridMasker,
-    PointGridMasker,
-    build_sam,
-    check_choice,
-    patch_grid_points,
+from hierarchical_masks.sam_points import POINT_LABELS, GridMasker
+from hierarchical_masks.teachers import (
+    DEFAULT_MODEL_TYPE,
+    MODEL_TYPES,
+    TEST_MODEL_TYPES,
+    build_masker,
+    check_options,
+    default_checkpoint,
     require_checkpoint_file,
 )
 
 log = logging.getLogger(__name__)
-
-DEFAULT_CHECKPOINT = "sam_vit_h_4b8939.pth"
-MODEL_TYPES = sorted(SAM_BUILDERS) + list(SAM2_CONFIGS)  # SAM 1, then SAM 2.1
-TEST_MODEL_TYPES = ("vit_tiny", "sam2.1_hiera_test")  # small random-weight models for tests and smoke runs
-
-
-def default_checkpoint(model_type: str) -> str:
-    """The released checkpoint's file name for ``model_type`` (looked for in the working directory)."""
-    url = SAM2_CONFIGS[model_type][1] if is_sam2_model(model_type) else CHECKPOINT_URLS.get(model_type)
-    return url.rsplit("/", 1)[1] if url else DEFAULT_CHECKPOINT
-
-
-def check_model_options(model_type: str, *, point_labels: str, attention: str, compile_encoder: bool) -> None:
-    """Raise :class:`InputError` for an unknown model type or an option the model lacks."""
-    check_choice("sam_model_type", model_type, MODEL_TYPES)
-    if not is_sam2_model(model_type):
-        return
-    if point_labels != "foreground":
-        raise InputError(f"--point_labels={point_labels} reproduces the reference's SAM 1 prompts; SAM 2.1 takes --point_labels=foreground")
-    if attention != "sdpa":
-        raise InputError(f"--attention={attention} is for SAM 1's image encoder; SAM 2.1 always uses its own (SDPA): drop the flag")
-    if compile_encoder:
-        raise InputError("--compile is not supported for SAM 2.1 yet; drop the flag")
-
-
-def require_model_checkpoint(model_type: str, checkpoint: str) -> None:
-    """A missing checkpoint file is an error naming its download address (its fit is checked when each worker loads it)."""
-    if is_sam2_model(model_type):
-        require_sam2_checkpoint_file(checkpoint, model_type)
-    else:
-        require_checkpoint_file(checkpoint, model_type)
-
-
-def build_masker(
-    model_type: str, checkpoint: str | None, device: torch.device | str, *, img_size: int, patch_size: int, point_labels: str,
-    precision: str, attention: str, points_per_batch: int, compile_encoder: bool,
-) -> GridMasker:
-    """The teacher (SAM 1 or SAM 2.1, on ``device``) wrapped in its point-grid masker."""
-    if is_sam2_model(model_type):
-        model = build_sam2_model(model_type, checkpoint).to(device)
-        return Sam2PointGridMasker(model, img_size=img_size, patch_size=patch_size, precision=precision, points_per_batch=points_per_batch)
-    sam = build_sam(model_type, checkpoint, attention=attention).to(device)
-    return PointGridMasker(
-        sam,
-        img_size=img_size,
-        patch_size=patch_size,
-        point_labels=point_labels,
-        precision=precision,
-        points_per_batch=points_per_batch,
-        compile_encoder=compile_encoder,
-    )
 
 
 def _load_batch(records: Sequence[ImageRecord], masker: GridMasker, skip_bad_images: bool):
@@ -233,8 +176,8 @@ def run(
     *,
     in_data_path: str,
     out_data_path: str,
-    sam_model_type: str = "vit_h",
-    sam_checkpoint: str | None = DEFAULT_CHECKPOINT,
+    sam_model_type: str = DEFAULT_MODEL_TYPE,
+    sam_checkpoint: str | None = default_checkpoint(DEFAULT_MODEL_TYPE),
     device: str = "cpu",
     img_size: int = 224,
     patch_size: int = 16,
@@ -259,8 +202,7 @@ def run(
     patch_grid_points(img_size, patch_size)  # raises on img_size % patch_size
     check_choice("point_labels", point_labels, POINT_LABELS)
     check_choice("precision", precision, PRECISIONS)
-    check_choice("attention", attention, ATTENTIONS)
-    check_model_options(sam_model_type, point_labels=point_labels, attention=attention, compile_encoder=compile_encoder)
+    check_options(sam_model_type, point_labels=point_labels, attention=attention, compile_encoder=compile_encoder)
     check_choice("mask_format", mask_format, MASK_FORMATS)
     if batch_size < 1 or points_per_batch < 1:
         raise ValueError(f"--batch_size={batch_size} and --points_per_batch={points_per_batch} must be >= 1")
@@ -270,7 +212,7 @@ def run(
         raise InputError(f"--in_data_path={in_data_path}: no images in its class folders (expected <root>/<class>/<image>, e.g. datasets/imagenette2/val)")
     prepare_output_folder(out_data_path)  # also removes temporary files a killed run left
     if sam_checkpoint is not None:
-        require_model_checkpoint(sam_model_type, sam_checkpoint)
+        require_checkpoint_file(sam_checkpoint, sam_model_type)
 
     worker = launch_workers(device, num_processes, num_nodes)
     masker = build_masker(
@@ -322,12 +264,12 @@ def define_flags() -> None:
     flags.DEFINE_string("out_data_path", None, "mask folder to write (default datasets/imagenette2/<split>_masks)")
     flags.DEFINE_string(
         "sam_checkpoint",
-        DEFAULT_CHECKPOINT,
+        default_checkpoint(DEFAULT_MODEL_TYPE),
         "SAM checkpoint file (default: the released file name of --sam_model_type, e.g. sam_vit_h_4b8939.pth or "
         "sam2.1_hiera_large.pt); empty or 'none' for random weights (vit_tiny, sam2.1_hiera_test: random unless given)",
     )
     flags.DEFINE_enum(
-        "sam_model_type", "vit_h", MODEL_TYPES,
+        "sam_model_type", DEFAULT_MODEL_TYPE, MODEL_TYPES,
         "teacher: SAM 1 (a segment_anything registry key, or vit_tiny) or SAM 2.1 (sam2.1_hiera_*; sam2.1_hiera_test is tiny)",
     )
     flags.DEFINE_alias("model_type", "sam_model_type")

@@ -4,12 +4,11 @@ Based on the ``sam2`` package (facebookresearch/sam2): its model configs,
 ``build_sam2``, Hiera image encoder, prompt encoder and mask decoder are used
 as they are. What this module adds, mirroring ``sam_points.py`` for SAM 1:
 
-* :data:`SAM2_CONFIGS`: ``--sam_model_type`` names -> sam2's own config files,
-  plus ``sam2.1_hiera_test``, the Hiera-T config made small (256 px in, narrow
-  and shallow) through hydra overrides, for tests and CPU smoke runs;
-* :func:`build_sam2_model`: random weights drawn from a seed, or a checkpoint
-  read with ``weights_only=True``, with one-line errors for a missing or
-  mismatching file;
+* :func:`build_sam2_model`: a model from one of sam2's own config files, with
+  random weights (``teachers.py`` names the models, seeds them and loads
+  checkpoints), and :data:`TEST_MODEL_OVERRIDES`, the hydra overrides that make
+  Hiera-T small (256 px in, narrow and shallow: ``sam2.1_hiera_test``) for
+  tests and CPU smoke runs;
 * :class:`Sam2PointGridMasker`: the point prompts encoded once, one
   image-encoder forward per batch of images, then every grid point of an
   image as its own single-point prompt through the mask decoder in one (or a
@@ -32,29 +31,17 @@ the package is not installed (e.g. the offline GPU machine of
 
 from __future__ import annotations
 
-import logging
-import os
-from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
 from torch.nn import functional as F
 
-from hierarchical_masks.point_grid import patch_grid_points
 from hierarchical_masks.devices import PRECISIONS
-from hierarchical_masks.sam_points import GridMasker, check_choice, load_state_dict_file, require_checkpoint_file
+from hierarchical_masks.errors import check_choice
+from hierarchical_masks.point_grid import patch_grid_points
+from hierarchical_masks.sam_points import GridMasker
 
-log = logging.getLogger(__name__)
-
-_CHECKPOINT_BASE = "https://dl.fbaipublicfiles.com/segment_anything_2/092824"
-# --sam_model_type -> (sam2's config file, checkpoint URL); the configs ship inside the sam2 package
-SAM2_CONFIGS = {
-    "sam2.1_hiera_tiny": ("configs/sam2.1/sam2.1_hiera_t.yaml", f"{_CHECKPOINT_BASE}/sam2.1_hiera_tiny.pt"),
-    "sam2.1_hiera_small": ("configs/sam2.1/sam2.1_hiera_s.yaml", f"{_CHECKPOINT_BASE}/sam2.1_hiera_small.pt"),
-    "sam2.1_hiera_base_plus": ("configs/sam2.1/sam2.1_hiera_b+.yaml", f"{_CHECKPOINT_BASE}/sam2.1_hiera_base_plus.pt"),
-    "sam2.1_hiera_large": ("configs/sam2.1/sam2.1_hiera_l.yaml", f"{_CHECKPOINT_BASE}/sam2.1_hiera_large.pt"),
-    "sam2.1_hiera_test": ("configs/sam2.1/sam2.1_hiera_t.yaml", None),
-}
 # sam2.1_hiera_test: Hiera-T's structure at a quarter of its input side (256 px in, 16 x 16 top
 # features, 64 x 64 low-res masks), 32 channels in the first stage, one block per stage (two in the
 # third), a 64-wide decoder: every transform, feature level and decoder step runs for real in
@@ -68,64 +55,18 @@ TEST_MODEL_OVERRIDES = [
     "++model.image_encoder.neck.backbone_channel_list=[256,128,64,32]",
     "++model.image_encoder.neck.position_encoding.num_pos_feats=64",
 ]
-# the trunk's first width and block count tell the released models apart
-_MODEL_OF_TRUNK = {(96, 12): "sam2.1_hiera_tiny", (96, 16): "sam2.1_hiera_small", (112, 24): "sam2.1_hiera_base_plus",
-                   (144, 48): "sam2.1_hiera_large", (32, 5): "sam2.1_hiera_test"}
 
 
-def is_sam2_model(model_type: str) -> bool:
-    """Whether ``--sam_model_type`` names a SAM 2.1 model (else it is a SAM 1 one)."""
-    return model_type in SAM2_CONFIGS
+def build_sam2_model(config: str, overrides: Sequence[str] = ()) -> torch.nn.Module:
+    """A SAM 2.1 model (``sam2.modeling.sam2_base.SAM2Base``) in eval mode, on the CPU, with random weights.
 
-
-def sam2_model_type_of(state_dict: dict) -> str | None:
-    """Guess which SAM 2.1 model a state dict (or a ``{'model': state_dict}`` file) belongs to."""
-    state_dict = state_dict.get("model", state_dict)
-    patch = state_dict.get("image_encoder.trunk.patch_embed.proj.weight") if isinstance(state_dict, dict) else None
-    if not isinstance(patch, torch.Tensor):
-        return None
-    blocks = {key.split(".")[3] for key in state_dict if key.startswith("image_encoder.trunk.blocks.")}
-    return _MODEL_OF_TRUNK.get((int(patch.shape[0]), len(blocks)))
-
-
-def require_sam2_checkpoint_file(checkpoint: str | os.PathLike, model_type: str) -> Path:
-    """``checkpoint`` as a path; a missing file is an error that says where to download it."""
-    return require_checkpoint_file(checkpoint, model_type, url=SAM2_CONFIGS[model_type][1])
-
-
-def load_sam2_checkpoint(model: torch.nn.Module, checkpoint: str | os.PathLike, model_type: str) -> None:
-    """Load a SAM 2.1 checkpoint (``{'model': state_dict}``, as released, or a bare state dict) into ``model``.
-
-    Read with ``weights_only=True``. Raises :class:`InputError` (one line naming the
-    flag and the fix) for a missing or unreadable file or one of another model.
+    Built by ``sam2.build_sam.build_sam2`` from ``config``, one of the package's own config files
+    (e.g. ``configs/sam2.1/sam2.1_hiera_l.yaml``), with hydra ``overrides`` (:data:`TEST_MODEL_OVERRIDES`
+    for the test model). ``sam2`` is imported here, so SAM 1 runs without it.
     """
-    path = require_sam2_checkpoint_file(checkpoint, model_type)
-    load_state_dict_file(model, path, checkpoint, model_type, kind="SAM 2.1", published=".pt file")
-
-
-def build_sam2_model(model_type: str, checkpoint: str | os.PathLike | None = None, *, seed: int = 0) -> torch.nn.Module:
-    """A SAM 2.1 model (``sam2.modeling.sam2_base.SAM2Base``) in eval mode, on the CPU.
-
-    Built by ``sam2.build_sam.build_sam2`` from the package's own config
-    (``sam2.1_hiera_test``: Hiera-T's made small, see :data:`TEST_MODEL_OVERRIDES`).
-    ``checkpoint=None`` gives random weights (a warning says so), drawn from
-    ``seed`` so every run and every rank gets the same model.
-    """
-    check_choice("sam_model_type", model_type, SAM2_CONFIGS)
     from sam2.build_sam import build_sam2
 
-    config, _ = SAM2_CONFIGS[model_type]
-    overrides = TEST_MODEL_OVERRIDES if model_type == "sam2.1_hiera_test" else []
-    if checkpoint is not None:
-        require_sam2_checkpoint_file(checkpoint, model_type)  # before the build: a typo costs no time
-    else:
-        log.warning("SAM 2.1 %s has random weights (no --sam_checkpoint): masks are only good for tests and timing", model_type)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = build_sam2(config, ckpt_path=None, device="cpu", mode="eval", hydra_overrides_extra=list(overrides))
-    if checkpoint is not None:
-        load_sam2_checkpoint(model, checkpoint, model_type)
-    return model.eval()
+    return build_sam2(config, ckpt_path=None, device="cpu", mode="eval", hydra_overrides_extra=list(overrides)).eval()
 
 
 class Sam2PointGridMasker(GridMasker):

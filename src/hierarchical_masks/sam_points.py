@@ -1,14 +1,11 @@
 """SAM masks for a grid of single-point prompts, batched (the maths of stage 1).
 
-Based on segment_anything (facebookresearch/segment-anything): the model
-registry, the image encoder, prompt encoder and mask decoder are used as they
-are. What this module adds:
+Based on segment_anything (facebookresearch/segment-anything): the image
+encoder, prompt encoder and mask decoder are used as they are. What this
+module adds (which models there are, and how checkpoints load: ``teachers.py``):
 
-* :func:`patch_grid_points`: one point at the centre of every patch, row-major;
-* :func:`build_sam`: ``segment_anything.sam_model_registry`` plus ``vit_tiny``,
-  a small SAM made of the same modules for tests and CPU smoke runs, with
-  one-line errors for a missing or mismatching checkpoint, and the image
-  encoder's attention through SDPA by default (``sam_attention.py``);
+* :func:`build_sam_vit_tiny`: a small SAM made of the same modules, for tests
+  and CPU smoke runs;
 * :class:`PointGridMasker`: the point prompts encoded once, one image-encoder
   forward per batch of images, then every grid point of an image as its own
   single-point prompt in one (or a few chunked) mask-decoder calls that share
@@ -27,53 +24,35 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from functools import partial
-from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
-from segment_anything import sam_model_registry
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 from segment_anything.utils.transforms import ResizeLongestSide
 from torch.nn import functional as F
 
 from hierarchical_masks.devices import PRECISIONS
-from hierarchical_masks.errors import InputError
+from hierarchical_masks.errors import check_choice
 from hierarchical_masks.point_grid import patch_grid_points
-from hierarchical_masks.sam_attention import ATTENTIONS, set_attention
 
 log = logging.getLogger(__name__)
 
 POINT_LABELS = ("foreground", "reference")
-CHECKPOINT_URLS = {
-    "vit_h": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth",
-    "vit_l": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_l_0b3195.pth",
-    "vit_b": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth",
-}
-
-
-def check_choice(flag: str, value: str, choices) -> None:
-    """Raise :class:`InputError` naming ``--flag`` when ``value`` is not one of ``choices``."""
-    if value not in choices:
-        raise InputError(f"--{flag}={value!r} is unknown; choose one of {', '.join(sorted(choices))}")
-
-
-# --------------------------------------------------------------------------- points
 
 
 # --------------------------------------------------------------------------- models
 
 
-def build_sam_vit_tiny(checkpoint: str | None = None) -> Sam:
+def build_sam_vit_tiny() -> Sam:
     """A small SAM made of segment_anything's own modules (for tests and CPU smoke runs).
 
     The real models' structure at a quarter of their input side (256 px in,
     16 x 16 embedding grid, 64 x 64 low-res masks) and a fraction of their
     widths and depths, so every resize, coordinate transform and decoder step
     runs for real in well under a second per image on a CPU. Random weights
-    unless ``checkpoint`` is given.
+    (``teachers.build_teacher`` loads a checkpoint into it).
     """
     embed_dim, image_size, vit_patch = 32, 256, 16
     sam = Sam(
@@ -105,106 +84,7 @@ def build_sam_vit_tiny(checkpoint: str | None = None) -> Sam:
             iou_head_hidden_dim=32,
         ),
     )
-    if checkpoint is not None:
-        load_sam_checkpoint(sam, checkpoint, "vit_tiny")
     return sam.eval()
-
-
-def _build_registry_model(model_type: str, checkpoint: str | None) -> Sam:
-    sam = sam_model_registry[model_type](checkpoint=None)  # weights loaded below, safely
-    if checkpoint is not None:
-        load_sam_checkpoint(sam, checkpoint, model_type)
-    return sam.eval()
-
-
-SAM_BUILDERS: dict[str, Callable[[str | None], Sam]] = {
-    **{name: partial(_build_registry_model, name) for name in sam_model_registry},
-    "vit_tiny": build_sam_vit_tiny,
-}
-
-
-def _model_type_of(state_dict: dict) -> str | None:
-    """Guess which model a state dict belongs to: SAM 1 from its encoder width, else SAM 2.1 (``sam2_points``)."""
-    widths = {1280: "vit_h", 1024: "vit_l", 768: "vit_b", 64: "vit_tiny"}
-    pos = state_dict.get("image_encoder.pos_embed")
-    if isinstance(pos, torch.Tensor):
-        return widths.get(int(pos.shape[-1]))
-    from hierarchical_masks.sam2_points import sam2_model_type_of  # imports no sam2 (only its file layout)
-
-    return sam2_model_type_of(state_dict)
-
-
-def require_checkpoint_file(checkpoint: str | os.PathLike, model_type: str, url: str | None = None) -> Path:
-    """``checkpoint`` as a path; a missing file is an error that says where to download it.
-
-    ``url``: the download address (default: SAM 1's released file of ``model_type``, if any).
-    """
-    path = Path(checkpoint)
-    if not path.is_file():
-        url = url or CHECKPOINT_URLS.get(model_type)
-        fix = f"download it from {url}" if url else "pass an existing file"
-        raise InputError(f"--sam_checkpoint={checkpoint}: file not found; {fix}")
-    return path
-
-
-def load_state_dict_file(model: torch.nn.Module, path: Path, checkpoint: str | os.PathLike, model_type: str, *,
-                         kind: str = "SAM", published: str = ".pth file") -> None:
-    """Load the state dict in ``path`` (read with ``weights_only=True``) into ``model``: SAM 1 and SAM 2.1 alike.
-
-    A released SAM 2.1 file wraps it as ``{'model': state_dict}``; that is unwrapped.
-
-    Raises:
-        InputError: not a state dict, or one of another model (the message names ``--sam_checkpoint``,
-            and the ``--sam_model_type`` the file fits when that can be told).
-    """
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types (with pages of text) for a bad file; all mean the same here
-        raise InputError(
-            f"--sam_checkpoint={checkpoint}: not a readable {kind} checkpoint ({type(exc).__name__} in torch.load); "
-            f"pass the {published} published for {model_type}"
-        ) from None
-    state_dict = state.get("model", state) if isinstance(state, dict) else state
-    if not isinstance(state_dict, dict):
-        raise InputError(f"--sam_checkpoint={checkpoint}: holds a {type(state_dict).__name__}, not a {kind} state dict")
-    try:
-        model.load_state_dict(state_dict)
-    except RuntimeError:
-        guess = _model_type_of(state_dict)
-        hint = f"it looks like a {guess} checkpoint: pass --sam_model_type={guess}" if guess else "pass the checkpoint of that model type"
-        raise InputError(f"--sam_checkpoint={checkpoint} does not fit --sam_model_type={model_type}; {hint}") from None
-
-
-def load_sam_checkpoint(sam: Sam, checkpoint: str | os.PathLike, model_type: str) -> None:
-    """Load ``checkpoint`` (a state dict, read with ``weights_only=True``) into ``sam``.
-
-    Raises:
-        InputError: the file is missing, not a state dict, or belongs to another
-            model type (the message names the flag and the fix).
-    """
-    load_state_dict_file(sam, require_checkpoint_file(checkpoint, model_type), checkpoint, model_type)
-
-
-def build_sam(
-    model_type: str, checkpoint: str | os.PathLike | None = None, *, seed: int = 0, attention: str = "sdpa"
-) -> Sam:
-    """Build a SAM in eval mode: any ``sam_model_registry`` key or ``vit_tiny``.
-
-    ``checkpoint=None`` gives random weights (a warning says so), drawn from
-    ``seed`` so every run and every rank gets the same model; masks from
-    random weights are only good for tests and timing. ``attention``:
-    ``'sdpa'`` runs the image encoder's attention through
-    ``F.scaled_dot_product_attention`` (same maths, fused kernels),
-    ``'reference'`` keeps segment_anything's own (see ``sam_attention.py``).
-    """
-    check_choice("sam_model_type", model_type, SAM_BUILDERS)
-    check_choice("attention", attention, ATTENTIONS)
-    if checkpoint is not None:
-        return set_attention(SAM_BUILDERS[model_type](str(checkpoint)), attention)
-    log.warning("SAM %s has random weights (no --sam_checkpoint): masks are only good for tests and timing", model_type)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return set_attention(SAM_BUILDERS[model_type](None), attention)
 
 
 # --------------------------------------------------------------------------- masks
