@@ -23,7 +23,6 @@ small matrix per axis instead of materialising 1024 x 1024 logits.
 from __future__ import annotations
 
 import contextlib
-import logging
 from functools import partial
 from typing import Sequence
 
@@ -36,8 +35,6 @@ from torch.nn import functional as F
 from hierarchical_masks.devices import PRECISIONS
 from hierarchical_masks.errors import check_choice
 from hierarchical_masks.point_grid import patch_grid_points
-
-log = logging.getLogger(__name__)
 
 POINT_LABELS = ("foreground", "reference")
 

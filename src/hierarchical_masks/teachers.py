@@ -43,6 +43,7 @@ class Family:
     name: str  # as messages and the README say it
     masker: Callable[..., GridMasker]  # (model, *, img_size, patch_size, precision, points_per_batch, **options)
     options: tuple[str, ...]  # the stage-1 options beyond sizes, precision and points_per_batch that it takes
+    checkpoint_kind: str  # what checkpoint-error messages call its files
     published: str  # what its released checkpoints are, for error messages
 
 
@@ -63,16 +64,8 @@ class Teacher:
         return self.url.rsplit("/", 1)[1] if self.url else None
 
 
-def _sam1_masker(sam, *, point_labels: str = "foreground", compile_encoder: bool = False, **common) -> GridMasker:
-    return PointGridMasker(sam, point_labels=point_labels, compile_encoder=compile_encoder, **common)
-
-
-def _sam2_masker(model, **common) -> GridMasker:
-    return Sam2PointGridMasker(model, **common)
-
-
-SAM1 = Family("SAM 1", _sam1_masker, ("point_labels", "attention", "compile_encoder"), ".pth file")
-SAM2_1 = Family("SAM 2.1", _sam2_masker, (), ".pt file")
+SAM1 = Family("SAM 1", PointGridMasker, ("point_labels", "attention", "compile_encoder"), "SAM", ".pth file")
+SAM2_1 = Family("SAM 2.1", Sam2PointGridMasker, (), "SAM 2.1", ".pt file")
 
 # the options a family may lack: (the value that means "not used", the error when another is given)
 OPTION_DEFAULTS = {
@@ -88,9 +81,11 @@ _SAM2_SUMMARY = "SAM 2.1 (`sam2`, Hiera image encoders), 39-224 M parameters"
 _TEST_SUMMARY = "tiny random-weight models of each, for tests and smoke runs"
 
 
-def _sam1(name: str, url: str | None, width: int, **extra) -> Teacher:
-    build = partial(sam_model_registry[name], checkpoint=None) if name in sam_model_registry else build_sam_vit_tiny
-    return Teacher(name, SAM1, build, url, ("vit", width), extra.pop("summary", _SAM1_SUMMARY), **extra)
+def _sam1(name: str, url: str | None, width: int, *, build: Callable[[], torch.nn.Module] | None = None,
+          summary: str = _SAM1_SUMMARY, default: bool = False) -> Teacher:
+    """A SAM 1 teacher; ``build`` defaults to segment_anything's registry entry of ``name``."""
+    build = build or partial(sam_model_registry[name], checkpoint=None)
+    return Teacher(name, SAM1, build, url, ("vit", width), summary, default)
 
 
 def _sam2(name: str, config: str, width: int, blocks: int, test: bool = False) -> Teacher:
@@ -108,7 +103,7 @@ _TEACHERS = [
     _sam2("sam2.1_hiera_base_plus", "sam2.1_hiera_b+.yaml", 112, 24),
     _sam2("sam2.1_hiera_large", "sam2.1_hiera_l.yaml", 144, 48),
     # the test models: each family's structure, small (sam_points.build_sam_vit_tiny, sam2_points.TEST_MODEL_OVERRIDES)
-    _sam1("vit_tiny", None, 64, summary=_TEST_SUMMARY),
+    _sam1("vit_tiny", None, 64, build=build_sam_vit_tiny, summary=_TEST_SUMMARY),
     _sam2("sam2.1_hiera_test", "sam2.1_hiera_t.yaml", 32, 5, test=True),
     # segment_anything's own alias of vit_h
     Teacher("default", SAM1, partial(sam_model_registry["default"], checkpoint=None), f"{_SAM1_BASE}/sam_vit_h_4b8939.pth", None,
@@ -190,7 +185,7 @@ def load_teacher_checkpoint(model: torch.nn.Module, checkpoint: str | os.PathLik
     """
     teacher = get_teacher(name)
     path = require_checkpoint_file(checkpoint, name)
-    kind = "SAM" if teacher.family is SAM1 else teacher.family.name
+    kind = teacher.family.checkpoint_kind
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types (with pages of text) for a bad file; all mean the same here
