@@ -68,6 +68,8 @@ from hierarchical_masks.safe_files import atomic_write_bytes, atomic_write_json 
 FLAGS = flags.FLAGS
 METHODS = ("sam_distill", "sam_distill_random", "supcon", "random_init", "supervised")
 PRETRAINED = ("sam_distill", "sam_distill_random", "supcon")
+PRETRAIN_ONLY = ("--scheduler", "--learning_rate", "--batch_size", "--weight_decay", "--optimizer", "--distill_loss",
+                 "--teacher_norm", "--level_weights", "--max_epochs")  # --pretrain_flags the fine-tuning does not take
 TEACHER_SUFFIX = {"sam_distill": "_masks_embeds", "sam_distill_random": f"_masks_embeds_random_{OFFLINE_TEACHER_MODEL}"}
 flags.DEFINE_string("out_dir", "runs/toy_study", "Runs, probes and the report go under <out_dir>/<variant>.")
 flags.DEFINE_string("variant", "budgets", "Name of this set of settings (a sub-folder of --out_dir).")
@@ -86,6 +88,7 @@ flags.DEFINE_list("pretrain_flags", ["--scheduler=constant"],
 flags.DEFINE_list("finetune_flags", [], "Extra src/main.py flags for fine-tuning.")
 flags.DEFINE_integer("islands_count", 30, "Test images whose islands are scored per run (at the longest budget).")
 flags.DEFINE_bool("probes", True, "Linear probes of every level at the longest budget (and of the teachers).")
+flags.DEFINE_bool("islands", True, "Islands scores of the pretrained columns at the longest budget.")
 flags.DEFINE_bool("overwrite", False, "Redo finished steps (the ledger's rows too).")
 flags.DEFINE_string("ledger", "", "JSON file of finished rows (default: <out_dir>/<variant>/results.json); rows in it are not "
                     "run again, each new row is added as it finishes. Commit it to keep a study across machines.")
@@ -101,6 +104,8 @@ def prepare_data(toy: Path) -> None:
                              f"--val_per_class={FLAGS.val_per_class}"], quiet=True)
     weights = {"sam_distill": [f"--encoder_checkpoint={OFFLINE_TEACHER_PACKAGE}"], "sam_distill_random": ["--pretrained=False"]}
     for method, suffix in TEACHER_SUFFIX.items():
+        if method not in FLAGS.methods and not FLAGS.probes:  # the teacher probes need both teachers' embeddings
+            continue
         for split in ("train", "val"):
             run_step(f"stage 2 ({method} teacher) on {split}", [
                 str(SRC / "hierarchical_masks" / "masks_to_embeds.py"), "--device=cpu", f"--in_masks_path={toy / f'{split}_masks'}",
@@ -160,7 +165,7 @@ def run_budget(folder: Path, method: str, seed: int, budget: int) -> dict | None
             run_step(f"{method} seed {seed}: test the distillation at epoch {budget}",
                      ["src/main.py", *common, "--mode=test", f"--load_checkpoint_dir={checkpoint}", f"--output_dir={tested}"], quiet=True)
         resume = ["--resume_training", f"--load_checkpoint_dir={checkpoint}"] if checkpoint else []
-        architecture = [f for f in FLAGS.pretrain_flags if not f.startswith("--scheduler")] if checkpoint else []
+        architecture = [f for f in FLAGS.pretrain_flags if not f.startswith(PRETRAIN_ONLY)] if checkpoint else []
         train_once(f"{method} seed {seed}: fine-tune after {budget} pretraining epochs", fine,
                    [*common, "--supervise", *resume, f"--max_epochs={FLAGS.finetune_epochs}", *architecture, *FLAGS.finetune_flags],
                    FLAGS.overwrite, quiet=True)
@@ -193,10 +198,11 @@ def final_extras(folder: Path, method: str, seed: int, budget: int) -> dict:
         if (folder / f"probes_e{budget:03d}.json").is_file():
             extras["probes"] = json.loads((folder / f"probes_e{budget:03d}.json").read_text())
         return extras
-    if not (islands / "islands" / "scores.json").is_file() or FLAGS.overwrite:
+    if FLAGS.islands and (not (islands / "islands" / "scores.json").is_file() or FLAGS.overwrite):
         run_step(f"{method} seed {seed}: islands", ["src/main.py", *common, "--mode=islands", f"--load_checkpoint_dir={checkpoint}",
                                                      f"--islands_count={FLAGS.islands_count}", f"--output_dir={islands}"], quiet=True)
-    extras["islands"] = json.loads((islands / "islands" / "scores.json").read_text())
+    if FLAGS.islands:
+        extras["islands"] = json.loads((islands / "islands" / "scores.json").read_text())
     if FLAGS.probes:
         extras["probes"] = cached(folder / f"probes_e{budget:03d}.json", lambda: student_probes(checkpoint, seed))
     return extras
@@ -261,7 +267,7 @@ def recorded_flags() -> dict:
 
 
 def has_extras(row: dict) -> bool:
-    return bool(row.get("curve")) and "islands" in row and ("probes" in row or not FLAGS.probes)
+    return bool(row.get("curve")) and ("islands" in row or not FLAGS.islands) and ("probes" in row or not FLAGS.probes)
 
 
 class Ledger:

@@ -49,9 +49,13 @@ flags.DEFINE_enum("pretrain_objective", "sam_distill", ["sam_distill", "supcon"]
                   "Pretraining objective when not --supervise: sam_distill (the paper) or supcon (original Agglomerator).")
 flags.DEFINE_bool("finetune_backbone", False, "With --supervise, also train the backbone (default: frozen, as the reference).")
 flags.DEFINE_list("level_weights", ["0.1", "0.2", "0.7"], "sam_distill loss weight per level, low to high.")
-flags.DEFINE_enum("teacher_norm", "none", ["none", "dataset"],
-                  "sam_distill targets: none (the reference: raw embeddings) or dataset (z-scored per dimension with "
-                  "train-set statistics, so the loss weighs how masks differ rather than the embeddings' common mean).")
+flags.DEFINE_enum("teacher_norm", "none", ["none", "dataset", "layer"],
+                  "sam_distill targets: none (the reference: raw embeddings), dataset (z-scored per dimension with "
+                  "train-set statistics, so the loss weighs how masks differ rather than the embeddings' common mean) or "
+                  "layer (each target whitened over its own dimensions: a LayerNorm without affine).")
+flags.DEFINE_enum("distill_loss", "mse", ["mse", "smooth_l1", "cosine"],
+                  "sam_distill loss per column and level: mse (the reference), smooth_l1 (Huber, beta 1) or cosine "
+                  "(1 - cosine similarity: the direction of each target only).")
 flags.DEFINE_integer("levels_encoder_dim", 256, "Output dimension of the levels encoder (the teacher's D).")
 flags.DEFINE_enum("levels_encoder_norm", "columns", ["columns", "features"],
                   "LayerNorms of the levels encoder: over the columns (the reference; erases what all columns of an "

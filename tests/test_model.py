@@ -115,6 +115,23 @@ def test_each_objective_loss_falls_on_a_fixed_batch(objective):
     assert losses[-1] < 0.7 * losses[0], losses
 
 
+def test_distill_losses_against_direct_formulas():
+    """--distill_loss: each kind is the level-weighted mean of its textbook formula, 0 for a perfect student."""
+    a, b = torch.randn(2, 5, 3, 8), torch.randn(2, 5, 3, 8) * 3
+    weights = (0.1, 0.2, 0.7)
+    w = torch.tensor(weights)
+    diff = a - b
+    huber = torch.where(diff.abs() < 1, 0.5 * diff.square(), diff.abs() - 0.5)
+    cosine = 1 - (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))
+    expected = {"mse": diff.square().mean(dim=(0, 1, 3)), "smooth_l1": huber.mean(dim=(0, 1, 3)), "cosine": cosine.mean(dim=(0, 1))}
+    for kind, per_level in expected.items():
+        torch.testing.assert_close(levels_distill_loss(a, b, weights, kind), (per_level * w).sum())
+        assert abs(float(levels_distill_loss(a, a, weights, kind))) < 1e-6
+    assert float(levels_distill_loss(a, 5 * a, weights, "cosine")) < 1e-6 < float(levels_distill_loss(a, 5 * a, weights, "mse"))
+    with pytest.raises(ValueError, match="--distill_loss='l3'"):
+        levels_distill_loss(a, b, weights, "l3")
+
+
 def test_supcon_loss_prefers_aligned_views():
     torch.manual_seed(0)
     a = torch.nn.functional.normalize(torch.randn(8, 16), dim=1)

@@ -103,3 +103,22 @@ def test_a_ledger_of_another_recipe_is_refused(tmp_path):
     proc = study(tmp_path, "--report_only", f"--ledger={ledger}")
     assert proc.returncode != 0
     assert "--finetune_epochs: 5 there, 8 now" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_sweep_report_ranks_variants_by_validation_with_paired_differences(tmp_path):
+    """experiments/toy_sweep.py --report_only: one table from the variants' ledgers, best validation accuracy first,
+    each variant's paired difference to base, and no test numbers (the recipe is chosen without them)."""
+    ledgers = tmp_path / "ledgers"
+    ledgers.mkdir()
+    for name, accs in (("base", (0.50, 0.54)), ("lr_5e-3", (0.56, 0.58)), ("loss_cosine", (0.40, 0.46))):
+        runs = [{"method": "sam_distill", "seed": s, "budget": 10, "val_accuracy": a, "test_accuracy": 0.987, "pretrain_seconds": 120.0,
+                 "curve": {"10": {"val_distill_r2": 0.05 + 0.01 * s}}} for s, a in enumerate(accs)]
+        (ledgers / f"{name}.json").write_text(json.dumps({"flags": {}, "runs": runs, "teachers": {}}))
+    proc = subprocess.run([sys.executable, str(ROOT / "experiments" / "toy_sweep.py"), "--report_only", "--budget=10",
+                           f"--ledger_dir={ledgers}", f"--out_dir={tmp_path / 'out'}"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = [line for line in (tmp_path / "out" / "report.md").read_text().splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert [r.split(" | ")[0] for r in rows] == ["| lr_5e-3", "| base", "| loss_cosine"]
+    assert "| 57.0 ± 1.4 (56.0, 58.0) | 5.5 ± 0.7 | 5.0 ± 1.4 | 2.0 |" in rows[0]
+    assert "| — |" in rows[1] and "| -9.0 ± 1.4 |" in rows[2]
+    assert "98.7" not in proc.stdout

@@ -27,7 +27,7 @@ def r2_of(space: TargetSpace, prediction: torch.Tensor, embeds: torch.Tensor) ->
     return {k: float(v) for k, v in metric.compute().items()}
 
 
-@pytest.mark.parametrize("norm", ["dataset", "none"])
+@pytest.mark.parametrize("norm", ["dataset", "none", "layer"])
 def test_mean_predictor_scores_zero_and_a_perfect_one_scores_one(norm):
     embeds = torch.from_numpy(low_rank_embeds())
     space = TargetSpace(16, 6, 3, norm=norm)
@@ -38,6 +38,19 @@ def test_mean_predictor_scores_zero_and_a_perfect_one_scores_one(norm):
     assert perfect["distill_r2"] == pytest.approx(1.0) and perfect["distill_r2_l2"] == pytest.approx(1.0)
     half = r2_of(space, (space.normalise(embeds) + mean_prediction) / 2, embeds)
     assert half["distill_r2"] == pytest.approx(0.75, abs=1e-5)  # half the error: a quarter of the squared error
+
+
+def test_layer_norm_whitens_each_target_on_its_own():
+    """--teacher_norm=layer: every target vector gets mean 0 and variance 1 over its D, whatever its scale,
+    with no statistics fitted (a target's normalisation does not depend on the other images)."""
+    embeds = torch.from_numpy(low_rank_embeds())
+    space = TargetSpace(16, 6, 3, norm="layer")
+    space.fit(embeds)
+    z = space.normalise(embeds[:3] * 7 - 2)  # scaled and shifted: the same normalised targets
+    torch.testing.assert_close(z, space.normalise(embeds[:3]), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(z.mean(-1), torch.zeros(z.shape[:-1]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(z.var(-1, unbiased=False), torch.ones(z.shape[:-1]), atol=1e-3, rtol=0)
+    assert torch.equal(space.mean, torch.zeros(16)) and torch.equal(space.std, torch.ones(16))
 
 
 def test_image_mean_r2_is_the_share_of_the_targets_shared_by_an_images_columns():

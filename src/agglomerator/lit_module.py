@@ -33,7 +33,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from agglomerator.model import Agglomerator, AgglomeratorConfig
-from agglomerator.objectives import DEFAULT_LEVEL_WEIGHTS, levels_distill_loss, supcon_loss
+from agglomerator.objectives import DEFAULT_LEVEL_WEIGHTS, DISTILL_LOSSES, levels_distill_loss, supcon_loss
 from agglomerator.targets import DistillR2, TargetSpace
 
 log = logging.getLogger(__name__)
@@ -61,10 +61,13 @@ class AgglomeratorLitModule(pl.LightningModule):
         teacher_norm: str = "none",
         embed_dim: int | None = None,
         target_dim: int | None = None,
+        distill_loss: str = "mse",
     ):
         """``embed_dim``: the teacher's D (default: what the model outputs); ``target_dim``: regress the
         ``target_dim`` leading principal axes of the normalised targets instead of all D
         (:class:`~agglomerator.targets.TargetSpace`; the model must then output ``target_dim``).
+        ``distill_loss``: ``mse``, ``smooth_l1`` or ``cosine`` (:func:`~agglomerator.objectives.levels_distill_loss`);
+        ``distill_r2`` is always scored in squared error, whichever loss trains.
         ``plot_islands`` and ``plot_every`` are ignored (and no longer saved): checkpoints written before
         the islands moved to :class:`~agglomerator.islands_callback.IslandsCallback` carry them."""
         super().__init__()
@@ -72,6 +75,8 @@ class AgglomeratorLitModule(pl.LightningModule):
             raise ValueError(f"objective={objective!r}: choose one of {OBJECTIVES}")
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"--optimizer={optimizer!r}: choose one of {OPTIMIZERS}")
+        if distill_loss not in DISTILL_LOSSES:
+            raise ValueError(f"--distill_loss={distill_loss!r}: choose one of {', '.join(DISTILL_LOSSES)}")
         self.save_hyperparameters(ignore=["plot_islands", "plot_every"])
         config = AgglomeratorConfig(**{**model, "contrastive_head": model.get("contrastive_head", False) or objective == "supcon"})
         self.model = Agglomerator(config)
@@ -148,7 +153,7 @@ class AgglomeratorLitModule(pl.LightningModule):
         batch_size = image.shape[0]
         if self.objective == "sam_distill":
             targets = batch["targets"] if "targets" in batch else self.targets(batch["embeds"])
-            loss = levels_distill_loss(out.encoded, targets, self.level_weights)
+            loss = levels_distill_loss(out.encoded, targets, self.level_weights, self.hparams.distill_loss)
             if stage != "train" and self.targets_fitted:
                 constants = batch["target_constants"] if "target_constants" in batch else self.targets.constants(batch["embeds"])
                 self.r2[stage].update(self.targets.errors(out.encoded, targets, constants))

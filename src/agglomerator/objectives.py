@@ -12,20 +12,36 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 
 DEFAULT_LEVEL_WEIGHTS = (0.1, 0.2, 0.7)  # levels 0 / 1 / 2 (reference)
 
 
-def levels_distill_loss(encoded: torch.Tensor, embeds: torch.Tensor, level_weights: Sequence[float] = DEFAULT_LEVEL_WEIGHTS) -> torch.Tensor:
-    """Weighted per-level MSE between ``encoded`` and ``embeds``, both ``(b, n, l, D)``.
+DISTILL_LOSSES = ("mse", "smooth_l1", "cosine")
 
-    ``sum_i w_i * mean((encoded[:, :, i] - embeds[:, :, i])**2)``.
+
+def levels_distill_loss(encoded: torch.Tensor, embeds: torch.Tensor, level_weights: Sequence[float] = DEFAULT_LEVEL_WEIGHTS,
+                        kind: str = "mse") -> torch.Tensor:
+    """Weighted per-level loss between ``encoded`` and ``embeds``, both ``(b, n, l, D)``: ``sum_i w_i * loss_i``.
+
+    ``kind`` (``--distill_loss``): ``mse``, ``mean((encoded[:, :, i] - embeds[:, :, i])**2)`` (the reference);
+    ``smooth_l1``, the same mean of the Huber loss with ``beta = 1`` (quadratic below one unit of the
+    normalised targets, linear above: an outlier target pulls less); ``cosine``, the mean over columns of
+    ``1 - cos(encoded, embeds)`` along ``D`` (each target's direction only, its norm free).
     """
     if encoded.shape != embeds.shape:
         raise ValueError(f"model levels {tuple(encoded.shape)} and teacher embeddings {tuple(embeds.shape)} differ in shape")
     if len(level_weights) != encoded.shape[2]:
         raise ValueError(f"{len(level_weights)} level weights given for {encoded.shape[2]} levels")
-    per_level = (encoded.float() - embeds.float()).square().mean(dim=(0, 1, 3))  # (l,)
+    encoded, embeds = encoded.float(), embeds.float()
+    if kind == "mse":
+        per_level = (encoded - embeds).square().mean(dim=(0, 1, 3))  # (l,)
+    elif kind == "smooth_l1":
+        per_level = F.smooth_l1_loss(encoded, embeds, reduction="none", beta=1.0).mean(dim=(0, 1, 3))
+    elif kind == "cosine":
+        per_level = (1 - F.cosine_similarity(encoded, embeds, dim=-1)).mean(dim=(0, 1))
+    else:
+        raise ValueError(f"--distill_loss={kind!r}: choose one of {', '.join(DISTILL_LOSSES)}")
     return (per_level * per_level.new_tensor(level_weights)).sum()
 
 

@@ -5,7 +5,10 @@ dimension), become the student's targets in two steps, both fitted on the train 
 and kept as buffers (so every checkpoint carries them):
 
 1. normalise (``--teacher_norm``): ``dataset`` z-scores every dimension with train-set
-   statistics, ``none`` keeps the embeddings as stage 2 wrote them;
+   statistics; ``layer`` whitens each target vector on its own (a LayerNorm without affine
+   over its D, as feature-distillation work does: every target gets mean 0 and unit
+   variance over its dimensions, so none weighs more by its norm); ``none`` keeps the
+   embeddings as stage 2 wrote them;
 2. reduce (``--target_dim=k``, optional): project onto the ``k`` leading principal axes
    of the normalised train targets. The levels encoder then maps to ``k`` instead of
    ``D`` (or there is no encoder, when ``k`` equals ``--patch_dim``), which is where most
@@ -31,7 +34,8 @@ import torch
 from torch import nn
 from torchmetrics import Metric
 
-NORMS = ("none", "dataset")
+NORMS = ("none", "dataset", "layer")
+LAYER_EPS = 1e-5  # --teacher_norm=layer: as torch.nn.functional.layer_norm's default
 STD_FLOOR = 0.1  # --teacher_norm=dataset: no feature's std below this fraction of the median feature's
 
 
@@ -50,7 +54,7 @@ class TargetSpace(nn.Module):
     """The normalisation and optional PCA reduction of the teacher's embeddings, fitted once on train.
 
     ``teacher_dim`` D, ``num_patches`` n, ``levels`` l; ``target_dim`` k (None: no reduction).
-    Buffers: ``mean``/``std`` ``(D,)`` (identity for ``norm="none"``), ``column_mean`` ``(n, l, D)``
+    Buffers: ``mean``/``std`` ``(D,)`` (``norm="dataset"`` only; identity otherwise), ``column_mean`` ``(n, l, D)``
     (the mean predictor, normalised), and with a reduction ``center`` ``(D,)``, ``components``
     ``(k, D)`` (rows orthonormal) and ``explained`` ``(k,)`` (each axis's share of the variance).
     """
@@ -101,6 +105,8 @@ class TargetSpace(nn.Module):
         embeds = embeds.float()
         if self.norm == "dataset":
             return (embeds - self.mean) / self.std.clamp(min=1e-6)
+        if self.norm == "layer":
+            return torch.nn.functional.layer_norm(embeds, embeds.shape[-1:], eps=LAYER_EPS)
         return embeds
 
     def forward(self, embeds: torch.Tensor) -> torch.Tensor:
