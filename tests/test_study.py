@@ -119,6 +119,6 @@ def test_sweep_report_ranks_variants_by_validation_with_paired_differences(tmp_p
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     rows = [line for line in (tmp_path / "out" / "report.md").read_text().splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert [r.split(" | ")[0] for r in rows] == ["| lr_5e-3", "| base", "| loss_cosine"]
-    assert "| 57.0 ± 1.4 (56.0, 58.0) | 5.5 ± 0.7 | 5.0 ± 1.4 | 2.0 |" in rows[0]
+    assert "| 57.0 ± 1.4 (56.0, 58.0) | 5.5 ± 0.7 / 5.5 ± 0.7 | 5.0 ± 1.4 | 2.0 |" in rows[0]
     assert "| — |" in rows[1] and "| -9.0 ± 1.4 |" in rows[2]
     assert "98.7" not in proc.stdout
