@@ -198,10 +198,10 @@ def final_extras(folder: Path, method: str, seed: int, budget: int) -> dict:
         if (folder / f"probes_e{budget:03d}.json").is_file():
             extras["probes"] = json.loads((folder / f"probes_e{budget:03d}.json").read_text())
         return extras
-    if FLAGS.islands and (not (islands / "islands" / "scores.json").is_file() or FLAGS.overwrite):
-        run_step(f"{method} seed {seed}: islands", ["src/main.py", *common, "--mode=islands", f"--load_checkpoint_dir={checkpoint}",
-                                                     f"--islands_count={FLAGS.islands_count}", f"--output_dir={islands}"], quiet=True)
     if FLAGS.islands:
+        if not (islands / "islands" / "scores.json").is_file() or FLAGS.overwrite:
+            run_step(f"{method} seed {seed}: islands", ["src/main.py", *common, "--mode=islands", f"--load_checkpoint_dir={checkpoint}",
+                                                         f"--islands_count={FLAGS.islands_count}", f"--output_dir={islands}"], quiet=True)
         extras["islands"] = json.loads((islands / "islands" / "scores.json").read_text())
     if FLAGS.probes:
         extras["probes"] = cached(folder / f"probes_e{budget:03d}.json", lambda: student_probes(checkpoint, seed))

@@ -32,6 +32,10 @@ import numpy as np
 from absl import app, flags
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+from agglomerator.toy_dataset import CLASS_NAMES  # noqa: E402
+
 FLAGS = flags.FLAGS
 
 CONSTANT = "--scheduler=constant"
@@ -97,6 +101,12 @@ def mean_std(values: list[float]) -> str:
     return f"{np.mean(values):.1f} ± {np.std(values, ddof=1):.1f}" if len(values) > 1 else f"{values[0]:.1f}"
 
 
+def held_out_images() -> int:
+    """The validation split's size: per class what ``PartWholeDataModule.hold_out`` holds out, times the toy classes."""
+    per_class = min(max(1, int(round(FLAGS.train_per_class * FLAGS.val_from_train))), FLAGS.train_per_class - 1)
+    return len(CLASS_NAMES) * per_class
+
+
 def report() -> str:
     base = rows_of("base")
     table = []
@@ -115,7 +125,7 @@ def report() -> str:
                       f"{mean_std(diffs) if diffs else '—'} | {minutes:.1f} |"))
     lines = [f"Recipe sweep: sam_distill (pretrained teacher), {FLAGS.budget} pretraining epochs, then the study's "
              f"frozen-backbone fine-tuning; validation = {FLAGS.val_from_train:.0%} of {FLAGS.train_per_class} train "
-             "images per class held out per seed (600 images); mean ± std over seeds. Ranked by validation accuracy. "
+             f"images per class held out per seed ({held_out_images()} images); mean ± std over seeds. Ranked by validation accuracy. "
              "Test numbers are not shown: the recipe is chosen without them. distill_r2 is scored in each variant's own "
              "normalised target space, so it compares learning within a row, not targets across norms.", "",
              "| variant | change against base | seeds | val accuracy % | val distill_r2 x100, last / best epoch | val accuracy minus base, paired | "
