@@ -78,6 +78,9 @@ flags.DEFINE_integer("train_per_class", 100, "Toy training images per class (the
 flags.DEFINE_integer("val_per_class", 30, "Toy test images per class (the toy val folder, used as the test split).")
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds: each one seeds pretraining, fine-tuning and the held-out split.")
 flags.DEFINE_list("methods", list(METHODS), f"Which of {', '.join(METHODS)}.")
+flags.DEFINE_integer("unlabelled_per_class", 0, "More unlabelled data: sam_distill arms also pretrain on this many new toy "
+                     "images per class (<data_dir>/unlabelled/toy, generator seed 1: none is a study image; labels unused), "
+                     "then fine-tune on the same labelled images. A budget stays in epochs, now over the larger set. 0: none.")
 flags.DEFINE_float("val_from_train", 0.1, "Fraction of train held out (per class) as the validation split.")
 flags.DEFINE_list("budgets", ["10", "30", "100"], "Pretraining epochs at which each pretraining is read (one run, constant learning rate).")
 flags.DEFINE_integer("finetune_epochs", 8, "Epochs of each fine-tuning.")
@@ -102,16 +105,29 @@ flags.DEFINE_bool("report_only", False, "Run nothing: write the report from the 
 def prepare_data(toy: Path) -> None:
     run_step("toy dataset", [str(SRC / "make_toy_dataset.py"), f"--out_dir={toy}", f"--train_per_class={FLAGS.train_per_class}",
                              f"--val_per_class={FLAGS.val_per_class}"], quiet=True)
+    images = [toy / "train", toy / "val"]
+    if FLAGS.unlabelled_per_class:
+        extra = unlabelled_images()
+        run_step("unlabelled toy images", [str(SRC / "make_toy_dataset.py"), f"--out_dir={extra.parent}", "--seed=1",
+                                           f"--train_per_class={FLAGS.unlabelled_per_class}", "--val_per_class=0"], quiet=True)
+        images.append(extra)
     weights = {"sam_distill": [f"--encoder_checkpoint={OFFLINE_TEACHER_PACKAGE}"], "sam_distill_random": ["--pretrained=False"]}
     for method, suffix in TEACHER_SUFFIX.items():
         if method not in FLAGS.methods and not FLAGS.probes:  # the teacher probes need both teachers' embeddings
             continue
-        for split in ("train", "val"):
-            run_step(f"stage 2 ({method} teacher) on {split}", [
-                str(SRC / "hierarchical_masks" / "masks_to_embeds.py"), "--device=cpu", f"--in_masks_path={toy / f'{split}_masks'}",
-                f"--in_images_path={toy / split}", f"--out_data_path={toy / f'{split}{suffix}'}",
-                f"--encoder_model_name={OFFLINE_TEACHER_MODEL}", *weights[method], "--embed_dtype=float16",
-                "--img_height=64", "--img_width=64", "--progress=False"], quiet=True)
+        for folder in images:
+            if folder == unlabelled_images() and method not in FLAGS.methods:
+                continue
+            run_step(f"stage 2 ({method} teacher) on {folder}", [
+                str(SRC / "hierarchical_masks" / "masks_to_embeds.py"), "--device=cpu",
+                f"--in_masks_path={folder.with_name(folder.name + '_masks')}", f"--in_images_path={folder}",
+                f"--out_data_path={folder.with_name(folder.name + suffix)}", f"--encoder_model_name={OFFLINE_TEACHER_MODEL}",
+                *weights[method], "--embed_dtype=float16", "--img_height=64", "--img_width=64", "--progress=False"], quiet=True)
+
+
+def unlabelled_images() -> Path:
+    """The more-unlabelled-data variant's extra images (``--unlabelled_per_class``): the toy generator with another seed."""
+    return Path(FLAGS.data_dir) / "unlabelled" / "toy" / "train"
 
 
 def common_flags(seed: int, suffix: str) -> list[str]:
@@ -129,11 +145,12 @@ def budgets() -> list[int]:
 def pretrain_to(folder: Path, method: str, seed: int, budget: int) -> Path:
     """Pretrain ``method`` to ``budget`` epochs (continuing the same run); returns ``epoch-<budget>.ckpt``."""
     objective = "supcon" if method == "supcon" else "sam_distill"
+    extra = [f"--unlabelled_dir={unlabelled_images()}"] if FLAGS.unlabelled_per_class and objective == "sam_distill" else []
     keep = ",".join(map(str, budgets()))
     checkpoint = folder / "pretrain" / "checkpoints" / f"epoch-{budget:03d}.ckpt"
     ran = train_once(f"{method} seed {seed}: pretrain to epoch {budget}", folder / "pretrain",
                      [*common_flags(seed, TEACHER_SUFFIX.get(method, "_masks_embeds")), f"--pretrain_objective={objective}",
-                      f"--max_epochs={budget}", f"--keep_checkpoints_at={keep}", *FLAGS.pretrain_flags],
+                      f"--max_epochs={budget}", f"--keep_checkpoints_at={keep}", *extra, *FLAGS.pretrain_flags],
                      FLAGS.overwrite and budget == budgets()[0], quiet=True, done=checkpoint)
     if ran:
         record_segment(folder / "pretrain", budget)
@@ -222,7 +239,8 @@ def best_val_accuracy(run: Path) -> float:
 
 
 def learning_curve(run: Path) -> dict:
-    """Per epoch (1-based), the pretraining's validation loss and (sam_distill) distill_r2, over every resumed segment."""
+    """Per epoch (1-based), the pretraining's validation loss and (sam_distill) validation and train distill_r2, over
+    every resumed segment."""
     curve: dict = {}
     for row in csv_rows(run):
         if row.get("val/loss") and row.get("epoch"):
@@ -230,6 +248,8 @@ def learning_curve(run: Path) -> dict:
             entry["val_loss"] = float(row["val/loss"])
             if row.get("val/distill_r2"):
                 entry["val_distill_r2"] = float(row["val/distill_r2"])
+        if row.get("train/distill_r2") and row.get("epoch"):  # logged on a row of its own, at the train epoch's end
+            curve.setdefault(int(row["epoch"]) + 1, {})["train_distill_r2"] = float(row["train/distill_r2"])
     return {str(k): curve[k] for k in sorted(curve)}
 
 
@@ -259,7 +279,7 @@ def cached(path: Path, compute):
 # --------------------------------------------------------------------------- the ledger
 
 RECIPE = ("val_from_train", "finetune_epochs", "supervised_epochs", "pretrain_flags", "finetune_flags", "train_per_class",
-          "val_per_class")  # the flags a row's numbers depend on (seeds, methods and budgets only say which rows)
+          "val_per_class", "unlabelled_per_class")  # the flags a row's numbers depend on (seeds, methods and budgets only say which rows)
 
 
 def recorded_flags() -> dict:

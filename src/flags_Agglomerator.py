@@ -69,6 +69,10 @@ flags.DEFINE_string("embeds_suffix", "_masks_embeds", "sam_distill teacher: embe
 flags.DEFINE_float("val_from_train", 0.0, "Image-folder datasets: hold out this seeded fraction of train (per class) as "
                    "the validation split and keep the val folder as the test split only, to tune without touching it. "
                    "0: val = test = the val folder (the reference).")
+flags.DEFINE_string("unlabelled_dir", "", "sam_distill pretraining on image folders: more training images, labels unused: "
+                    "an image folder <dir>/<any folder>/<img> whose stage-2 embeddings lie in <dir><embeds_suffix> (the "
+                    "train split's layout, e.g. datasets/unlabelled/toy/train and .../train_masks_embeds). The validation "
+                    "and test splits are unchanged. Empty: none.")
 flags.DEFINE_string("output_dir", "", "Run folder (default runs/<exp_name>/<time>-<objective>).")
 flags.DEFINE_bool("overwrite", False, "Train into an --output_dir that holds another run's checkpoints, deleting that run "
                   "(checkpoints, logs, results). Without it such a folder is refused, unless this is a --resume_training of "

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from fakes import TINY_FLAGS, make_image_folder
+from hierarchical_masks.errors import InputError
 from hierarchical_masks.mask_io import save_embeddings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,6 +109,45 @@ def test_val_from_train_holds_out_part_of_train_and_tests_on_the_val_folder(data
     again = PartWholeDataModule(config, expected_embed_shape=(4, 3, 32))
     again.setup()
     assert [r.path for r in again.splits["val"].records] == [r.path for r in val.records]  # seeded
+
+
+def test_unlabelled_dir_adds_images_to_the_sam_distill_training_split_only(data_dir, tmp_path):
+    from agglomerator.data import DataConfig, PartWholeDataModule, WithUnlabelled
+    from agglomerator.targets import TargetSpace
+
+    extra = make_image_folder(tmp_path, classes=("x", "y", "z"), per_class=2, splits=("more",), seed=5) / "more"
+    config = DataConfig(dataset="IMAGENETTE", data_dir=str(data_dir), image_size=32, val_from_train=0.25, seed=3,
+                        unlabelled_dir=str(extra), embeds_in_memory=True)
+    datamodule = PartWholeDataModule(config, expected_embed_shape=(4, 3, 32))
+    datamodule.setup()
+    train, val, test = (datamodule.splits[s] for s in ("train", "val", "test"))
+    assert isinstance(train, WithUnlabelled) and (len(train), len(val), len(test)) == (6 + 6, 2, 8)
+    assert [train[i]["label"] for i in range(6, 12)] == [-1] * 6  # other folders, labels unused
+    assert len(train.records) == 6 and len(datamodule.eval_loader("train").dataset) == 6  # freeze exports the labelled ones
+    embeds = train.sample_embeddings()
+    assert embeds.shape == (12, 4, 3, 32)  # fitted on both
+    np.testing.assert_array_equal(embeds[-1], datamodule.splits["train"].datasets[1].embeddings(5))
+    space = TargetSpace(32, 4, 3, norm="dataset")
+    space.fit(embeds)
+    train.precompute_targets(space)
+    assert train[11]["targets"].shape == (4, 3, 32) and "embeds" not in train[11]
+
+    for bad in (DataConfig(dataset="IMAGENETTE", data_dir=str(data_dir), image_size=32, objective="classify", unlabelled_dir=str(extra)),
+                DataConfig(dataset="IMAGENETTE", data_dir=str(data_dir), image_size=32, unlabelled_dir=str(tmp_path / "nowhere"))):
+        with pytest.raises(InputError, match="unlabelled|nowhere"):
+            PartWholeDataModule(bad, expected_embed_shape=(4, 3, 32)).setup()
+
+
+def test_pretraining_with_unlabelled_images_and_train_r2_from_the_cli(data_dir, tmp_path):
+    extra = make_image_folder(tmp_path, per_class=4, splits=("more",), seed=5) / "more"
+    run = tmp_path / "pre"
+    out = run_main(*TINY_FLAGS, f"--data_dir={data_dir}", "--max_epochs=1", f"--unlabelled_dir={extra}", f"--output_dir={run}")
+    assert "train (sam_distill): 1 epochs, 4 steps" in out.stdout  # 8 labelled + 8 unlabelled images, batch 4
+    header = next(run.glob("logs/version_*/metrics.csv")).read_text().splitlines()[0].split(",")
+    assert {"train/distill_r2", "val/distill_r2"} <= set(header)
+    bad = run_main(*TINY_FLAGS, f"--data_dir={data_dir}", "--supervise", f"--unlabelled_dir={extra}",
+                   f"--output_dir={tmp_path / 'fine'}", expect_ok=False)
+    assert bad.returncode == 1 and "--unlabelled_dir" in bad.stderr.strip().splitlines()[-1]
 
 
 def test_teacher_stats_floor_a_nearly_dead_feature(tmp_path):

@@ -21,10 +21,14 @@ Datasets:
 * torchvision's ``CIFAR10``, ``CIFAR100``, ``MNIST``, ``FashionMNIST`` and
   ``smallNORB`` (our reader of the official files); val = a seeded 10 % of train,
   test = the official test split.
+
+``sam_distill`` needs no labels: ``unlabelled_dir`` adds more images (another image folder
+with its stage-2 embeddings) to its training split only (:class:`WithUnlabelled`).
 """
 
 from __future__ import annotations
 
+import bisect
 import gzip
 import os
 import weakref
@@ -36,7 +40,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, default_collate
 from torchvision import transforms as T
 
 from hierarchical_masks.errors import InputError
@@ -81,6 +85,7 @@ class DataConfig:
     val_from_train: float = 0.0  # folder datasets: >0 holds out this fraction of train as val; test = the val folder
     val_masks_items: int = 4  # the first val/test images that carry their stage-1 masks (when <root>/<folder>_masks exists)
     embeds_in_memory: bool = False  # read every split's embeddings once, at setup, instead of once per item and epoch
+    unlabelled_dir: str = ""  # sam_distill: more training images <dir>/<folder>/<img>, embeddings in <dir><embeds_suffix>
 
     @property
     def root(self) -> Path:
@@ -272,6 +277,28 @@ class ImageFolderWithEmbeddings(Dataset):
         return item
 
 
+class WithUnlabelled(ConcatDataset):
+    """sam_distill's training split with more images: the labelled split's items, then the unlabelled ones'.
+
+    The targets are fitted on (and, in memory, precomputed for) both; ``records`` are the labelled split's
+    (what ``--mode freeze`` exports as train).
+    """
+
+    def __init__(self, labelled: ImageFolderWithEmbeddings, unlabelled: ImageFolderWithEmbeddings):
+        super().__init__([labelled, unlabelled])
+        self.records = labelled.records
+
+    def embeddings(self, index: int) -> np.ndarray:
+        part = bisect.bisect_right(self.cumulative_sizes, index)
+        return self.datasets[part].embeddings(index - (self.cumulative_sizes[part - 1] if part else 0))
+
+    sample_embeddings = ImageFolderWithEmbeddings.sample_embeddings
+
+    def precompute_targets(self, space, batch: int = 64) -> None:
+        for part in self.datasets:
+            part.precompute_targets(space, batch)
+
+
 class TupleAsDict(Dataset):
     """Wrap a torchvision-style ``(image, label)`` dataset into our batch dicts."""
 
@@ -399,11 +426,16 @@ class PartWholeDataModule(pl.LightningDataModule):
         stage-1 masks when ``<root>/<split>_masks`` exists.
         """
         root = self.config.root
-        embeds_root = root / f"{split}{self.config.embeds_suffix}" if self.with_embeddings else None
         masks_root = root / f"{split}{MASKS_SUFFIX}"
         with_masks = with_masks and self.config.val_masks_items > 0 and masks_root.is_dir()
-        dataset = ImageFolderWithEmbeddings(root / split, build_transform(self.config, train), embeds_root,
-                                            self.expected_embed_shape, masks_root=masks_root if with_masks else None,
+        return self.image_folder(root / split, train, records, masks_root if with_masks else None)
+
+    def image_folder(self, images: Path, train: bool, records: list[ImageRecord] | None = None,
+                     masks_root: Path | None = None) -> ImageFolderWithEmbeddings:
+        """The dataset of image folder ``images`` (with its embeddings ``<images><embeds_suffix>`` for sam_distill)."""
+        embeds_root = images.with_name(images.name + self.config.embeds_suffix) if self.with_embeddings else None
+        dataset = ImageFolderWithEmbeddings(images, build_transform(self.config, train), embeds_root,
+                                            self.expected_embed_shape, masks_root=masks_root,
                                             masks_items=self.config.val_masks_items, records=records)
         if embeds_root is not None:
             dataset.check_embeddings()
@@ -414,6 +446,21 @@ class PartWholeDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
             return
+        self._setup_splits()
+        if self.config.unlabelled_dir:
+            self.splits["train"] = WithUnlabelled(self.splits["train"], self.unlabelled_split())
+
+    def unlabelled_split(self) -> ImageFolderWithEmbeddings:
+        """``--unlabelled_dir``: its images (labels unused, given as -1) and their embeddings, for sam_distill pretraining."""
+        c = self.config
+        if not self.with_embeddings or c.dataset not in FOLDER_DATASETS:
+            raise InputError(f"--unlabelled_dir={c.unlabelled_dir}: only sam_distill pretraining on an image-folder dataset "
+                             f"uses unlabelled images (here: --dataset={c.dataset}, objective {c.objective}); drop the flag")
+        folder = Path(c.unlabelled_dir)
+        records = [r._replace(label=-1) for r in list_image_folder(folder)]
+        return self.image_folder(folder, train=True, records=records)
+
+    def _setup_splits(self) -> None:
         c = self.config
         if c.dataset in FOLDER_DATASETS:
             if self.with_embeddings and c.dataset == "IMAGENET":

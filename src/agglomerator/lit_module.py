@@ -101,7 +101,7 @@ class AgglomeratorLitModule(pl.LightningModule):
                                  f"{self.targets.out_dim}: set --levels_encoder_dim={self.targets.out_dim} (with --levels_encoder)"
                                  + (" or --target_dim to the model's output" if target_dim else ""))
             self.targets_fitted = True  # False for a checkpoint written before the mean predictor was kept
-            self.r2 = nn.ModuleDict({stage: DistillR2(config.levels, self.level_weights) for stage in ("val", "test")})
+            self.r2 = nn.ModuleDict({f"{stage}_r2": DistillR2(config.levels, self.level_weights) for stage in ("train", "val", "test")})
         self._register_load_state_dict_pre_hook(self._upgrade_state_dict)
 
     def _upgrade_state_dict(self, state_dict, prefix, *args) -> None:
@@ -154,9 +154,9 @@ class AgglomeratorLitModule(pl.LightningModule):
         if self.objective == "sam_distill":
             targets = batch["targets"] if "targets" in batch else self.targets(batch["embeds"])
             loss = levels_distill_loss(out.encoded, targets, self.level_weights, self.hparams.distill_loss)
-            if stage != "train" and self.targets_fitted:
+            if self.targets_fitted:  # train: the epoch's batches as the weights change (overfitting shows as train >> val)
                 constants = batch["target_constants"] if "target_constants" in batch else self.targets.constants(batch["embeds"])
-                self.r2[stage].update(self.targets.errors(out.encoded, targets, constants))
+                self.r2[f"{stage}_r2"].update(self.targets.errors(out.encoded, targets, constants))
         elif self.objective == "supcon":
             feats = self.model.project(out.top_level)
             feats = feats.view(batch_size, 2, -1) if two_crops else feats.unsqueeze(1)
@@ -184,6 +184,9 @@ class AgglomeratorLitModule(pl.LightningModule):
     def test_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
         return self.shared_step(batch, "test")
 
+    def on_train_epoch_end(self) -> None:
+        self._log_r2("train")
+
     def on_validation_epoch_end(self) -> None:
         self._log_r2("val")
 
@@ -192,10 +195,10 @@ class AgglomeratorLitModule(pl.LightningModule):
 
     def _log_r2(self, stage: str) -> None:
         """``<stage>/distill_r2`` (level-weighted, in the progress bar), ``<stage>/image_mean_r2`` and per level."""
-        if self.objective != "sam_distill" or not self.targets_fitted or not self.r2[stage].update_count:
+        if self.objective != "sam_distill" or not self.targets_fitted or not self.r2[f"{stage}_r2"].update_count:
             return
-        values = self.r2[stage].compute()
-        self.r2[stage].reset()
+        values = self.r2[f"{stage}_r2"].compute()
+        self.r2[f"{stage}_r2"].reset()
         self.log(f"{stage}/distill_r2", values.pop("distill_r2"), prog_bar=True)
         self.log_dict({f"{stage}/{k}": v for k, v in values.items()})
 
