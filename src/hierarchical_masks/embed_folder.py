@@ -8,10 +8,12 @@ float32 (or float16) embeddings ``(N, 3, D)`` per image (see
 * :func:`check_inputs` fails early, with one line naming the file or folder,
   on class folders that differ, missing mask files and a first mask file that
   does not fit ``img_height x img_width`` with 3 levels.
-* :func:`embed_folder` takes this process's share of the images
-  (:func:`~hierarchical_masks.per_image_runner.plan_work`: finished files are
-  skipped unless ``overwrite``), loads images and masks in DataLoader workers,
-  embeds them in packed batches and writes each file atomically.
+* :func:`embed_folder` runs :class:`EmbedStage` through the per-image driver
+  shared with stage 1 (:func:`~hierarchical_masks.per_image_runner.run_per_image`:
+  this process's share of the images, finished files skipped unless ``overwrite``,
+  ``failed.txt``, stop signals, disk full, progress). The stage loads images and
+  masks in DataLoader workers, embeds them in packed batches and writes each file
+  atomically.
 
 Library code: plain arguments (:class:`EmbedFolderConfig`), no flags.
 """
@@ -23,7 +25,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -38,18 +40,16 @@ from hierarchical_masks.mask_embedding import (
     check_model_name,
     unpack_masks,
 )
-from hierarchical_masks.errors import InputError, OutputWriteError
+from hierarchical_masks.errors import InputError
 from hierarchical_masks.image_folders import ImageRecord, list_classes, list_image_folder, load_rgb_image
 from hierarchical_masks.mask_io import read_distinct_masks, save_embeddings
 from hierarchical_masks.per_image_runner import (
-    Interrupted,
-    Progress,
-    StopOnSignal,
+    PerImageStage,
+    ReadFailure,
     WorkerContext,
-    disk_full_hint,
-    plan_work,
     prepare_output_folder,
     record_failure,
+    run_per_image,
 )
 from hierarchical_masks.processes import end_loader_workers_at_exit, ignore_stop_signals, keep_freed_memory
 
@@ -249,11 +249,60 @@ def non_finite_message(image: Path, embeds: np.ndarray, stored: np.ndarray) -> s
             f"encoder weights (and --precision)")
 
 
-def embed_folder(cfg: EmbedFolderConfig, inputs: CheckedInputs, worker: WorkerContext | None = None) -> str:
-    """Embed this process's share of ``inputs.records``; return the summary line.
+class EmbedStage(PerImageStage):
+    """Stage 2 for :func:`~hierarchical_masks.per_image_runner.run_per_image`: one embedding file per image.
 
-    SIGTERM or SIGUSR1 (:class:`StopOnSignal`) end the run after the image in
-    hand is written, with :class:`Interrupted`; a rerun resumes.
+    Images and masks are read in DataLoader workers (:class:`MaskedImageDataset`), embedded in
+    batches that span images (:meth:`MaskedImageEncoder.embed_stream`, built on the first image, so a
+    run with nothing left to do loads no model), and each file is written in this thread.
+    """
+
+    name = STAGE_NAME
+
+    def __init__(self, cfg: EmbedFolderConfig, inputs: CheckedInputs, worker: WorkerContext):
+        self.cfg, self.inputs, self.worker = cfg, inputs, worker
+        self.out_root, self.skip_bad_images = cfg.out_data_path, cfg.skip_bad_images
+        self.num_workers = cfg.num_workers if cfg.num_workers is not None else _default_num_workers(worker.device, worker.world_size)
+        self.dtype = EMBED_DTYPES[cfg.embed_dtype]
+
+    def load(self, records: Sequence[ImageRecord]) -> Iterator[tuple[ImageRecord, dict[str, Any]] | ReadFailure]:
+        num_workers = self.num_workers
+        dataset = MaskedImageDataset(list(records), self.cfg, self.inputs.num_points, self.cfg.mask_path(self.inputs.records[0]))
+        if num_workers:
+            end_loader_workers_at_exit()  # they ignore SIGTERM: see ignore_stop_signals
+        loader = DataLoader(dataset, batch_size=None, shuffle=False, num_workers=num_workers,
+                            pin_memory=self.worker.device.type == "cuda", prefetch_factor=4 if num_workers else None,
+                            worker_init_fn=ignore_stop_signals if num_workers else None)
+        for item in loader:
+            record = records[int(item["index"])]
+            yield ReadFailure(record, item["error"]) if "error" in item else (record, item)
+
+    def compute(self, items: Iterator[tuple[ImageRecord, dict[str, Any]]]) -> Iterator[tuple[ImageRecord, np.ndarray]]:
+        cfg, worker, device = self.cfg, self.worker, self.worker.device
+        model = build_encoder(cfg.encoder_model_name, pretrained=cfg.pretrained, checkpoint=cfg.encoder_checkpoint, device=device)
+        encoder = MaskedImageEncoder(model, device=device, crop=cfg.crop, batch_size=cfg.batch_size, precision=cfg.precision)
+        log.info("rank %d/%d: embedding on %s, %s, batch %d, %d loader workers, crop=%s",
+                 worker.rank, worker.world_size, device, encoder.precision, encoder.batch_size, self.num_workers, cfg.crop)
+        start = time.perf_counter()
+        yield from encoder.embed_stream((record, item["image"], *item_masks(item, device)) for record, item in items)
+        seconds = time.perf_counter() - start
+        log.info("rank %d: %d distinct masked images embedded in %.1f s (%.1f/s)",
+                 worker.rank, encoder.masked_images, seconds, encoder.masked_images / max(seconds, 1e-9))
+
+    def save(self, record: ImageRecord, embeds: np.ndarray) -> int:
+        """Write ``embeds`` in ``--embed_dtype``; refuse (:class:`InputError`) values that are not finite there."""
+        with np.errstate(over="ignore"):  # an overflow is reported below, by image and mask
+            stored = embeds.astype(self.dtype, copy=False)
+        if not np.isfinite(stored).all():
+            raise InputError(non_finite_message(record.path, embeds, stored))
+        return save_embeddings(record.output_path(self.out_root), stored)
+
+
+def embed_folder(cfg: EmbedFolderConfig, inputs: CheckedInputs, worker: WorkerContext | None = None) -> str:
+    """Embed this process's share of ``inputs.records`` (:class:`EmbedStage`); return the summary line.
+
+    SIGTERM or SIGUSR1 end the run after the images in the encoder are written,
+    with :class:`~hierarchical_masks.per_image_runner.Interrupted`; a rerun resumes.
 
     Raises:
         InputError: a bad mask or image file (unless ``cfg.skip_bad_images``:
@@ -275,66 +324,6 @@ def embed_folder(cfg: EmbedFolderConfig, inputs: CheckedInputs, worker: WorkerCo
     if worker.is_main:
         for record in inputs.missing:
             record_failure(cfg.out_data_path, record.path, f"no mask file {cfg.mask_path(record)} (skipped: --skip_missing)")
-    todo, skipped = plan_work(inputs.records, cfg.out_data_path, rank=worker.rank, world_size=worker.world_size,
-                              overwrite=cfg.overwrite)
-    num_workers = cfg.num_workers if cfg.num_workers is not None else _default_num_workers(device, worker.world_size)
-    dtype = EMBED_DTYPES[cfg.embed_dtype]
-
-    if not todo:
-        return Progress(STAGE_NAME, total=0, skipped=skipped, rank=worker.rank, enabled=False).close()
-    model = build_encoder(cfg.encoder_model_name, pretrained=cfg.pretrained, checkpoint=cfg.encoder_checkpoint, device=device)
-    encoder = MaskedImageEncoder(model, device=device, crop=cfg.crop, batch_size=cfg.batch_size, precision=cfg.precision)
-    log.info("rank %d/%d: %d images to embed (%d already done) on %s, %s, batch %d, %d loader workers, crop=%s",
-             worker.rank, worker.world_size, len(todo), skipped, device, encoder.precision, encoder.batch_size, num_workers, cfg.crop)
-
-    dataset = MaskedImageDataset(todo, cfg, inputs.num_points, cfg.mask_path(inputs.records[0]))
-    if num_workers:
-        end_loader_workers_at_exit()  # they ignore SIGTERM: see ignore_stop_signals
-    loader = DataLoader(dataset, batch_size=None, shuffle=False, num_workers=num_workers,
-                        pin_memory=device.type == "cuda", prefetch_factor=4 if num_workers else None,
-                        worker_init_fn=ignore_stop_signals if num_workers else None)
-
-    stop_error: list[str] = []  # a bad file ends the stream; images already in flight are still written
-
-    def loaded_images():
-        try:
-            for item in loader:
-                index = int(item["index"])
-                if "error" in item:
-                    if not cfg.skip_bad_images:
-                        hint = "" if "--skip_bad_images" in item["error"] else " (or pass --skip_bad_images to skip it)"
-                        stop_error.append(item["error"] + hint)
-                        return
-                    record_failure(cfg.out_data_path, todo[index].path, item["error"])
-                    progress.update(failed=1)
-                    continue
-                if stop.requested:  # stop feeding; the images already in the encoder are still written
-                    return
-                yield index, item["image"], *item_masks(item, device)
-        except RuntimeError:  # a loader worker killed by the same signal (sent to the process group)
-            if not stop.requested:
-                raise
-
-    progress = Progress(STAGE_NAME, total=len(todo), skipped=skipped, rank=worker.rank, enabled=cfg.progress)
-    start = time.perf_counter()
-    with StopOnSignal() as stop:
-        try:
-            for index, embeds in encoder.embed_stream(loaded_images()):
-                record = todo[index]
-                with np.errstate(over="ignore"):  # an overflow is reported below, by image and mask
-                    stored = embeds.astype(dtype, copy=False)
-                if not np.isfinite(stored).all():
-                    raise InputError(non_finite_message(record.path, embeds, stored))
-                progress.update(written=1, nbytes=save_embeddings(record.output_path(cfg.out_data_path), stored))
-        except OutputWriteError as exc:
-            progress.bar.close()
-            raise disk_full_hint(exc, cfg.out_data_path, len(todo) - progress.done, progress.mean_file_bytes) from None
-    seconds = time.perf_counter() - start
-    line = progress.close()
-    log.info("rank %d: %d distinct masked images embedded in %.1f s (%.1f/s)",
-             worker.rank, encoder.masked_images, seconds, encoder.masked_images / max(seconds, 1e-9))
-    if stop_error:
-        raise InputError(stop_error[0])
-    if stop.requested and progress.done < len(todo):
-        raise Interrupted(stop.signum, progress.written, len(todo) - progress.done)
-    return line
+    progress = run_per_image(EmbedStage(cfg, inputs, worker), inputs.records, worker=worker, overwrite=cfg.overwrite,
+                             show_progress=cfg.progress)
+    return progress.summary

@@ -16,10 +16,11 @@ Reference command (still works verbatim)::
         --in_data_path=datasets/imagenette2/val --out_data_path=datasets/imagenette2/val_masks \\
         --sam_checkpoint=sam_vit_h_4b8939.pth --sam_model_type=vit_h --img_size 224 --patch_size=16
 
-This file is the wiring (flags, errors); the teachers (which models, their
-checkpoints and options) are ``teachers.py``, the maths is in ``sam_points.py``
-(SAM 1) and ``sam2_points.py`` (SAM 2.1), the shared per-image loop helpers in
-``per_image_runner.py``.
+This file is the wiring (flags, errors) and :class:`MaskStage` (how to read, compute
+and save one image); the teachers (which models, their checkpoints and options) are
+``teachers.py``, the maths is in ``sam_points.py`` (SAM 1) and ``sam2_points.py``
+(SAM 2.1), the per-image driver shared with stage 2 (resume, ``failed.txt``, stop
+signals, disk full, progress) in ``per_image_runner.py``.
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 if __package__ in (None, ""):  # run as a script: make ``src/`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -43,15 +45,14 @@ from hierarchical_masks.image_folders import ImageRecord, list_image_folder, loa
 from hierarchical_masks.mask_io import DEFAULT_MASK_FORMAT, MASK_FORMATS, save_masks
 from hierarchical_masks.per_image_runner import (
     Interrupted,
+    PerImageStage,
     Progress,
-    StopOnSignal,
+    ReadFailure,
     WorkerContext,
     batched,
-    disk_full_hint,
     launch_workers,
-    plan_work,
     prepare_output_folder,
-    record_failure,
+    run_per_image,
 )
 from hierarchical_masks.point_grid import patch_grid_points
 from hierarchical_masks.sam_attention import ATTENTIONS
@@ -69,20 +70,47 @@ from hierarchical_masks.teachers import (
 log = logging.getLogger(__name__)
 
 
-def _load_batch(records: Sequence[ImageRecord], masker: GridMasker, skip_bad_images: bool):
-    """Read and resize a batch of images; returns ``(records, model inputs, [(record, reason)] failures)``."""
-    kept, inputs, failures = [], [], []
-    for record in records:
+class MaskStage(PerImageStage):
+    """Stage 1 for :func:`~hierarchical_masks.per_image_runner.run_per_image`: one mask file per image.
+
+    Images are read one batch ahead in a background thread and files are compressed
+    and written in background threads while SAM runs on the next batch.
+    """
+
+    name = "patched_masks"
+
+    def __init__(self, masker: GridMasker, out_root: str | os.PathLike, *, batch_size: int = 8, skip_bad_images: bool = False,
+                 meta: dict[str, Any] | None = None, mask_format: str = DEFAULT_MASK_FORMAT):
+        self.masker, self.out_root, self.batch_size = masker, Path(out_root), batch_size
+        self.skip_bad_images, self.meta, self.mask_format = skip_bad_images, meta or {}, mask_format
+        self.save_threads = writer_threads()
+        self.saves_in_flight = batch_size  # the files of one batch are written while SAM computes the next
+
+    def read(self, record: ImageRecord) -> tuple[ImageRecord, np.ndarray] | ReadFailure:
+        """The image resized and turned into SAM's model input, or why it cannot be read."""
         try:
-            image = load_rgb_image(record.path, (masker.img_size, masker.img_size))
+            image = load_rgb_image(record.path, (self.masker.img_size, self.masker.img_size))
         except InputError as exc:
-            if not skip_bad_images:
-                raise
-            failures.append((record, str(exc)))
-            continue
-        kept.append(record)
-        inputs.append(masker.model_input(np.asarray(image)))
-    return kept, inputs, failures
+            return ReadFailure(record, str(exc))
+        return record, self.masker.model_input(np.asarray(image))
+
+    def load(self, records: Sequence[ImageRecord]) -> Iterator[tuple[ImageRecord, np.ndarray] | ReadFailure]:
+        with ThreadPoolExecutor(max_workers=1) as reader:
+            ahead: deque = deque()
+            for record in records:
+                ahead.append(reader.submit(self.read, record))
+                if len(ahead) > self.batch_size:  # the next batch is read while SAM computes this one
+                    yield ahead.popleft().result()
+            while ahead:
+                yield ahead.popleft().result()
+
+    def compute(self, items: Iterator[tuple[ImageRecord, np.ndarray]]) -> Iterator[tuple[ImageRecord, np.ndarray]]:
+        for batch in batched(items, self.batch_size):
+            records, inputs = zip(*batch)
+            yield from zip(records, self.masker.predict_model_inputs(np.stack(inputs)).cpu().numpy())
+
+    def save(self, record: ImageRecord, masks: np.ndarray) -> int:
+        return save_masks(record.output_path(self.out_root), masks, mask_format=self.mask_format, **self.meta)
 
 
 def write_patched_masks(
@@ -98,13 +126,11 @@ def write_patched_masks(
     mask_format: str = DEFAULT_MASK_FORMAT,
     show_progress: bool = True,
 ) -> Progress:
-    """Write the masks of this worker's share of ``records`` under ``out_root``.
+    """Write the masks of this worker's share of ``records`` under ``out_root`` (:class:`MaskStage`).
 
-    Images are read one batch ahead and files are compressed and written in
-    background threads while SAM runs on the next batch. A bad image raises
-    :class:`InputError`, or with ``skip_bad_images`` goes to ``failed.txt``.
-    SIGTERM or SIGUSR1 (:class:`StopOnSignal`) let the batch in hand finish and
-    be written, then raise :class:`Interrupted`.
+    A bad image raises :class:`InputError`, or with ``skip_bad_images`` goes to
+    ``failed.txt``. SIGTERM or SIGUSR1 let the batch in hand finish and be
+    written, then raise :class:`Interrupted`.
 
     Returns:
         the closed :class:`Progress` (its counts and summary line).
@@ -113,24 +139,9 @@ def write_patched_masks(
         OutputWriteError: the disk is full (or the folder read-only): the message
             says how much the remaining images need; finished files are kept.
     """
-    worker = worker or WorkerContext(device=masker.sam.device)
-    todo, skipped = plan_work(records, out_root, rank=worker.rank, world_size=worker.world_size, overwrite=overwrite)
-    progress = Progress("patched_masks", len(todo), skipped, rank=worker.rank, enabled=show_progress)
-    batches = list(batched(todo, batch_size))
-    meta = meta or {}
-    with StopOnSignal() as stop:
-        try:
-            _write_batches(batches, out_root, masker, progress, skip_bad_images, meta, mask_format, stop)
-        except OutputWriteError as exc:
-            progress.bar.close()
-            raise disk_full_hint(exc, out_root, len(todo) - progress.done, progress.mean_file_bytes) from None
-        except BaseException:
-            progress.bar.close()  # leave the error message as the last line
-            raise
-    progress.close()
-    if stop.requested and progress.done < len(todo):
-        raise Interrupted(stop.signum, progress.written, len(todo) - progress.done)
-    return progress
+    stage = MaskStage(masker, out_root, batch_size=batch_size, skip_bad_images=skip_bad_images, meta=meta, mask_format=mask_format)
+    return run_per_image(stage, records, worker=worker or WorkerContext(device=masker.sam.device), overwrite=overwrite,
+                         show_progress=show_progress)
 
 
 def writer_threads() -> int:
@@ -143,33 +154,6 @@ def writer_threads() -> int:
     threads write more files at once.
     """
     return min(8, max(2, (os.cpu_count() or 2) // 2))
-
-
-def _write_batches(
-    batches: list, out_root: str | os.PathLike, masker: GridMasker, progress: Progress, skip_bad_images: bool, meta: dict,
-    mask_format: str, stop: StopOnSignal,
-) -> None:
-    """The pipelined loop of :func:`write_patched_masks`: read ahead, compute, write behind; ends early on ``stop``."""
-    with ThreadPoolExecutor(max_workers=1) as reader, ThreadPoolExecutor(max_workers=writer_threads()) as writer:
-        next_load = reader.submit(_load_batch, batches[0], masker, skip_bad_images) if batches else None
-        writing: list[Future] = []
-        for index in range(len(batches)):
-            if stop.requested:  # the batches computed so far are written below
-                break
-            kept, inputs, failures = next_load.result()
-            if index + 1 < len(batches):
-                next_load = reader.submit(_load_batch, batches[index + 1], masker, skip_bad_images)
-            for record, reason in failures:
-                record_failure(out_root, record.path, reason)
-            progress.update(failed=len(failures))
-            masks = masker.predict_model_inputs(np.stack(inputs)).cpu().numpy() if kept else []
-            previous = writing
-            writing = [writer.submit(save_masks, r.output_path(out_root), m, mask_format=mask_format, **meta)
-                       for r, m in zip(kept, masks)]
-            for future in previous:  # at most one batch of files in flight
-                progress.update(written=1, nbytes=future.result())
-        for future in writing:
-            progress.update(written=1, nbytes=future.result())
 
 
 def run(

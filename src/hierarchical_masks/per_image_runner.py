@@ -1,26 +1,30 @@
-"""Shared driver of the per-image stages (1: SAM masks, 2: embeddings).
+"""The one per-image driver of stages 1 (SAM masks) and 2 (embeddings).
 
-Both stages turn every image of a folder into one output file. This module holds
-what they share, so each stage script only says how to compute one batch:
+Both stages turn every image of a folder into one output file. :func:`run_per_image` runs either,
+given a :class:`PerImageStage` that says how to read its images (``load``), compute their results
+(``compute``, batching several images per model call as it likes) and save one file (``save``).
+The driver owns the rest:
 
-* :func:`launch_workers`: N processes over GPUs/nodes through Lightning Fabric
-  (torch.distributed DDP), or one plain process;
 * :func:`plan_work`: this rank's disjoint share of the images, minus finished
   outputs (resume after a kill), unless ``overwrite``;
+* bad inputs: a :class:`ReadFailure` from ``load`` stops the run with a one-line error (after the
+  images in hand are written), or with ``skip_bad_images`` goes to ``<out>/failed.txt``
+  (:func:`record_failure`) and the run carries on;
+* :class:`StopOnSignal`: SIGTERM/SIGUSR1 (cluster preemption) stop feeding images, the ones in hand
+  are finished, then :class:`Interrupted` ends the run (a rerun resumes);
+* :func:`disk_full_hint`: a full disk's error says how much more space the remaining images need;
 * :class:`Progress`: a progress bar (images, images/s, time left) and a closing
-  summary line (written, skipped, failed, time, throughput);
-* :func:`record_failure`: one line per bad input in ``<out>/failed.txt``;
-* :func:`prepare_output_folder`: create it, prove it writable, remove stale temporary files;
-* :class:`StopOnSignal`: SIGTERM/SIGUSR1 (cluster preemption) finish the files in hand, then
-  :class:`Interrupted` ends the run (a rerun resumes);
-* :func:`disk_full_hint`: how much more space the remaining images need.
+  summary line (written, skipped, failed, time, throughput).
 
+Around it: :func:`launch_workers` (N processes over GPUs/nodes through Lightning Fabric, or one plain
+process) and :func:`prepare_output_folder` (create it, prove it writable, remove stale temporary files).
 Devices and precision are :mod:`hierarchical_masks.devices`; loader processes and malloc settings,
 which stage 3 uses too, :mod:`hierarchical_masks.processes`.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import signal
@@ -28,9 +32,11 @@ import sys
 import tempfile
 import threading
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -208,6 +214,7 @@ class Progress:
     def __init__(self, name: str, total: int, skipped: int, *, rank: int = 0, enabled: bool = True):
         self.name, self.skipped, self.rank = name, skipped, rank
         self.written = self.failed = self.bytes_written = 0
+        self.summary = ""  # the closing line, once closed
         self.start = time.perf_counter()
         desc = name if rank == 0 else f"{name}[rank {rank}]"
         self.bar = tqdm(total=total, desc=desc, unit="img", disable=not enabled, position=rank, dynamic_ncols=True)
@@ -229,6 +236,7 @@ class Progress:
         )
         sys.stdout.write(line + "\n")  # one write: lines of several ranks do not interleave
         sys.stdout.flush()
+        self.summary = line
         return line
 
     @property
@@ -240,7 +248,137 @@ class Progress:
         return self.bytes_written // self.written if self.written else None
 
 
-def batched(items: Sequence, size: int):
-    """Consecutive slices of ``items`` of at most ``size`` elements."""
-    for start in range(0, len(items), max(1, size)):
-        yield items[start : start + size]
+def batched(items: Iterable, size: int) -> Iterator[list]:
+    """Consecutive lists of at most ``size`` elements of ``items`` (any iterable, taken lazily)."""
+    iterator = iter(items)
+    while batch := list(itertools.islice(iterator, max(1, size))):
+        yield batch
+
+
+# --------------------------------------------------------------------------- the driver
+
+
+@dataclass(frozen=True)
+class ReadFailure:
+    """An image whose inputs :meth:`PerImageStage.load` could not read, and one line saying why."""
+
+    record: ImageRecord
+    reason: str
+
+
+class PerImageStage:
+    """What a stage supplies to :func:`run_per_image`: how to read, compute and save one image's file.
+
+    ``load`` and ``compute`` are streams, so a stage reads ahead (threads, DataLoader workers) and
+    batches images per model call as it likes; results must come out in input order. The driver
+    checks for a stop signal between the images it feeds ``compute``, and saves each result.
+
+    Attributes:
+        name: the progress bar's and summary line's name (``patched_masks``, ``masks_to_embeds``).
+        out_root: the output folder: ``record.output_path(out_root)`` is an image's file, and
+            ``failed.txt`` lists the skipped images.
+        skip_bad_images: a :class:`ReadFailure` is listed in ``failed.txt`` (else it ends the run).
+        save_threads: threads that run :meth:`save` in the background (0: in the calling thread).
+        saves_in_flight: with ``save_threads``, results handed to them but not yet saved, at most
+            (bounds the memory they hold; the oldest is waited for beyond).
+    """
+
+    name: str
+    out_root: Path
+    skip_bad_images: bool = False
+    save_threads: int = 0
+    saves_in_flight: int = 1
+
+    def load(self, records: Sequence[ImageRecord]) -> Iterator[tuple[ImageRecord, Any] | ReadFailure]:
+        """``(record, inputs)`` for each of ``records`` in order, or a :class:`ReadFailure`."""
+        raise NotImplementedError
+
+    def compute(self, items: Iterator[tuple[ImageRecord, Any]]) -> Iterator[tuple[ImageRecord, Any]]:
+        """``(record, result)`` for each ``(record, inputs)`` of ``items``, in order."""
+        raise NotImplementedError
+
+    def save(self, record: ImageRecord, result: Any) -> int:
+        """Write ``record``'s file under :attr:`out_root`; return its size in bytes.
+
+        Raises:
+            OutputWriteError: the disk is full (or the folder read-only).
+        """
+        raise NotImplementedError
+
+
+def run_per_image(
+    stage: PerImageStage, records: Sequence[ImageRecord], *, worker: WorkerContext | None = None,
+    overwrite: bool = False, show_progress: bool = True,
+) -> Progress:
+    """Run ``stage`` over this worker's share of ``records``; return the closed :class:`Progress`.
+
+    Finished files are skipped unless ``overwrite`` (:func:`plan_work`). A SIGTERM or SIGUSR1
+    (:class:`StopOnSignal`) stops feeding images; the ones in hand are finished and written.
+
+    Raises:
+        InputError: a bad input (a :class:`ReadFailure`, unless ``stage.skip_bad_images``), after
+            the images in hand are written; or what ``compute`` or ``save`` raise.
+        OutputWriteError: the disk is full (or the folder read-only): the message says how much
+            the remaining images need; finished files are kept.
+        Interrupted: a stop signal came before the last image.
+    """
+    worker = worker or WorkerContext()
+    todo, skipped = plan_work(records, stage.out_root, rank=worker.rank, world_size=worker.world_size, overwrite=overwrite)
+    progress = Progress(stage.name, len(todo), skipped, rank=worker.rank, enabled=show_progress and bool(todo))
+    bad_input: list[str] = []  # a bad input ends the stream; the images in hand are still written
+    with StopOnSignal() as stop:
+        try:
+            if todo:
+                loaded = stage.load(todo)
+                try:
+                    _save_results(stage, stage.compute(_readable(loaded, stage, progress, stop, bad_input)), progress)
+                finally:
+                    getattr(loaded, "close", lambda: None)()  # end its reader threads or processes now
+        except OutputWriteError as exc:
+            progress.bar.close()
+            raise disk_full_hint(exc, stage.out_root, len(todo) - progress.done, progress.mean_file_bytes) from None
+        except BaseException:
+            progress.bar.close()  # leave the error message as the last line
+            raise
+    progress.close()
+    if bad_input:
+        raise InputError(bad_input[0])
+    if stop.requested and progress.done < len(todo):
+        raise Interrupted(stop.signum, progress.written, len(todo) - progress.done)
+    return progress
+
+
+def _readable(loaded: Iterator, stage: PerImageStage, progress: Progress, stop: StopOnSignal, bad_input: list[str]) -> Iterator:
+    """The inputs of ``loaded`` that were read, until a stop signal or a bad input (unless skipped) ends the stream."""
+    try:
+        for item in loaded:
+            if stop.requested:  # stop feeding; the images already in ``compute`` are still written
+                return
+            if not isinstance(item, ReadFailure):
+                yield item
+            elif stage.skip_bad_images:
+                record_failure(stage.out_root, item.record.path, item.reason)
+                progress.update(failed=1)
+            else:
+                hint = "" if "--skip_bad_images" in item.reason else " (or pass --skip_bad_images to skip it)"
+                bad_input.append(item.reason + hint)
+                return
+    except RuntimeError:  # a reader process (DataLoader worker) killed by the same signal, sent to the process group
+        if not stop.requested:
+            raise
+
+
+def _save_results(stage: PerImageStage, results: Iterator[tuple[ImageRecord, Any]], progress: Progress) -> None:
+    """Save each result as it comes, in this thread or in ``stage.save_threads`` background threads."""
+    if not stage.save_threads:
+        for record, result in results:
+            progress.update(written=1, nbytes=stage.save(record, result))
+        return
+    with ThreadPoolExecutor(max_workers=stage.save_threads) as writer:  # on an error, waits for the files in flight
+        in_flight: deque = deque()
+        for record, result in results:
+            in_flight.append(writer.submit(stage.save, record, result))
+            while in_flight and (len(in_flight) > stage.saves_in_flight or in_flight[0].done()):
+                progress.update(written=1, nbytes=in_flight.popleft().result())
+        for future in in_flight:
+            progress.update(written=1, nbytes=future.result())
