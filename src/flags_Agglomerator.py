@@ -7,6 +7,8 @@ unchanged; ours follow under "Added".
 
 from absl import flags
 
+from hierarchical_masks.image_folders import EMBEDS_SUFFIX
+
 # ----------------------------------------------------------------------------- reference flags
 flags.DEFINE_string("dataset", "IMAGENETTE", "Dataset: IMAGENETTE, TOY, CIFAR10, CIFAR100, MNIST, FashionMNIST, smallNORB, IMAGENET.")
 flags.DEFINE_string("exp_name", "IMAGENETTE", "Experiment name (run folder runs/<exp_name>/...).")
@@ -64,7 +66,7 @@ flags.DEFINE_enum("optimizer", "lion", ["lion", "adamw"], "Optimizer: lion (timm
 flags.DEFINE_list("lion_betas", ["0.95", "0.98"], "Lion betas (reference values).")
 flags.DEFINE_enum("scheduler", "onecycle", ["onecycle", "constant"], "Learning-rate schedule (OneCycle over the real number of steps).")
 flags.DEFINE_string("data_dir", "datasets", "Folder holding the datasets (imagenette2/, toy/, CIFAR10/, ...).")
-flags.DEFINE_string("embeds_suffix", "_masks_embeds", "sam_distill teacher: embeddings in <root>/<split><embeds_suffix> "
+flags.DEFINE_string("embeds_suffix", EMBEDS_SUFFIX, "sam_distill teacher: embeddings in <root>/<split><embeds_suffix> "
                     "(e.g. _masks_embeds_random for a second teacher's files).")
 flags.DEFINE_float("val_from_train", 0.0, "Image-folder datasets: hold out this seeded fraction of train (per class) as "
                    "the validation split and keep the val folder as the test split only, to tune without touching it. "

@@ -12,14 +12,14 @@ import sys
 
 from absl import app, flags
 
-from agglomerator.toy_dataset import generate_toy_dataset
+from agglomerator.toy_dataset import TOY_IMAGE_SIZE, TOY_PATCH_SIZE, generate_toy_dataset
 from hierarchical_masks.errors import InputError
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out_dir", "datasets/toy", "Dataset root: writes {train,val}/, {train,val}_gt/, {train,val}_masks/.")
 flags.DEFINE_integer("seed", 0, "Random seed; the same seed gives byte-identical files.")
-flags.DEFINE_integer("image_size", 64, "Image side in pixels (a multiple of --patch_size), e.g. 64 or 96.")
-flags.DEFINE_integer("patch_size", 8, "Patch side of the oracle-mask point grid (grid = image_size / patch_size).")
+flags.DEFINE_integer("image_size", TOY_IMAGE_SIZE, "Image side in pixels (a multiple of --patch_size), e.g. 64 or 96.")
+flags.DEFINE_integer("patch_size", TOY_PATCH_SIZE, "Patch side of the oracle-mask point grid (grid = image_size / patch_size).")
 flags.DEFINE_integer("train_per_class", 200, "Training images per class.")
 flags.DEFINE_integer("val_per_class", 50, "Validation images per class.")
 flags.DEFINE_float("distractor_prob", 0.5, "Probability that an image also holds a one-part distractor object.")

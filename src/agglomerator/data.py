@@ -44,7 +44,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, default_collate
 from torchvision import transforms as T
 
 from hierarchical_masks.errors import InputError
-from hierarchical_masks.image_folders import ImageRecord, list_image_folder, load_rgb_image
+from hierarchical_masks.image_folders import EMBEDS_SUFFIX, MASKS_SUFFIX, ImageRecord, list_image_folder, load_rgb_image
 from hierarchical_masks.mask_io import load_embeddings, load_masks
 from hierarchical_masks.processes import end_loader_workers_at_exit, ignore_stop_signals, shut_down_loader_workers
 
@@ -63,8 +63,6 @@ NORMALIZATION = {
 FOLDER_DATASETS = {"IMAGENETTE": "imagenette2", "TOY": "toy", "IMAGENET": "imagenet"}
 TORCHVISION_DATASETS = ("CIFAR10", "CIFAR100", "MNIST", "FashionMNIST")
 DATASETS = tuple(NORMALIZATION)
-EMBEDDINGS_SUFFIX = "_masks_embeds"
-MASKS_SUFFIX = "_masks"
 
 
 @dataclass
@@ -81,7 +79,7 @@ class DataConfig:
     val_fraction: float = 0.1
     seed: int = 42
     crop_size: int | None = None  # smallNORB (reference): resize to image_size, then crop to crop_size
-    embeds_suffix: str = EMBEDDINGS_SUFFIX  # folder datasets: teacher embeddings in <root>/<split><embeds_suffix>
+    embeds_suffix: str = EMBEDS_SUFFIX  # folder datasets: teacher embeddings in <root>/<split><embeds_suffix>
     val_from_train: float = 0.0  # folder datasets: >0 holds out this fraction of train as val; test = the val folder
     val_masks_items: int = 4  # the first val/test images that carry their stage-1 masks (when <root>/<folder>_masks exists)
     embeds_in_memory: bool = False  # read every split's embeddings once, at setup, instead of once per item and epoch

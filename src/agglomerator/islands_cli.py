@@ -22,17 +22,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from agglomerator.data import EMBEDDINGS_SUFFIX, FOLDER_DATASETS, MASKS_SUFFIX, DataConfig, build_transform
+from agglomerator.data import FOLDER_DATASETS, DataConfig, build_transform
 from agglomerator.islands import (average_islands_scores, islands_figure, islands_iteration_frames,
                                   islands_scores_from_labels_per_iteration, islands_scores_per_iteration,
                                   islands_strip_figure, save_islands_figure, save_islands_gif)
 from hierarchical_masks.errors import InputError
-from hierarchical_masks.image_folders import ImageRecord, list_image_folder, load_rgb_image
+from hierarchical_masks.image_folders import (EMBEDS_SUFFIX, GT_SUFFIX, MASKS_SUFFIX, ImageRecord, list_image_folder,
+                                             load_rgb_image)
 from hierarchical_masks.mask_io import load_embeddings, load_masks
 from hierarchical_masks.safe_files import atomic_write_json
 
 log = logging.getLogger(__name__)
-GT_SUFFIX = "_gt"
 
 
 def spread(records: list[ImageRecord], count: int) -> list[ImageRecord]:
@@ -75,7 +75,7 @@ def average_per_iteration(per_image: list[list[dict]]) -> list[dict]:
 @torch.no_grad()
 def draw_islands_for_checkpoint(module, *, dataset: str, data_dir: str, split: str = "val", count: int = 8,
                                 images: list[str] | None = None, output_dir: str = "", exp_name: str = "islands",
-                                embeds_suffix: str = EMBEDDINGS_SUFFIX, animate: bool = False) -> dict:
+                                embeds_suffix: str = EMBEDS_SUFFIX, animate: bool = False) -> dict:
     """Draw and score the islands of ``module`` (an ``AgglomeratorLitModule``); returns the averaged scores.
 
     With ``animate``, also writes each image's iterations as a GIF and a strip PNG (module docstring).

@@ -48,6 +48,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from hierarchical_masks.errors import InputError
+from hierarchical_masks.image_folders import GT_SUFFIX, MASKS_SUFFIX
 from hierarchical_masks.mask_io import save_masks
 from hierarchical_masks.point_grid import patch_grid_points
 from hierarchical_masks.safe_files import atomic_write_bytes
@@ -57,6 +58,8 @@ log = logging.getLogger(__name__)
 GENERATOR_VERSION = 1
 SPLITS = ("train", "val")
 LEVELS = 3
+TOY_IMAGE_SIZE = 64  # the toy set's image side (config_TOY.cfg's --image_size) ...
+TOY_PATCH_SIZE = 8  # ... and its stage-1 patch: an 8 x 8 point grid
 
 
 class Part(NamedTuple):
@@ -357,8 +360,8 @@ def generate_toy_dataset(
     out_dir: str | Path,
     *,
     seed: int = 0,
-    image_size: int = 64,
-    patch_size: int = 8,
+    image_size: int = TOY_IMAGE_SIZE,
+    patch_size: int = TOY_PATCH_SIZE,
     train_per_class: int = 200,
     val_per_class: int = 50,
     distractor_prob: float = 0.5,
@@ -395,8 +398,8 @@ def generate_toy_dataset(
         name = CLASS_NAMES[class_index]
         stem = image_stem(name, index)
         png = out_dir / split / name / f"{stem}.png"
-        gt = out_dir / f"{split}_gt" / name / f"{stem}.npz"
-        masks = out_dir / f"{split}_masks" / name / f"{stem}.pkl"
+        gt = out_dir / f"{split}{GT_SUFFIX}" / name / f"{stem}.npz"
+        masks = out_dir / f"{split}{MASKS_SUFFIX}" / name / f"{stem}.pkl"
         if not overwrite and png.exists() and gt.exists() and masks.exists():
             skipped += 1
             continue
@@ -419,6 +422,6 @@ def generate_toy_dataset(
 
 
 __all__ = [
-    "CLASS_NAMES", "TOY_CLASSES", "Part", "ToyScene", "ToySummary", "generate_toy_dataset", "image_stem",
+    "CLASS_NAMES", "TOY_CLASSES", "TOY_IMAGE_SIZE", "TOY_PATCH_SIZE", "Part", "ToyScene", "ToySummary", "generate_toy_dataset", "image_stem",
     "load_toy_ground_truth", "oracle_masks", "patch_grid_points", "render_scene",
 ]  # fmt: skip

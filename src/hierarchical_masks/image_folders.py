@@ -2,7 +2,7 @@
 
 :func:`list_image_folder` lists them (classes and files sorted), :func:`load_rgb_image` opens any image
 PIL reads as RGB with the one resize shared by stages 1 and 2, and :meth:`ImageRecord.output_path` says
-where a stage writes an image's file.
+where a stage writes an image's file. The folders beside a split's images are named here once.
 """
 
 from __future__ import annotations
@@ -17,6 +17,12 @@ from hierarchical_masks.errors import InputError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 IGNORED_NAMES = ("failed.txt", ".DS_Store", "Thumbs.db")
+# A dataset split's folders: the images <root>/<split>/<class>/<image>, and beside them, per image,
+# <split>_masks (stage 1), <split>_masks_embeds (stage 2's teacher; another teacher: a longer suffix)
+# and, for the toy set, <split>_gt (its ground truth).
+MASKS_SUFFIX = "_masks"
+EMBEDS_SUFFIX = "_masks_embeds"
+GT_SUFFIX = "_gt"
 
 
 class ImageRecord(NamedTuple):

@@ -41,7 +41,7 @@ import torch
 
 from hierarchical_masks.devices import PRECISIONS, resolve_device
 from hierarchical_masks.errors import InputError, OutputWriteError, check_choice
-from hierarchical_masks.image_folders import ImageRecord, list_image_folder, load_rgb_image
+from hierarchical_masks.image_folders import MASKS_SUFFIX, ImageRecord, list_image_folder, load_rgb_image
 from hierarchical_masks.mask_io import DEFAULT_MASK_FORMAT, MASK_FORMATS, save_masks
 from hierarchical_masks.per_image_runner import (
     Interrupted,
@@ -294,7 +294,7 @@ def main(argv: Sequence[str]) -> int:
     try:
         run(
             in_data_path=FLAGS.in_data_path or f"datasets/imagenette2/{FLAGS.split}",
-            out_data_path=FLAGS.out_data_path or f"datasets/imagenette2/{FLAGS.split}_masks",
+            out_data_path=FLAGS.out_data_path or f"datasets/imagenette2/{FLAGS.split}{MASKS_SUFFIX}",
             sam_model_type=FLAGS.sam_model_type,
             sam_checkpoint=None if random_weights else checkpoint,
             device=FLAGS.device or ("cuda" if torch.cuda.is_available() else "cpu"),
