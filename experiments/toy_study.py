@@ -61,16 +61,21 @@ sys.path.insert(0, str(SRC))
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from agglomerator.steps import REPO, run_step, train_once  # noqa: E402
-from hierarchical_masks.encoder_weights import OFFLINE_TEACHER_MODEL, OFFLINE_TEACHER_PACKAGE  # noqa: E402
+from agglomerator.toy_dataset import TOY_IMAGE_SIZE  # noqa: E402
+from hierarchical_masks.encoder_weights import OFFLINE_TEACHER_MODEL  # noqa: E402
+from hierarchical_masks.image_folders import EMBEDS_SUFFIX  # noqa: E402
 from hierarchical_masks.safe_files import atomic_write_bytes, atomic_write_json  # noqa: E402
+from seed_stats import format_mean_std, mean_std  # noqa: E402
+from toy_pipeline import (ISLANDS_REFERENCES, REPO, TOY_CONFIG, embed_toy_images, make_toy_data, run_step,  # noqa: E402
+                          teacher_embeds_suffix, train_once)
 
 FLAGS = flags.FLAGS
 METHODS = ("sam_distill", "sam_distill_random", "supcon", "random_init", "supervised")
 PRETRAINED = ("sam_distill", "sam_distill_random", "supcon")
 PRETRAIN_ONLY = ("--scheduler", "--learning_rate", "--batch_size", "--weight_decay", "--optimizer", "--distill_loss",
                  "--teacher_norm", "--level_weights", "--max_epochs")  # --pretrain_flags the fine-tuning does not take
-TEACHER_SUFFIX = {"sam_distill": "_masks_embeds", "sam_distill_random": f"_masks_embeds_random_{OFFLINE_TEACHER_MODEL}"}
+TEACHERS = {"sam_distill": "package", "sam_distill_random": "random"}  # the sam_distill arms' stage-2 teachers (toy_pipeline's)
+TEACHER_SUFFIX = {method: teacher_embeds_suffix(teacher, OFFLINE_TEACHER_MODEL) for method, teacher in TEACHERS.items()}
 flags.DEFINE_string("out_dir", "runs/toy_study", "Runs, probes and the report go under <out_dir>/<variant>.")
 flags.DEFINE_string("variant", "budgets", "Name of this set of settings (a sub-folder of --out_dir).")
 flags.DEFINE_string("data_dir", "datasets", "The toy set lives in <data_dir>/toy (generated if missing).")
@@ -103,26 +108,20 @@ flags.DEFINE_bool("report_only", False, "Run nothing: write the report from the 
 
 
 def prepare_data(toy: Path) -> None:
-    run_step("toy dataset", [str(SRC / "make_toy_dataset.py"), f"--out_dir={toy}", f"--train_per_class={FLAGS.train_per_class}",
-                             f"--val_per_class={FLAGS.val_per_class}"], quiet=True)
+    make_toy_data("toy dataset", toy, FLAGS.train_per_class, FLAGS.val_per_class, quiet=True)
     images = [toy / "train", toy / "val"]
     if FLAGS.unlabelled_per_class:
         extra = unlabelled_images()
-        run_step("unlabelled toy images", [str(SRC / "make_toy_dataset.py"), f"--out_dir={extra.parent}", "--seed=1",
-                                           f"--train_per_class={FLAGS.unlabelled_per_class}", "--val_per_class=0"], quiet=True)
+        make_toy_data("unlabelled toy images", extra.parent, FLAGS.unlabelled_per_class, 0, seed=1, quiet=True)
         images.append(extra)
-    weights = {"sam_distill": [f"--encoder_checkpoint={OFFLINE_TEACHER_PACKAGE}"], "sam_distill_random": ["--pretrained=False"]}
     for method, suffix in TEACHER_SUFFIX.items():
         if method not in FLAGS.methods and not FLAGS.probes:  # the teacher probes need both teachers' embeddings
             continue
         for folder in images:
             if folder == unlabelled_images() and method not in FLAGS.methods:
                 continue
-            run_step(f"stage 2 ({method} teacher) on {folder}", [
-                str(SRC / "hierarchical_masks" / "masks_to_embeds.py"), "--device=cpu",
-                f"--in_masks_path={folder.with_name(folder.name + '_masks')}", f"--in_images_path={folder}",
-                f"--out_data_path={folder.with_name(folder.name + suffix)}", f"--encoder_model_name={OFFLINE_TEACHER_MODEL}",
-                *weights[method], "--embed_dtype=float16", "--img_height=64", "--img_width=64", "--progress=False"], quiet=True)
+            embed_toy_images(f"stage 2 ({method} teacher) on {folder}", folder, TEACHERS[method], OFFLINE_TEACHER_MODEL, suffix,
+                             quiet=True)
 
 
 def unlabelled_images() -> Path:
@@ -131,7 +130,7 @@ def unlabelled_images() -> Path:
 
 
 def common_flags(seed: int, suffix: str) -> list[str]:
-    return ["--flagfile=config/config_TOY.cfg", f"--data_dir={FLAGS.data_dir}", f"--seed={seed}", f"--embeds_suffix={suffix}",
+    return [f"--flagfile={TOY_CONFIG}", f"--data_dir={FLAGS.data_dir}", f"--seed={seed}", f"--embeds_suffix={suffix}",
             f"--val_from_train={FLAGS.val_from_train}", "--logger=csv"]
 
 
@@ -149,7 +148,7 @@ def pretrain_to(folder: Path, method: str, seed: int, budget: int) -> Path:
     keep = ",".join(map(str, budgets()))
     checkpoint = folder / "pretrain" / "checkpoints" / f"epoch-{budget:03d}.ckpt"
     ran = train_once(f"{method} seed {seed}: pretrain to epoch {budget}", folder / "pretrain",
-                     [*common_flags(seed, TEACHER_SUFFIX.get(method, "_masks_embeds")), f"--pretrain_objective={objective}",
+                     [*common_flags(seed, TEACHER_SUFFIX.get(method, EMBEDS_SUFFIX)), f"--pretrain_objective={objective}",
                       f"--max_epochs={budget}", f"--keep_checkpoints_at={keep}", *extra, *FLAGS.pretrain_flags],
                      FLAGS.overwrite and budget == budgets()[0], quiet=True, done=checkpoint)
     if ran:
@@ -165,7 +164,7 @@ def run_budget(folder: Path, method: str, seed: int, budget: int) -> dict | None
 
     With ``--report_only`` nothing runs: the row is read from its files, None when it is not finished.
     """
-    common = common_flags(seed, TEACHER_SUFFIX.get(method, "_masks_embeds"))
+    common = common_flags(seed, TEACHER_SUFFIX.get(method, EMBEDS_SUFFIX))
     fine = folder / ("supervised" if method == "supervised" else f"finetune_e{budget:03d}")
     tested = folder / f"test_e{budget:03d}"
     distill = budget > 0 and method != "supcon"
@@ -202,7 +201,7 @@ def fine_tune_numbers(fine: Path) -> dict:
 def final_extras(folder: Path, method: str, seed: int, budget: int) -> dict:
     """At the longest budget: islands scores, probes, the pretraining's time and learning curve
     (with ``--report_only``: the time and curve only, and whatever was computed already)."""
-    common = common_flags(seed, TEACHER_SUFFIX.get(method, "_masks_embeds"))
+    common = common_flags(seed, TEACHER_SUFFIX.get(method, EMBEDS_SUFFIX))
     checkpoint = folder / "pretrain" / "checkpoints" / f"epoch-{budget:03d}.ckpt"
     extras: dict = {"pretrain_seconds": pretrain_seconds(folder / "pretrain"), "curve": learning_curve(folder / "pretrain")}
     islands = folder / "islands"
@@ -336,7 +335,7 @@ class Ledger:
 def split_datamodule(seed: int):
     from agglomerator.data import DataConfig, PartWholeDataModule
 
-    config = DataConfig(dataset="TOY", data_dir=FLAGS.data_dir, image_size=64, batch_size=128, objective="classify",
+    config = DataConfig(dataset="TOY", data_dir=FLAGS.data_dir, image_size=TOY_IMAGE_SIZE, batch_size=128, objective="classify",
                         seed=seed, val_from_train=FLAGS.val_from_train)
     datamodule = PartWholeDataModule(config)
     datamodule.setup()
@@ -349,7 +348,7 @@ def student_probes(checkpoint: Path, seed: int) -> dict:
 
     from agglomerator.checkpoints import read_checkpoint
     from agglomerator.lit_module import AgglomeratorLitModule
-    from agglomerator.probe import agglomerator_features, linear_probe
+    from linear_probes import agglomerator_features, linear_probe
 
     state = read_checkpoint(checkpoint)
     module = AgglomeratorLitModule(**state["hyper_parameters"])
@@ -372,7 +371,7 @@ def student_probes(checkpoint: Path, seed: int) -> dict:
 
 def teacher_probes(suffix: str, seed: int) -> dict:
     """Linear probes of the teacher's own embeddings, per level, mean over points: the ceiling for distillation."""
-    from agglomerator.probe import linear_probe
+    from linear_probes import linear_probe
     from hierarchical_masks.mask_io import load_embeddings
 
     datamodule = split_datamodule(seed)
@@ -387,18 +386,6 @@ def teacher_probes(suffix: str, seed: int) -> dict:
 
 
 # --------------------------------------------------------------------------- report
-
-
-def mean_std(values) -> tuple[float, float]:
-    values = [v for v in values if v is not None and np.isfinite(v)]
-    if not values:
-        return float("nan"), float("nan")
-    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
-
-
-def fmt(values, scale: float = 100.0, digits: int = 1) -> str:
-    mean, std = mean_std(values)
-    return "n/a" if not np.isfinite(mean) else f"{scale * mean:.{digits}f} ± {scale * std:.{digits}f}"
 
 
 LABELS = {"sam_distill": "sam_distill, pretrained teacher (the paper)", "sam_distill_random": "sam_distill, random teacher (control)",
@@ -417,28 +404,24 @@ def report(results: list[dict], teachers: dict, seconds: float, out: Path) -> st
     steps = finished_budgets(results)
     rows = lambda m, b: [r for r in results if r["method"] == m and r["budget"] == b]  # noqa: E731
     training = sum(np.nansum([r.get("finetune_seconds", 0), r.get("pretrain_seconds", 0)]) for r in results)
+
+    def accuracy_table(title: str, key: str, unpretrained_note: str) -> list[str]:
+        """``key`` by method and pretraining budget; the rows without pretraining fill the first budget's column."""
+        table = [title, "", "| pretraining | " + " | ".join(f"{b} epochs" for b in steps) + " |", "| --- |" + " --- |" * len(steps)]
+        table += [f"| {LABELS[m]} | " + " | ".join(format_mean_std([r[key] for r in rows(m, b)]) for b in steps) + " |"
+                  for m in methods if m in PRETRAINED]
+        table += [f"| {LABELS[m]} | {format_mean_std([r[key] for r in rows(m, 0)])}{unpretrained_note} |" + " |" * (len(steps) - 1)
+                  for m in ("random_init", "supervised") if m in methods]
+        return table
+
     lines = [f"Toy study, variant `{FLAGS.variant}`: {len(seeds)} seeds ({', '.join(map(str, seeds))}), pretraining budgets "
              f"{', '.join(map(str, steps))} epochs (one run per seed and method, read at each budget), then {FLAGS.finetune_epochs} "
              f"fine-tuning epochs of the classifier on the frozen backbone; validation = {FLAGS.val_from_train:.0%} of train held "
              f"out, test = the toy val folder ({FLAGS.val_per_class * 10} images); mean ± std over seeds. Pretraining flags: "
              f"{' '.join(FLAGS.pretrain_flags) or 'none'}. Wall time of this invocation {seconds / 60:.0f} min (steps finished by an "
              f"earlier invocation are reused); training alone {training / 60:.0f} min.", "",
-             "Test accuracy % (frozen backbone) by pretraining epochs:", "",
-             "| pretraining | " + " | ".join(f"{b} epochs" for b in steps) + " |", "| --- |" + " --- |" * len(steps)]
-    for m in methods:
-        if m in PRETRAINED:
-            lines.append(f"| {LABELS[m]} | " + " | ".join(fmt([r["test_accuracy"] for r in rows(m, b)]) for b in steps) + " |")
-    for m in ("random_init", "supervised"):
-        if m in methods:
-            lines.append(f"| {LABELS[m]} | {fmt([r['test_accuracy'] for r in rows(m, 0)])} (any budget) |" + " |" * (len(steps) - 1))
-    lines += ["", "Validation accuracy % (the split choices are made on):", "",
-              "| pretraining | " + " | ".join(f"{b} epochs" for b in steps) + " |", "| --- |" + " --- |" * len(steps)]
-    for m in methods:
-        if m in PRETRAINED:
-            lines.append(f"| {LABELS[m]} | " + " | ".join(fmt([r["val_accuracy"] for r in rows(m, b)]) for b in steps) + " |")
-    for m in ("random_init", "supervised"):
-        if m in methods:
-            lines.append(f"| {LABELS[m]} | {fmt([r['val_accuracy'] for r in rows(m, 0)])} |" + " |" * (len(steps) - 1))
+             *accuracy_table("Test accuracy % (frozen backbone) by pretraining epochs:", "test_accuracy", " (any budget)"), "",
+             *accuracy_table("Validation accuracy % (the split choices are made on):", "val_accuracy", "")]
     distill = [m for m in methods if m.startswith("sam_distill")]
     if distill:
         lines += ["", "How much of its targets the student predicts: test `distill_r2` (1 - loss / loss of the train-set mean "
@@ -446,8 +429,8 @@ def report(results: list[dict], teachers: dict, seconds: float, out: Path) -> st
                   "(`image_mean_r2`, what knowing each image's mean target would reach):", "",
                   "| teacher | " + " | ".join(f"{b} epochs" for b in steps) + " | image-level share |", "| --- |" + " --- |" * (len(steps) + 1)]
         for m in distill:
-            share = fmt([r.get("image_mean_r2") for b in steps for r in rows(m, b)], 1, 3)
-            lines.append(f"| {LABELS[m]} | " + " | ".join(fmt([r.get("distill_r2") for r in rows(m, b)], 1, 3) for b in steps)
+            share = format_mean_std([r.get("image_mean_r2") for b in steps for r in rows(m, b)], 1, 3)
+            lines.append(f"| {LABELS[m]} | " + " | ".join(format_mean_std([r.get("distill_r2") for r in rows(m, b)], 1, 3) for b in steps)
                          + f" | {share} |")
     pairs = [(a, b) for a, b in (("sam_distill", "sam_distill_random"), ("sam_distill", "supcon")) if a in methods and b in methods]
     paired = []
@@ -467,22 +450,22 @@ def report(results: list[dict], teachers: dict, seconds: float, out: Path) -> st
         lines += ["", "Islands (pretrained columns at each method's longest budget, test images): pair_corr / ARI per level, mean "
                   "over seeds.", "", "| pretraining | epochs | against | L0 | L1 | L2 |", "| --- | --- | --- | --- | --- | --- |"]
         for m, runs in final.items():
-            for key, label in (("stage1_masks", "stage-1 masks"), ("ground_truth", "GT parts / object / all objects")):
+            for key, label in ISLANDS_REFERENCES:
                 scores = [r["islands"][key] for r in runs if key in r["islands"]]
                 if scores:
-                    cells = [f"{fmt([s[str(i)]['pair_corr'] for s in scores], 1, 2)} / {fmt([s[str(i)]['ari'] for s in scores], 1, 2)}"
+                    cells = [f"{format_mean_std([s[str(i)]['pair_corr'] for s in scores], 1, 2)} / {format_mean_std([s[str(i)]['ari'] for s in scores], 1, 2)}"
                              for i in range(3)]
                     lines.append(f"| {m} | {longest[m]} | {label} | " + " | ".join(cells) + " |")
-    probe_rows = [(f"teacher {name} (mean over points)", [fmt([p[f"level{i}"]["test_accuracy"] for p in per_seed]) for i in range(3)])
+    probe_rows = [(f"teacher {name} (mean over points)", [format_mean_std([p[f"level{i}"]["test_accuracy"] for p in per_seed]) for i in range(3)])
                   for name, per_seed in teachers.items()]
     for m, runs in final.items():
         probes = [r["probes"] for r in runs if "probes" in r]
         if probes:
             probe_rows.append((f"{m} at {longest[m]} epochs: column levels (flattened)",
-                               [fmt([p[f"level{i}"]["test_accuracy"] for p in probes]) for i in range(3)]))
+                               [format_mean_std([p[f"level{i}"]["test_accuracy"] for p in probes]) for i in range(3)]))
             if "encoded0" in probes[0] and m.startswith("sam_distill"):  # the others never train the levels encoder
                 probe_rows.append((f"{m} at {longest[m]} epochs: regressed outputs (mean over columns)",
-                                   [fmt([p[f"encoded{i}"]["test_accuracy"] for p in probes]) for i in range(3)]))
+                                   [format_mean_std([p[f"encoded{i}"]["test_accuracy"] for p in probes]) for i in range(3)]))
     if probe_rows:
         lines += ["", "Linear probes (weight decay chosen on validation), test accuracy %:", "",
                   "| features | L0 | L1 | L2 |", "| --- | --- | --- | --- |"]

@@ -35,6 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 from agglomerator.toy_dataset import CLASS_NAMES  # noqa: E402
+from seed_stats import format_mean_std  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -94,13 +95,6 @@ def val_r2(row: dict, best: bool = False) -> float:
     return curve.get(str(FLAGS.budget), {}).get("val_distill_r2", float("nan"))
 
 
-def mean_std(values: list[float]) -> str:
-    values = [v for v in values if np.isfinite(v)]
-    if not values:
-        return "n/a"
-    return f"{np.mean(values):.1f} ± {np.std(values, ddof=1):.1f}" if len(values) > 1 else f"{values[0]:.1f}"
-
-
 def held_out_images() -> int:
     """The validation split's size: per class what ``PartWholeDataModule.hold_out`` holds out, times the toy classes."""
     per_class = min(max(1, int(round(FLAGS.train_per_class * FLAGS.val_from_train))), FLAGS.train_per_class - 1)
@@ -109,6 +103,7 @@ def held_out_images() -> int:
 
 def report() -> str:
     base = rows_of("base")
+    text = lambda values: format_mean_std(values, scale=1.0, lone_std=False)  # noqa: E731  (values in points already)
     table = []
     for name in FLAGS.variants:
         rows = rows_of(name)
@@ -120,9 +115,9 @@ def report() -> str:
         best = [val_r2(rows[s], best=True) for s in seeds]
         diffs = [100 * (rows[s]["val_accuracy"] - base[s]["val_accuracy"]) for s in seeds if s in base] if name != "base" else []
         minutes = np.mean([rows[s].get("pretrain_seconds", float("nan")) for s in seeds]) / 60
-        table.append((np.mean(acc), f"| {name} | {VARIANTS[name][1]} | {','.join(map(str, seeds))} | {mean_std(acc)} "
-                      f"({', '.join(f'{a:.1f}' for a in acc)}) | {mean_std([100 * x for x in r2])} / {mean_std([100 * x for x in best])} | "
-                      f"{mean_std(diffs) if diffs else '—'} | {minutes:.1f} |"))
+        table.append((np.mean(acc), f"| {name} | {VARIANTS[name][1]} | {','.join(map(str, seeds))} | {text(acc)} "
+                      f"({', '.join(f'{a:.1f}' for a in acc)}) | {text([100 * x for x in r2])} / {text([100 * x for x in best])} | "
+                      f"{text(diffs) if diffs else '—'} | {minutes:.1f} |"))
     lines = [f"Recipe sweep: sam_distill (pretrained teacher), {FLAGS.budget} pretraining epochs, then the study's "
              f"frozen-backbone fine-tuning; validation = {FLAGS.val_from_train:.0%} of {FLAGS.train_per_class} train "
              f"images per class held out per seed ({held_out_images()} images); mean ± std over seeds. Ranked by validation accuracy. "

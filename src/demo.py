@@ -20,16 +20,15 @@ from pathlib import Path
 
 from absl import app, flags
 
-from agglomerator.steps import run_step, train_once
+from agglomerator.toy_dataset import TOY_IMAGE_SIZE, TOY_PATCH_SIZE
 from hierarchical_masks.encoder_weights import OFFLINE_TEACHER_MODEL, OFFLINE_TEACHER_PACKAGE
-from hierarchical_masks.image_folders import list_image_folder
+from hierarchical_masks.image_folders import MASKS_SUFFIX, list_image_folder
 from hierarchical_masks.mask_io import load_embeddings
 from hierarchical_masks.safe_files import atomic_write_bytes
+from toy_pipeline import (ISLANDS_REFERENCES, SRC, TEACHER_WEIGHTS, TOY_CONFIG, embed_toy_images, make_toy_data, run_step,
+                          teacher_embeds_suffix, toy_config_value, train_once)
 
-SRC = Path(__file__).resolve().parent
 FLAGS = flags.FLAGS
-TEACHERS = ("package", "random", "hub")
-TOY_TARGET_DIM = 64  # config_TOY.cfg's --target_dim
 flags.DEFINE_string("out_dir", "runs/demo", "Where runs, figures and summary.md go.")
 flags.DEFINE_string("data_dir", "datasets", "The toy set is written to <data_dir>/toy.")
 flags.DEFINE_integer("train_per_class", 100, "Toy training images per class.")
@@ -39,7 +38,7 @@ flags.DEFINE_integer("supcon_epochs", 4, "Epochs of the supcon pretraining (two 
                      "epochs on a CPU, so the demo gives it fewer to stay under 10 minutes; the toy study gives both the same).")
 flags.DEFINE_integer("finetune_epochs", 4, "Epochs of each classifier fine-tuning (the toy study: 8).")
 flags.DEFINE_string("encoder", OFFLINE_TEACHER_MODEL, "timm backbone of stage 2, the teacher (its features are the targets' D).")
-flags.DEFINE_enum("teacher", "package", list(TEACHERS),
+flags.DEFINE_enum("teacher", "package", list(TEACHER_WEIGHTS),
                   f"Stage-2 weights: package (ImageNet weights shipped by the {OFFLINE_TEACHER_PACKAGE} pip package: "
                   f"offline, --encoder={OFFLINE_TEACHER_MODEL} only), random (random init: the control), "
                   "hub (timm downloads --encoder's pretrained weights).")
@@ -51,16 +50,11 @@ flags.DEFINE_list("extra_main_flags", [], "Extra flags for every src/main.py cal
 flags.DEFINE_bool("overwrite", False, "Redo training steps whose results.json already exists (default: reuse them).")
 
 
-def teacher_args() -> tuple[list[str], str]:
-    """Stage-2 weight flags for ``--teacher`` and how the summary names them."""
-    if FLAGS.teacher == "package":
-        if FLAGS.encoder != OFFLINE_TEACHER_MODEL:
-            raise app.UsageError(f"--teacher=package has weights for --encoder={OFFLINE_TEACHER_MODEL} only; "
-                                 f"use --teacher=hub (download) or --teacher=random for {FLAGS.encoder}")
-        return [f"--encoder_checkpoint={OFFLINE_TEACHER_PACKAGE}"], f"PRETRAINED (ImageNet weights of the {OFFLINE_TEACHER_PACKAGE} package, offline)"
-    if FLAGS.teacher == "random":
-        return ["--pretrained=False"], "RANDOM-INIT (the control: the teacher is a random network)"
-    return ["--pretrained=True"], "PRETRAINED (timm's weights from the hub)"
+def check_teacher() -> None:
+    """The packaged weights are those of one encoder."""
+    if FLAGS.teacher == "package" and FLAGS.encoder != OFFLINE_TEACHER_MODEL:
+        raise app.UsageError(f"--teacher=package has weights for --encoder={OFFLINE_TEACHER_MODEL} only; "
+                             f"use --teacher=hub (download) or --teacher=random for {FLAGS.encoder}")
 
 
 def main(argv) -> None:
@@ -68,43 +62,40 @@ def main(argv) -> None:
     start = time.perf_counter()
     out = Path(FLAGS.out_dir)
     toy = Path(FLAGS.data_dir) / "toy"
-    weight_args, weights_note = teacher_args()
+    check_teacher()
+    weights_note = TEACHER_WEIGHTS[FLAGS.teacher][1]
     teacher = f"{FLAGS.encoder} ({FLAGS.teacher})"
-    embeds_suffix = "_masks_embeds" if FLAGS.teacher == "package" else f"_masks_embeds_{FLAGS.teacher}_{FLAGS.encoder}"
+    embeds_suffix = teacher_embeds_suffix(FLAGS.teacher, FLAGS.encoder)
     stamp = out / "demo.json"  # which teacher the reusable training steps in out_dir were trained on
     if stamp.is_file() and json.loads(stamp.read_text()).get("teacher") != teacher and not FLAGS.overwrite:
         raise app.UsageError(f"{out} holds a demo run with teacher {json.loads(stamp.read_text())['teacher']}; "
                              f"pass another --out_dir or --overwrite for teacher {teacher}")
     atomic_write_bytes(stamp, (json.dumps({"teacher": teacher}) + "\n").encode())
 
-    run_step("generate the toy dataset", [str(SRC / "make_toy_dataset.py"), f"--out_dir={toy}",
-                                          f"--train_per_class={FLAGS.train_per_class}", f"--val_per_class={FLAGS.val_per_class}"])
-    masks_suffix = "_masks"
+    make_toy_data("generate the toy dataset", toy, FLAGS.train_per_class, FLAGS.val_per_class)
+    masks_suffix = MASKS_SUFFIX
     if FLAGS.sam_checkpoint:
-        masks_suffix = "_masks_sam"
+        masks_suffix = f"{MASKS_SUFFIX}_sam"
         embeds_suffix += "_sam"
         for split in ("train", "val"):
             run_step(f"stage 1 (SAM {FLAGS.sam_model_type}) on {split}", [
                 str(SRC / "hierarchical_masks" / "patched_masks.py"), f"--device={FLAGS.device}", f"--split={split}",
                 f"--in_data_path={toy / split}", f"--out_data_path={toy / (split + masks_suffix)}",
                 f"--sam_checkpoint={FLAGS.sam_checkpoint}", f"--sam_model_type={FLAGS.sam_model_type}",
-                "--img_size=64", "--patch_size=8"])
+                f"--img_size={TOY_IMAGE_SIZE}", f"--patch_size={TOY_PATCH_SIZE}"])
         mask_note = f"SAM {FLAGS.sam_model_type} masks ({FLAGS.sam_checkpoint})"
     else:
         mask_note = "oracle masks (toy ground truth in the stage-1 format; pass --sam_checkpoint to run SAM)"
 
     print(f"\nstage-2 teacher {FLAGS.encoder}: {weights_note}", flush=True)
     for split in ("train", "val"):
-        run_step(f"stage 2 embeddings on {split}", [
-            str(SRC / "hierarchical_masks" / "masks_to_embeds.py"), f"--device={FLAGS.device}",
-            f"--in_masks_path={toy / (split + masks_suffix)}", f"--in_images_path={toy / split}",
-            f"--out_data_path={toy / (split + embeds_suffix)}", f"--encoder_model_name={FLAGS.encoder}", *weight_args,
-            "--embed_dtype=float16", "--img_height=64", "--img_width=64"])
+        embed_toy_images(f"stage 2 embeddings on {split}", toy / split, FLAGS.teacher, FLAGS.encoder, embeds_suffix, masks_suffix,
+                         device=FLAGS.device)
     first = list_image_folder(toy / "train")[0].output_path(toy / f"train{embeds_suffix}")
     dim = load_embeddings(first).shape[-1]  # the teacher's D: the student regresses its leading principal axes
     # config_TOY.cfg regresses 64 of them (--target_dim, the levels encoder's output); a teacher with fewer, all.
-    fewer = [f"--target_dim={dim}", f"--levels_encoder_dim={dim}"] if dim < TOY_TARGET_DIM else []
-    config = ["--flagfile=config/config_TOY.cfg", f"--data_dir={FLAGS.data_dir}", f"--embeds_suffix={embeds_suffix}",
+    fewer = [f"--target_dim={dim}", f"--levels_encoder_dim={dim}"] if dim < int(toy_config_value("target_dim")) else []
+    config = [f"--flagfile={TOY_CONFIG}", f"--data_dir={FLAGS.data_dir}", f"--embeds_suffix={embeds_suffix}",
               *fewer, *FLAGS.extra_main_flags]
 
     runs = {}
@@ -154,7 +145,7 @@ def main(argv) -> None:
     lines += ["", "| pretraining | against | " + " | ".join(f"L{i} pair_corr / ARI" for i in range(3)) + " |",
               "| --- | --- | --- | --- | --- |"]
     for name, result in scores.items():
-        for key, label in (("stage1_masks", "stage-1 masks"), ("ground_truth", "GT parts / object / all objects")):
+        for key, label in ISLANDS_REFERENCES:
             if key in result:
                 cells = [f"{result[key][str(i)]['pair_corr']:.2f} / {result[key][str(i)]['ari']:.2f}" for i in range(3)]
                 lines.append(f"| {name} | {label} | " + " | ".join(cells) + " |")

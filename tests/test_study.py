@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from agglomerator.steps import train_once
+from toy_pipeline import train_once
 from fakes import TINY_FLAGS, make_image_folder
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,8 +1,8 @@
-"""Linear probes (agglomerator.probe): they find a class that is there and not one that is not."""
+"""Linear probes (experiments/linear_probes.py): they find a class that is there and not one that is not."""
 
 import numpy as np
 
-from agglomerator.probe import linear_probe
+from linear_probes import linear_probe
 
 
 def blobs(rng, n, classes=4, dim=16, separation=3.0, shuffle_labels=False):
