@@ -124,6 +124,16 @@ def prepare_data(toy: Path) -> None:
                              quiet=True)
 
 
+def unlabelled_note() -> str:
+    """The report's words on ``--unlabelled_per_class`` (empty without it)."""
+    if not FLAGS.unlabelled_per_class:
+        return ""
+    extra, labelled = 10 * FLAGS.unlabelled_per_class, 10 * (FLAGS.train_per_class - round(FLAGS.train_per_class * FLAGS.val_from_train))
+    return (f" sam_distill also pretrains on {extra} unlabelled toy images ({unlabelled_images()}), {extra + labelled} in all: an "
+            f"epoch is {(extra + labelled) / labelled:.2f} epochs of the {labelled} labelled images in steps; the classifier "
+            f"fine-tunes on the labelled ones only.")
+
+
 def unlabelled_images() -> Path:
     """The more-unlabelled-data variant's extra images (``--unlabelled_per_class``): the toy generator with another seed."""
     return Path(FLAGS.data_dir) / "unlabelled" / "toy" / "train"
@@ -418,7 +428,7 @@ def report(results: list[dict], teachers: dict, seconds: float, out: Path) -> st
              f"{', '.join(map(str, steps))} epochs (one run per seed and method, read at each budget), then {FLAGS.finetune_epochs} "
              f"fine-tuning epochs of the classifier on the frozen backbone; validation = {FLAGS.val_from_train:.0%} of train held "
              f"out, test = the toy val folder ({FLAGS.val_per_class * 10} images); mean ± std over seeds. Pretraining flags: "
-             f"{' '.join(FLAGS.pretrain_flags) or 'none'}. Wall time of this invocation {seconds / 60:.0f} min (steps finished by an "
+             f"{' '.join(FLAGS.pretrain_flags) or 'none'}.{unlabelled_note()} Wall time of this invocation {seconds / 60:.0f} min (steps finished by an "
              f"earlier invocation are reused); training alone {training / 60:.0f} min.", "",
              *accuracy_table("Test accuracy % (frozen backbone) by pretraining epochs:", "test_accuracy", " (any budget)"), "",
              *accuracy_table("Validation accuracy % (the split choices are made on):", "val_accuracy", "")]
