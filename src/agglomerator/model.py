@@ -256,6 +256,12 @@ def consensus_attention(x: torch.Tensor, attend_self: bool = False) -> torch.Ten
     return torch.einsum("lbij,ldbj->ldbi", attn, x)
 
 
+def flat_columns(n: int, d: int, dropout: float) -> list[nn.Module]:
+    """The heads' common start (reference layers and indices): ``(b, n, d)`` normalised per column, flattened to
+    ``(b, n*d)`` and normalised again, with dropout after each norm."""
+    return [nn.LayerNorm(d), nn.Dropout(dropout), nn.Flatten(1), nn.LayerNorm(n * d), nn.Dropout(dropout)]
+
+
 class Agglomerator(nn.Module):
     """Image -> tokens -> ``iters`` GLOM iterations over ``levels`` levels per column.
 
@@ -278,11 +284,7 @@ class Agglomerator(nn.Module):
             ConvTokenizer(c.n_channels, embedding_dim=d // c.patch_size**2), PatchTokens(c.patch_size)
         )
         self.classification_head_from_last_level = nn.Sequential(
-            nn.LayerNorm(d),
-            nn.Dropout(c.head_dropout),
-            nn.Flatten(1),
-            nn.LayerNorm(n * d),
-            nn.Dropout(c.head_dropout),
+            *flat_columns(n, d, c.head_dropout),
             nn.Linear(n * d, c.n_classes),
         )
         self.init_levels = nn.Parameter(torch.randn(c.levels, d))
@@ -293,11 +295,7 @@ class Agglomerator(nn.Module):
                                             norm=c.levels_encoder_norm)
         if c.contrastive_head:
             self.contrastive_head = nn.Sequential(
-                nn.LayerNorm(d),
-                nn.Dropout(c.dropout),
-                nn.Flatten(1),
-                nn.LayerNorm(n * d),
-                nn.Dropout(c.dropout),
+                *flat_columns(n, d, c.dropout),
                 nn.Linear(n * d, n * d),
                 nn.LayerNorm(n * d),
                 nn.GELU(),
