@@ -61,7 +61,7 @@ sys.path.insert(0, str(SRC))
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from agglomerator.toy_dataset import TOY_IMAGE_SIZE  # noqa: E402
+from agglomerator.toy_dataset import CLASS_NAMES, TOY_IMAGE_SIZE  # noqa: E402
 from hierarchical_masks.encoder_weights import OFFLINE_TEACHER_MODEL  # noqa: E402
 from hierarchical_masks.image_folders import EMBEDS_SUFFIX  # noqa: E402
 from hierarchical_masks.safe_files import atomic_write_bytes, atomic_write_json  # noqa: E402
@@ -128,7 +128,11 @@ def unlabelled_note() -> str:
     """The report's words on ``--unlabelled_per_class`` (empty without it)."""
     if not FLAGS.unlabelled_per_class:
         return ""
-    extra, labelled = 10 * FLAGS.unlabelled_per_class, 10 * (FLAGS.train_per_class - round(FLAGS.train_per_class * FLAGS.val_from_train))
+    from agglomerator.data import held_out_count
+
+    classes = len(CLASS_NAMES)
+    extra = classes * FLAGS.unlabelled_per_class
+    labelled = classes * (FLAGS.train_per_class - held_out_count(FLAGS.train_per_class, FLAGS.val_from_train))
     return (f" sam_distill also pretrains on {extra} unlabelled toy images ({unlabelled_images()}), {extra + labelled} in all: an "
             f"epoch is {(extra + labelled) / labelled:.2f} epochs of the {labelled} labelled images in steps; the classifier "
             f"fine-tunes on the labelled ones only.")

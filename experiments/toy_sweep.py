@@ -34,6 +34,7 @@ from absl import app, flags
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
+from agglomerator.data import held_out_count  # noqa: E402
 from agglomerator.toy_dataset import CLASS_NAMES  # noqa: E402
 from seed_stats import format_mean_std  # noqa: E402
 
@@ -97,8 +98,7 @@ def val_r2(row: dict, best: bool = False) -> float:
 
 def held_out_images() -> int:
     """The validation split's size: per class what ``PartWholeDataModule.hold_out`` holds out, times the toy classes."""
-    per_class = min(max(1, int(round(FLAGS.train_per_class * FLAGS.val_from_train))), FLAGS.train_per_class - 1)
-    return len(CLASS_NAMES) * per_class
+    return len(CLASS_NAMES) * held_out_count(FLAGS.train_per_class, FLAGS.val_from_train)
 
 
 def report() -> str:

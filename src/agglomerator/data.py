@@ -275,6 +275,12 @@ class ImageFolderWithEmbeddings(Dataset):
         return item
 
 
+def held_out_count(members: int, fraction: float) -> int:
+    """How many of a class's ``members`` train images ``--val_from_train=fraction`` holds out: the rounded share, at
+    least one, and never the whole class."""
+    return min(max(1, int(round(members * fraction))), members - 1)
+
+
 class WithUnlabelled(ConcatDataset):
     """sam_distill's training split with more images: the labelled split's items, then the unlabelled ones'.
 
@@ -444,17 +450,17 @@ class PartWholeDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
             return
+        c = self.config
+        if c.unlabelled_dir and (not self.with_embeddings or c.dataset not in FOLDER_DATASETS):  # before any split is read
+            raise InputError(f"--unlabelled_dir={c.unlabelled_dir}: only sam_distill pretraining on an image-folder dataset "
+                             f"uses unlabelled images (here: --dataset={c.dataset}, objective {c.objective}); drop the flag")
         self._setup_splits()
-        if self.config.unlabelled_dir:
+        if c.unlabelled_dir:
             self.splits["train"] = WithUnlabelled(self.splits["train"], self.unlabelled_split())
 
     def unlabelled_split(self) -> ImageFolderWithEmbeddings:
         """``--unlabelled_dir``: its images (labels unused, given as -1) and their embeddings, for sam_distill pretraining."""
-        c = self.config
-        if not self.with_embeddings or c.dataset not in FOLDER_DATASETS:
-            raise InputError(f"--unlabelled_dir={c.unlabelled_dir}: only sam_distill pretraining on an image-folder dataset "
-                             f"uses unlabelled images (here: --dataset={c.dataset}, objective {c.objective}); drop the flag")
-        folder = Path(c.unlabelled_dir)
+        folder = Path(self.config.unlabelled_dir)
         records = [r._replace(label=-1) for r in list_image_folder(folder)]
         return self.image_folder(folder, train=True, records=records)
 
@@ -502,8 +508,7 @@ class PartWholeDataModule(pl.LightningDataModule):
         held = set()
         for label in sorted({r.label for r in records}):
             members = [i for i, r in enumerate(records) if r.label == label]
-            count = max(1, int(round(len(members) * c.val_from_train)))
-            held.update(rng.choice(members, size=min(count, len(members) - 1), replace=False).tolist())
+            held.update(rng.choice(members, size=held_out_count(len(members), c.val_from_train), replace=False).tolist())
         return [r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held]
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:

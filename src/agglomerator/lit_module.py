@@ -195,10 +195,13 @@ class AgglomeratorLitModule(pl.LightningModule):
 
     def _log_r2(self, stage: str) -> None:
         """``<stage>/distill_r2`` (level-weighted, in the progress bar), ``<stage>/image_mean_r2`` and per level."""
-        if self.objective != "sam_distill" or not self.targets_fitted or not self.r2[f"{stage}_r2"].update_count:
+        if self.objective != "sam_distill" or not self.targets_fitted:
             return
-        values = self.r2[f"{stage}_r2"].compute()
-        self.r2[f"{stage}_r2"].reset()
+        metric = self.r2[f"{stage}_r2"]
+        if not metric.update_count:
+            return
+        values = metric.compute()
+        metric.reset()
         self.log(f"{stage}/distill_r2", values.pop("distill_r2"), prog_bar=True)
         self.log_dict({f"{stage}/{k}": v for k, v in values.items()})
 
