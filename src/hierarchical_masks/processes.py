@@ -29,11 +29,18 @@ def die_with_parent() -> None:
     """
     if not sys.platform.startswith("linux"):
         return
+    import multiprocessing
+
     pr_set_pdeathsig = 1
     try:
         ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
     except (OSError, AttributeError):  # no usable libc: the atexit reaper still covers a normal exit
         return
+    # The kernel signals only a parent death that comes after the prctl: a parent killed while this process
+    # was starting (a loaded machine) has left it adopted already, and it must end itself.
+    parent = multiprocessing.parent_process()
+    if parent is not None and os.getppid() != parent.pid:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def ignore_stop_signals(worker_id: int) -> None:
