@@ -67,7 +67,7 @@ from hierarchical_masks.image_folders import EMBEDS_SUFFIX  # noqa: E402
 from hierarchical_masks.safe_files import atomic_write_bytes, atomic_write_json  # noqa: E402
 from seed_stats import format_mean_std, mean_std  # noqa: E402
 from toy_pipeline import (ISLANDS_REFERENCES, REPO, TOY_CONFIG, embed_toy_images, make_toy_data, run_step,  # noqa: E402
-                          teacher_embeds_suffix, train_once)
+                          teacher_embeds_suffix, toy_config_value, train_once)
 
 FLAGS = flags.FLAGS
 METHODS = ("sam_distill", "sam_distill_random", "supcon", "random_init", "supervised")
@@ -133,9 +133,12 @@ def unlabelled_note() -> str:
     classes = len(CLASS_NAMES)
     extra = classes * FLAGS.unlabelled_per_class
     labelled = classes * (FLAGS.train_per_class - held_out_count(FLAGS.train_per_class, FLAGS.val_from_train))
+    batch = next((int(f.split("=", 1)[1]) for f in reversed(FLAGS.pretrain_flags) if f.startswith("--batch_size=")),
+                 int(toy_config_value("batch_size")))
+    steps, labelled_steps = -(-(extra + labelled) // batch), -(-labelled // batch)  # the loaders keep the last, partial batch
     return (f" sam_distill also pretrains on {extra} unlabelled toy images ({unlabelled_images()}), {extra + labelled} in all: an "
-            f"epoch is {(extra + labelled) / labelled:.2f} epochs of the {labelled} labelled images in steps; the classifier "
-            f"fine-tunes on the labelled ones only.")
+            f"epoch is {steps} optimizer steps (batch {batch}), {steps / labelled_steps:.2f} epochs of the {labelled} labelled "
+            f"images ({labelled_steps} steps); the classifier fine-tunes on the labelled ones only.")
 
 
 def unlabelled_images() -> Path:
