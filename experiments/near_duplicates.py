@@ -24,6 +24,7 @@ import torch
 from absl import app, flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from hierarchical_masks.errors import InputError  # noqa: E402
 from hierarchical_masks.image_folders import list_image_folder, load_rgb_image  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -33,8 +34,12 @@ flags.DEFINE_float("threshold", 0.01, "RMS pixel difference (images in [0, 1]) u
 
 
 def load_folder(root: str | Path, size: tuple[int, int] | None = None) -> tuple[torch.Tensor, list[Path]]:
-    """All images of ``root`` flattened to ``(N, H * W * 3)`` in [0, 1], resized to ``size=(width, height)``, and their paths."""
+    """All images of ``root`` flattened to ``(N, H * W * 3)`` in [0, 1], resized to ``size=(width, height)`` (default: the
+    first image's size), and their paths. An error naming the folder if it holds no image."""
     records = list_image_folder(root)
+    if not records:
+        raise InputError(f"{root}: no images")
+    size = size or load_rgb_image(records[0].path).size
     pixels = [np.asarray(load_rgb_image(record.path, size), dtype=np.float32) / 255 for record in records]
     return torch.from_numpy(np.stack(pixels)).flatten(1), [record.path for record in records]
 
@@ -52,16 +57,11 @@ def nearest_distances(test: torch.Tensor, pool: torch.Tensor, chunk: int = 256) 
 
 def report(test_dir: str | Path, pools: Sequence[str | Path], threshold: float) -> list[tuple[Path, Path, float]]:
     """Print each pool's nearest-neighbour distances to the test images; return the near-duplicate pairs."""
-    first = list_image_folder(test_dir)
-    if not first:
-        raise SystemExit(f"error: --test_dir={test_dir}: no images")
-    size = load_rgb_image(first[0].path).size
-    test, test_paths = load_folder(test_dir, size)
+    test, test_paths = load_folder(test_dir)
+    size = load_rgb_image(test_paths[0]).size
     pairs = []
     for root in pools:
         pool, pool_paths = load_folder(root, size)
-        if not len(pool):
-            raise SystemExit(f"error: --pools: {root} holds no images")
         value, index = nearest_distances(test, pool)
         close = (value < threshold).nonzero().flatten().tolist()
         print(f"{root}: {len(pool)} images; each of the {len(test)} test images' nearest, RMS pixel difference: "
@@ -75,7 +75,10 @@ def report(test_dir: str | Path, pools: Sequence[str | Path], threshold: float) 
 
 def main(argv):
     del argv
-    report(FLAGS.test_dir, FLAGS.pools, FLAGS.threshold)
+    try:
+        report(FLAGS.test_dir, FLAGS.pools, FLAGS.threshold)
+    except InputError as err:  # a missing or empty folder: one line, no traceback
+        sys.exit(f"error: {err}")
 
 
 if __name__ == "__main__":

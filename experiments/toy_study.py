@@ -61,6 +61,7 @@ sys.path.insert(0, str(SRC))
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
+from agglomerator.data import held_out_count  # noqa: E402
 from agglomerator.toy_dataset import CLASS_NAMES, TOY_IMAGE_SIZE  # noqa: E402
 from hierarchical_masks.encoder_weights import OFFLINE_TEACHER_MODEL  # noqa: E402
 from hierarchical_masks.image_folders import EMBEDS_SUFFIX  # noqa: E402
@@ -128,8 +129,6 @@ def unlabelled_note() -> str:
     """The report's words on ``--unlabelled_per_class`` (empty without it)."""
     if not FLAGS.unlabelled_per_class:
         return ""
-    from agglomerator.data import held_out_count
-
     classes = len(CLASS_NAMES)
     extra = classes * FLAGS.unlabelled_per_class
     labelled = classes * (FLAGS.train_per_class - held_out_count(FLAGS.train_per_class, FLAGS.val_from_train))

@@ -27,3 +27,13 @@ def test_a_copied_test_image_is_found_and_a_clean_pool_is_not(tmp_path):
 
     assert [(p.name, q) for p, q, _ in pairs] == [("1.png", copy)]
     assert pairs[0][2] < 0.01 and clean not in [q for _, q, _ in pairs]
+
+
+def test_an_empty_pool_is_named_in_one_line(tmp_path):
+    import pytest
+    from hierarchical_masks.errors import InputError
+
+    write(tmp_path / "test", "0.png", np.zeros((8, 8, 3), np.uint8))
+    (tmp_path / "empty" / "a").mkdir(parents=True)
+    with pytest.raises(InputError, match="empty: no images"):
+        report(tmp_path / "test", [tmp_path / "empty"], threshold=0.01)
