@@ -38,7 +38,10 @@ flags.DEFINE_integer("seed", 42, "Random seed (honoured: python, numpy, torch, d
 flags.DEFINE_integer("max_epochs", 10000, "Training epochs.")
 flags.DEFINE_float("weight_decay", 5e-4, "Weight decay.")
 flags.DEFINE_integer("num_workers", 8, "Data loader workers per process.")
-flags.DEFINE_integer("num_gpus", 1, "GPUs per node (more than present: what is there, with a warning; none: CPU).")
+flags.DEFINE_integer("num_gpus", 1, "GPUs per node, one process each (more than present: what is there, with a warning). "
+                     "Where a GPU is visible and --num_gpus >= 1 it wins over --num_processes.")
+flags.DEFINE_integer("num_processes", 1, "CPU processes per node (DDP over gloo), used when no GPU is: none visible, or "
+                     "--num_gpus=0. For CPU nodes, and to run the several-device path without a GPU.")
 
 flags.DEFINE_float("limit_train", 1.0, "Fraction (<=1.0) or number (>1) of train batches per epoch.")
 flags.DEFINE_float("limit_val", 1.0, "Fraction or number of val batches.")
@@ -82,7 +85,11 @@ flags.DEFINE_bool("overwrite", False, "Train into an --output_dir that holds ano
 flags.DEFINE_enum("logger", "csv", ["csv", "tensorboard", "wandb", "none"], "Metrics logger (wandb is optional).")
 flags.DEFINE_string("precision", "auto",
                     "auto (bf16-mixed where the device computes bf16 natively, else 32), 32, bf16-mixed or 16-mixed.")
-flags.DEFINE_integer("num_nodes", 1, "Nodes for multi-node DDP.")
+flags.DEFINE_integer("num_nodes", 1, "Nodes for multi-node DDP (with --num_gpus or --num_processes per node; under SLURM, "
+                     "srun starts one task per device; otherwise set MASTER_ADDR, MASTER_PORT and NODE_RANK on each node). "
+                     "Needs --output_dir (the same folder, on a shared file system, on every node).")
+flags.DEFINE_integer("ddp_timeout", 600, "Several processes: seconds a process waits for the others in one collective "
+                     "before it gives up (a peer that died is noticed at once; this bounds a peer that hangs).")
 flags.DEFINE_integer("plot_every", 50, "With --plot_islands: draw every N training steps (and the first val/test batch).")
 flags.DEFINE_string("islands_split", "val", "--mode islands: split whose images are drawn.")
 flags.DEFINE_integer("islands_count", 8, "--mode islands: how many images of --islands_split to draw.")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import inspect
 import io
 import logging
@@ -115,21 +116,47 @@ def datamodule_for(module, objective: str, val_masks: bool = True):
     return datamodule
 
 
-def trainer_for(run_dir: Path, train: bool, monitor: str | None = None, monitor_mode: str = "min", islands: bool = True):
-    """The Trainer; ``islands`` adds the islands figures (``--plot_islands``) and scores (:class:`IslandsCallback`)."""
-    from agglomerator.engine import build_trainer, resolve_devices, resolve_precision
+def trainer_for(run_dir: Path, train: bool, monitor: str | None = None, monitor_mode: str = "min", islands: bool = True,
+                one_process: bool = False):
+    """The Trainer; ``islands`` adds the islands figures (``--plot_islands``) and scores (:class:`IslandsCallback`);
+    ``one_process``: one device whatever the flags ask (``--mode freeze`` writes what it predicts itself)."""
+    from agglomerator.engine import build_trainer, resolve_precision
     from agglomerator.islands_callback import IslandsCallback
 
-    accelerator, devices = resolve_devices(FLAGS.num_gpus)
+    accelerator, devices = devices_from_flags()
+    num_nodes = 1 if one_process else FLAGS.num_nodes
+    devices = 1 if one_process else devices
     callbacks = [IslandsCallback(plot=FLAGS.plot_islands, plot_every=FLAGS.plot_every, out_dir=run_dir / "islands",
                                  max_scored_images=ISLANDS_SCORED_IMAGES)] if islands else []
     return build_trainer(
-        run_dir, accelerator=accelerator, devices=devices, num_nodes=FLAGS.num_nodes,
+        run_dir, accelerator=accelerator, devices=devices, num_nodes=num_nodes,
         precision=resolve_precision(FLAGS.precision, accelerator), max_epochs=FLAGS.max_epochs,
         limit_train=FLAGS.limit_train, limit_val=FLAGS.limit_val, limit_test=FLAGS.limit_test,
         logger=FLAGS.logger, exp_name=FLAGS.exp_name, monitor=monitor, monitor_mode=monitor_mode, train=train,
-        callbacks=callbacks, keep_checkpoints_at=epochs_list("keep_checkpoints_at"),
+        callbacks=callbacks, keep_checkpoints_at=epochs_list("keep_checkpoints_at"), ddp_timeout=FLAGS.ddp_timeout,
     )
+
+
+@functools.cache
+def devices_from_flags() -> tuple[str, int]:
+    """``(accelerator, devices per node)`` from ``--num_gpus`` and ``--num_processes`` (warnings once)."""
+    from agglomerator.engine import resolve_devices
+
+    return resolve_devices(FLAGS.num_gpus, FLAGS.num_processes)
+
+
+def set_rank_from_launcher() -> None:
+    """Tell Lightning's rank-zero helpers this process's global rank before the Trainer does.
+
+    The run folder's lock and claim (rank 0's) come before the Trainer; Lightning's guess at import reads
+    ``LOCAL_RANK``, which is 0 on the first process of every node. ``NODE_RANK`` (multi-node by hand),
+    ``RANK`` (torchrun) or ``SLURM_PROCID`` (srun) say more; Lightning sets the same value later.
+    """
+    from agglomerator.engine import launcher_rank
+    from pytorch_lightning.utilities import rank_zero_only
+
+    if FLAGS.mode == "train" or FLAGS.mode == "test":
+        rank_zero_only.rank = launcher_rank(devices_from_flags()[1] if FLAGS.num_nodes > 1 else 0)
 
 
 def epochs_list(name: str) -> list[int]:
@@ -143,17 +170,35 @@ def epochs_list(name: str) -> list[int]:
     return epochs
 
 
+def is_rank_zero() -> bool:
+    """Several processes (DDP): whether this is the one that writes the run's files and prints its lines."""
+    from pytorch_lightning.utilities import rank_zero_only
+
+    return rank_zero_only.rank == 0
+
+
+def end_quietly_unless_rank_zero() -> None:
+    """Several processes, after a stop they all agreed on (a signal, a divergence): the others end with 0 and say
+    nothing; rank 0 reports it and carries the exit code. (Lightning's launcher kills the whole run, rank 0
+    included, as soon as one of the processes it started ends non-zero.)"""
+    if not is_rank_zero():
+        sys.exit(0)
+
+
 def write_results(run_dir: Path, results: dict) -> None:
-    """``<run>/results.json``: what a run measured, for scripts (the demo reads it)."""
+    """``<run>/results.json``: what a run measured, for scripts (the demo reads it); rank 0 only."""
     from hierarchical_masks.safe_files import atomic_write_json
 
-    atomic_write_json(run_dir / "results.json", results)  # strict JSON: a NaN metric is null
+    if is_rank_zero():
+        atomic_write_json(run_dir / "results.json", results)  # strict JSON: a NaN metric is null
 
 
 def write_flags(run_dir: Path) -> None:
     """Save the resolved flags as a flagfile: ``--flagfile <run>/flags.cfg`` reruns the same settings."""
     from hierarchical_masks.safe_files import atomic_write_bytes
 
+    if not is_rank_zero():
+        return
     lines = [f.serialize() for f in FLAGS.get_key_flags_for_module(flags_Agglomerator)]
     atomic_write_bytes(run_dir / "flags.cfg", ("\n".join(line for line in lines if line) + "\n").encode())
 
@@ -180,6 +225,7 @@ def stops_reported(trainer, run_dir: Path, finished: bool = False):
     try:
         yield
     except SIGTERMException:
+        end_quietly_unless_rank_zero()
         callback = find_preemption_checkpoint(trainer)
         name = (callback.signal_name if callback else None) or "SIGTERM"
         where = f"epoch {trainer.current_epoch}, step {trainer.global_step}"
@@ -273,6 +319,7 @@ def train_in(run_dir: Path, module, objective: str, resume_path: str | None, che
         try:
             trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path)
         except DivergedError as exc:
+            end_quietly_unless_rank_zero()
             raise DivergedError(diverged_message(str(exc), run_dir)) from None
     seconds = time.perf_counter() - start
     best, last = checkpoint_paths(trainer)
@@ -280,9 +327,11 @@ def train_in(run_dir: Path, module, objective: str, resume_path: str | None, che
         results = trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=True) if best else []
     metrics = ", ".join(f"{k}={v:.4f}" for k, v in (results[0] if results else {}).items())
     write_results(run_dir, {"objective": objective, "epochs": trainer.current_epoch, "steps": trainer.global_step,
-                            "seconds": seconds, "best": best, "last": last, "test": results[0] if results else {}})
-    print(f"train ({objective}): {trainer.current_epoch} epochs, {trainer.global_step} steps in {seconds:.1f} s; "
-          f"run {run_dir}; best {best}; last {last}" + (f"; test {metrics}" if metrics else ""))
+                            "seconds": seconds, "processes": trainer.world_size, "best": best, "last": last,
+                            "test": results[0] if results else {}})
+    if is_rank_zero():
+        print(f"train ({objective}): {trainer.current_epoch} epochs, {trainer.global_step} steps in {seconds:.1f} s; "
+              f"run {run_dir}; best {best}; last {last}" + (f"; test {metrics}" if metrics else ""))
 
 
 def run_test() -> None:
@@ -294,8 +343,10 @@ def run_test() -> None:
     trainer = trainer_for(run_dir, train=False)
     results = trainer.test(module, datamodule=datamodule, verbose=True)
     metrics = ", ".join(f"{k}={v:.4f}" for k, v in results[0].items())
-    write_results(run_dir, {"objective": module.objective, "checkpoint": FLAGS.load_checkpoint_dir, "test": results[0]})
-    print(f"test ({module.objective}) of {FLAGS.load_checkpoint_dir}: {metrics}")
+    write_results(run_dir, {"objective": module.objective, "checkpoint": FLAGS.load_checkpoint_dir,
+                            "processes": trainer.world_size, "test": results[0]})
+    if is_rank_zero():
+        print(f"test ({module.objective}) of {FLAGS.load_checkpoint_dir}: {metrics}")
 
 
 def run_freeze() -> None:
@@ -305,7 +356,7 @@ def run_freeze() -> None:
     module = module_from_checkpoint(FLAGS.load_checkpoint_dir, objective_from_flags())
     datamodule = datamodule_for(module, "classify", val_masks=False)  # eval transforms, no teacher embeddings needed
     run_dir = make_run_dir(FLAGS.output_dir, FLAGS.exp_name, "freeze")
-    trainer = trainer_for(run_dir, train=False, islands=False)
+    trainer = trainer_for(run_dir, train=False, islands=False, one_process=True)
     for split in ("train", "val", "test"):
         batches = trainer.predict(module, dataloaders=datamodule.eval_loader(split))
         features = np.concatenate([b["features"].numpy() for b in batches])
@@ -334,6 +385,27 @@ def one_line(exc: BaseException) -> str:
     return lines[-1] if lines else type(exc).__name__
 
 
+def peer_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is a collective that failed because another process of a DDP run died or hung."""
+    import torch.distributed as dist
+
+    text = str(exc)
+    return isinstance(exc, getattr(dist, "DistError", ())) or "/gloo/" in text or "NCCL" in text
+
+
+def peer_failure_message(exc: BaseException) -> str:
+    last = Path(run_dir_of_this_run()) / "checkpoints" / "last.ckpt" if run_dir_of_this_run() else None
+    kept = f"; resume from its last checkpoint: {resume_command(last.parent.parent, last)}" if last and last.is_file() else ""
+    return (f"another process of this run died or stopped answering, so this one stopped too (it saw: "
+            f"{one_line(exc)[:200]}){kept}")
+
+
+def run_dir_of_this_run() -> str:
+    from agglomerator.engine import RUN_DIR_ENV
+
+    return os.environ.get(RUN_DIR_ENV, "")
+
+
 def main(argv) -> None:
     if len(argv) > 1:
         sys.exit(f"error: unexpected arguments {argv[1:]}; flags take the form --name=value")
@@ -347,6 +419,7 @@ def main(argv) -> None:
 
     pl.seed_everything(FLAGS.seed, workers=True)
     try:
+        set_rank_from_launcher()
         {"train": run_train, "test": run_test, "freeze": run_freeze, "islands": run_islands}[FLAGS.mode]()
     except (InputError, ValueError, FileNotFoundError) as exc:
         if os.environ.get("PARTWHOLE_DEBUG"):
@@ -355,6 +428,10 @@ def main(argv) -> None:
     except DivergedError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         sys.exit(DIVERGED_EXIT_CODE)
+    except RuntimeError as exc:
+        if not peer_failure(exc) or os.environ.get("PARTWHOLE_DEBUG"):
+            raise
+        sys.exit(f"error: {peer_failure_message(exc)}")
     except SIGTERMException:  # --mode test/freeze/islands (training reports its own stop): Lightning would exit 0
         print("stopped by SIGTERM before the end; nothing is half-written: rerun the same command", file=sys.stderr, flush=True)
         sys.exit(128 + signal.SIGTERM)

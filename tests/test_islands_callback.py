@@ -110,16 +110,32 @@ def test_scores_without_plot_and_mismatched_masks_are_skipped(tmp_path, caplog):
         def log(self, name, value, **kwargs):
             logged[name] = value
 
+    class Trainer:
+        world_size = 1
+
     levels = torch.randn(3, 4, 3, 8)
     masks = [None, torch.rand(4, 3, 16, 16) > 0.5, torch.rand(4, 3, 16, 16) > 0.5]
-    scores = callback.log_scores(Module(), "val", levels, masks)
+    assert callback.score_batch("val", levels, masks, torch.tensor([0, 1, 2])) == 1  # max_scored_images=1: image 1
+    scores = callback.log_gathered_scores(Trainer(), Module(), "val")
     assert set(scores) == {0, 1, 2}
-    assert scores[0]["ari"] == pytest.approx(islands_scores(levels[1], masks[1])[0]["ari"])  # max_scored_images=1: image 1
+    assert scores[0]["ari"] == pytest.approx(islands_scores(levels[1], masks[1])[0]["ari"])
     assert set(logged) >= {"val/islands_ari_L0", "val/islands_ari_L1", "val/islands_ari_L2"}
     with caplog.at_level(logging.WARNING):
-        assert callback.log_scores(Module(), "val", levels, [torch.zeros(9, 3, 16, 16, dtype=torch.bool)] * 3) == {}
+        assert callback.score_batch("val", levels, [torch.zeros(9, 3, 16, 16, dtype=torch.bool)] * 3) == 0
+    assert callback.log_gathered_scores(Trainer(), Module(), "val") == {}
     assert "9 points but the model 4 columns" in caplog.text
     assert not (tmp_path / "figs").exists()  # plot=False draws nothing
+
+
+def test_non_finite_levels_are_not_scored():
+    """A diverging run's NaN columns reach validation: they are left out (the divergence check reports them), not
+    handed to scipy, which refuses them ("The condensed distance matrix must contain only finite values")."""
+    callback = IslandsCallback(max_scored_images=4)
+    levels = torch.randn(2, 4, 3, 8)
+    levels[0, 2, 1, 3] = float("nan")
+    masks = [torch.rand(4, 3, 16, 16) > 0.5, torch.rand(4, 3, 16, 16) > 0.5]
+    assert callback.score_batch("val", levels, masks, torch.tensor([5, 6])) == 1
+    assert [index for index, _ in callback._scored["val"]] == [6]
 
 
 def test_checkpoints_from_before_the_callback_still_load():

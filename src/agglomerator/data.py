@@ -517,12 +517,30 @@ class PartWholeDataModule(pl.LightningDataModule):
             self.splits[split],
             batch_size=self.config.batch_size,
             shuffle=shuffle,
+            sampler=None if shuffle else self._eval_sampler(self.splits[split]),
             num_workers=workers,
             persistent_workers=workers > 0,
             pin_memory=torch.cuda.is_available(),
             collate_fn=collate_batch,
             worker_init_fn=loader_worker_init if workers > 0 else None,
         ))
+
+    def _eval_sampler(self, dataset: Dataset):
+        """Several processes: each evaluates every ``world_size``-th item, and no item twice.
+
+        Lightning's default (a ``DistributedSampler``) pads the shards to equal length with repeated items,
+        which would count those twice in every metric; shards may here differ by one item (evaluation
+        needs no gradient all-reduce, and every logged value is reduced once, at the epoch's end).
+        Training keeps Lightning's shuffling ``DistributedSampler``.
+        """
+        trainer = getattr(self, "trainer", None)
+        if trainer is None or trainer.world_size <= 1:
+            return None
+        from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
+
+        if len(dataset) < trainer.world_size:
+            raise InputError(f"{len(dataset)} evaluation image(s) for {trainer.world_size} processes: each needs one at least")
+        return UnrepeatedDistributedSampler(dataset, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False)
 
     def _track(self, loader: DataLoader) -> DataLoader:
         """Remember a loader with worker processes: they ignore SIGTERM (see :func:`loader_worker_init`)."""

@@ -21,7 +21,7 @@ from typing import Iterator, Sequence
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 from pytorch_lightning.utilities import rank_zero_only
 
 from agglomerator.checkpoint_io import AtomicCheckpointIO
@@ -35,16 +35,37 @@ log = logging.getLogger(__name__)
 PRECISIONS = ("auto", "32", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "64", "64-true")  # Lightning's names
 
 
-def resolve_devices(num_gpus: int) -> tuple[str, int]:
-    """``(accelerator, devices)`` for ``--num_gpus``: what is present, with a warning when fewer."""
+def resolve_devices(num_gpus: int, num_processes: int = 1) -> tuple[str, int]:
+    """``(accelerator, devices)`` per node: ``num_gpus`` GPUs where one is visible and ``num_gpus >= 1``, else
+    ``num_processes`` CPU processes (DDP over gloo when more than one). GPUs win when both are given."""
+    if num_processes < 1:
+        raise ValueError(f"--num_processes={num_processes}: give 1 or more")
     available = torch.cuda.device_count()
     if num_gpus <= 0 or available == 0:
         if num_gpus > 0:
-            log.warning("--num_gpus=%d but no CUDA GPU is visible: running on CPU", num_gpus)
-        return "cpu", 1
+            log.warning("--num_gpus=%d but no CUDA GPU is visible: running on CPU (%d process%s)", num_gpus,
+                        num_processes, "es" if num_processes > 1 else "")
+        return "cpu", num_processes
+    if num_processes > 1:
+        log.warning("--num_processes=%d ignored: --num_gpus=%d runs one process per GPU (--num_gpus=0 for CPU processes)",
+                    num_processes, num_gpus)
     if num_gpus > available:
         log.warning("--num_gpus=%d but only %d GPU(s) are visible: using %d", num_gpus, available, available)
     return "gpu", min(num_gpus, available)
+
+
+def launcher_rank(devices_per_node: int) -> int:
+    """This process's global rank as its launcher's environment says (0 when started by hand on one node).
+
+    ``RANK`` (torchrun), ``SLURM_PROCID`` (srun, several tasks), else ``NODE_RANK * devices_per_node + LOCAL_RANK``
+    (Lightning's own launcher, on each node; ``devices_per_node`` matters only with ``NODE_RANK``).
+    """
+    env = os.environ
+    if "RANK" in env:
+        return int(env["RANK"])
+    if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env:
+        return int(env["SLURM_PROCID"])
+    return int(env.get("NODE_RANK", env.get("GROUP_RANK", "0"))) * devices_per_node + int(env.get("LOCAL_RANK", "0"))
 
 
 def resolve_precision(precision: str, accelerator: str) -> str:
@@ -58,6 +79,9 @@ def resolve_precision(precision: str, accelerator: str) -> str:
     return precision
 
 
+RUN_DIR_ENV = "PARTWHOLE_RUN_DIR"  # a new run's folder, for the DDP processes started after it was chosen
+
+
 def make_run_dir(output_dir: str, exp_name: str, tag: str, resume_from: str | None = None) -> Path:
     """The run folder: ``--output_dir``, the folder of a checkpoint being resumed, or a new timestamped one.
 
@@ -67,10 +91,16 @@ def make_run_dir(output_dir: str, exp_name: str, tag: str, resume_from: str | No
         run = Path(output_dir)
     elif resume_from is not None and Path(resume_from).parent.name == "checkpoints":
         run = Path(resume_from).parent.parent
+    elif rank_zero_only.rank != 0:  # a DDP process: rank 0's folder (the same time stamp)
+        if RUN_DIR_ENV not in os.environ:
+            raise InputError("several processes started by a launcher (SLURM, torchrun) need --output_dir: the same "
+                             "folder for all of them")
+        run = Path(os.environ[RUN_DIR_ENV])
     else:
         run = Path("runs") / exp_name / f"{time.strftime('%Y%m%d-%H%M%S')}-{tag}"
+    os.environ[RUN_DIR_ENV] = str(run)  # the processes that Lightning's DDP launcher starts later inherit it
     run.mkdir(parents=True, exist_ok=True)
-    removed = remove_stale_temporaries(run)
+    removed = remove_stale_temporaries(run) if rank_zero_only.rank == 0 else []  # rank 0 writes there
     if removed:
         log.info("removed %d temporary file(s) left by an interrupted run under %s", len(removed), run)
     return run
@@ -184,6 +214,22 @@ class StopOnNonFinite(pl.Callback):
         self._stop(trainer, not finite, lambda: "the weights hold NaN or inf")
 
 
+class ProgressBar(TQDMProgressBar):
+    """Lightning's progress bar, less its read of the epoch's metrics at a training epoch's end under DDP.
+
+    There it computes every epoch-level metric on rank 0 alone (the other ranks' bars are off), before
+    the LightningModule's epoch-end hook: a metric reduced over the processes (``train/loss``,
+    ``train/accuracy``) then starts a collective on rank 0 that the others pair with another one, and
+    the run hangs or mixes values. Without that read, every process computes them at the same point.
+    """
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.world_size == 1:
+            super().on_train_epoch_end(trainer, pl_module)
+        elif self._leave:
+            self.train_progress_bar.close()
+
+
 def make_logger(kind: str, run_dir: Path, exp_name: str):
     if kind == "none":
         return False
@@ -243,10 +289,24 @@ def checkpoint_paths(trainer: pl.Trainer) -> tuple[str, str]:
     return best or last, last
 
 
+def ddp_strategy(timeout_s: float):
+    """Lightning's DDP (gloo on CPU, NCCL on GPU) without ``find_unused_parameters``: the LightningModule
+    freezes what its objective does not use, so every trainable parameter gets a gradient in every step
+    (``bench/ddp_overhead.py`` measures what the unused-parameter search would cost). A collective that
+    waits longer than ``timeout_s`` for a peer fails instead of hanging; a peer that died is noticed at once.
+    """
+    from datetime import timedelta
+
+    from pytorch_lightning.strategies import DDPStrategy
+
+    return DDPStrategy(timeout=timedelta(seconds=timeout_s), find_unused_parameters=False)
+
+
 def build_trainer(run_dir: Path, *, accelerator: str, devices: int, num_nodes: int, precision: str, max_epochs: int,
                   limit_train: float, limit_val: float, limit_test: float, logger: str, exp_name: str,
                   monitor: str | None = None, monitor_mode: str = "min", train: bool = True,
-                  callbacks: Sequence[pl.Callback] = (), keep_checkpoints_at: Sequence[int] = ()) -> pl.Trainer:
+                  callbacks: Sequence[pl.Callback] = (), keep_checkpoints_at: Sequence[int] = (),
+                  ddp_timeout: float = 600) -> pl.Trainer:
     """A Lightning Trainer writing logs and checkpoints (:func:`checkpoint_callbacks`) under ``run_dir``.
 
     Checkpoints are written atomically; a training run stopped by SIGTERM/SIGUSR1 saves
@@ -265,8 +325,8 @@ def build_trainer(run_dir: Path, *, accelerator: str, devices: int, num_nodes: i
             callbacks.append(KeepCheckpointsAt(run_dir / "checkpoints", keep_checkpoints_at))
         if the_logger:
             callbacks.append(LearningRateMonitor(logging_interval="step"))
-    callbacks += extra_callbacks
-    strategy = "ddp" if devices * num_nodes > 1 else "auto"
+    callbacks += [*extra_callbacks, ProgressBar()]
+    strategy = ddp_strategy(ddp_timeout) if devices * num_nodes > 1 else "auto"
     as_limit = lambda x: int(x) if x > 1 else float(x)  # noqa: E731  (Lightning: float = fraction, int = batches)
     return pl.Trainer(
         default_root_dir=str(run_dir),

@@ -30,6 +30,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from agglomerator.model import Agglomerator, AgglomeratorConfig
@@ -41,6 +42,9 @@ log = logging.getLogger(__name__)
 OBJECTIVES = ("sam_distill", "supcon", "classify")
 OPTIMIZERS = ("lion", "adamw")
 HEAD_PREFIXES = ("classification_head_from_last_level.", "contrastive_head.")
+# The optional parts of the model each objective's loss reads; the others get no gradient from it.
+OBJECTIVE_HEADS = {"sam_distill": "levels_encoder.", "supcon": "contrastive_head.",
+                   "classify": "classification_head_from_last_level."}
 
 
 class AgglomeratorLitModule(pl.LightningModule):
@@ -88,6 +92,11 @@ class AgglomeratorLitModule(pl.LightningModule):
         if self.frozen_backbone:
             for p in self.model.backbone_parameters():
                 p.requires_grad_(False)
+        # The heads of the other objectives are kept (checkpoints keep the reference's names) but frozen: under DDP
+        # every parameter that requires a gradient must get one in every step.
+        for name, p in self.model.named_parameters():
+            if name.startswith(tuple(OBJECTIVE_HEADS.values())) and not name.startswith(OBJECTIVE_HEADS[objective]):
+                p.requires_grad_(False)
         if objective == "classify":
             self.accuracy = torch.nn.ModuleDict(
                 {f"{stage}_acc": MulticlassAccuracy(num_classes=config.n_classes, average="micro") for stage in ("train", "val", "test")}
@@ -102,6 +111,7 @@ class AgglomeratorLitModule(pl.LightningModule):
                                  + (" or --target_dim to the model's output" if target_dim else ""))
             self.targets_fitted = True  # False for a checkpoint written before the mean predictor was kept
             self.r2 = nn.ModuleDict({f"{stage}_r2": DistillR2(config.levels, self.level_weights) for stage in ("train", "val", "test")})
+        self.eval_loss = nn.ModuleDict({stage: MeanMetric() for stage in ("val", "test")})  # states not saved
         self._register_load_state_dict_pre_hook(self._upgrade_state_dict)
 
     def _upgrade_state_dict(self, state_dict, prefix, *args) -> None:
@@ -167,8 +177,11 @@ class AgglomeratorLitModule(pl.LightningModule):
             metric = self.accuracy[f"{stage}_acc"]
             metric(logits, label)
             self.log(f"{stage}/accuracy", metric, prog_bar=True, on_step=False, on_epoch=True, batch_size=batch_size)
-        self.log(f"{stage}/loss", loss, prog_bar=True, on_step=stage == "train", on_epoch=True,
-                 batch_size=batch_size, sync_dist=stage != "train")
+        if stage == "train":  # DDP: the shards are of equal size (Lightning's sampler pads them); sync_dist averages
+            self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=batch_size, sync_dist=True)
+        else:  # a metric whose sums are reduced over the processes: Lightning's sync_dist miscounts unequal shards
+            self.eval_loss[stage].update(loss.detach(), weight=batch_size)
+            self.log(f"{stage}/loss", self.eval_loss[stage], prog_bar=True, on_step=False, on_epoch=True, batch_size=batch_size)
         return {"loss": loss, "levels": out.levels.detach()}
 
     def training_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
@@ -200,10 +213,10 @@ class AgglomeratorLitModule(pl.LightningModule):
         metric = self.r2[f"{stage}_r2"]
         if not metric.update_count:
             return
-        values = metric.compute()
+        values = metric.compute()  # its sums are reduced over the processes first: every process holds the same
         metric.reset()
-        self.log(f"{stage}/distill_r2", values.pop("distill_r2"), prog_bar=True)
-        self.log_dict({f"{stage}/{k}": v for k, v in values.items()})
+        self.log(f"{stage}/distill_r2", values.pop("distill_r2"), prog_bar=True, sync_dist=True)
+        self.log_dict({f"{stage}/{k}": v for k, v in values.items()}, sync_dist=True)
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
         """Top-level features ``(b, n, d)`` and labels: what ``--mode freeze`` writes."""
@@ -214,7 +227,10 @@ class AgglomeratorLitModule(pl.LightningModule):
 
     def configure_optimizers(self) -> Any:
         hp = self.hparams
-        params = [p for p in self.parameters() if p.requires_grad]
+        # What earlier versions optimised: everything but a frozen backbone. The other objectives' heads are in it
+        # though frozen (no gradient: the optimiser leaves them as they are), so their checkpoints still resume.
+        backbone = {id(p) for p in self.model.backbone_parameters()} if self.frozen_backbone else set()
+        params = [p for p in self.parameters() if id(p) not in backbone]
         if hp.optimizer == "lion":
             from timm.optim import Lion
 

@@ -13,7 +13,10 @@ also SIGUSR1 ``T`` seconds ahead) before they kill a job. Lightning's own SIGTER
   state included, so the resumed run continues at that exact step), when training advanced since
   the run started (otherwise the previous ``last.ckpt`` stays as it is);
 * :attr:`signal_name` and :attr:`saved_path` tell the CLI what happened, so it can exit non-zero with
-  the command that resumes.
+  the command that resumes;
+* several processes (DDP): a signal to any of them (the launching one, or every task under SLURM) is
+  only noted by the handler; all processes agree at the end of each training step (one all-reduce)
+  and stop at the same step, so that the checkpoint's collective save is reached by every one of them.
 
 The checkpoint goes through the trainer's ``CheckpointIO`` (atomic: see ``checkpoint_io.py``).
 """
@@ -58,22 +61,34 @@ class PreemptionCheckpoint(Callback):
         self.path = Path(path)
         self.signal_name: str | None = None  # set when a stop signal arrived
         self.saved_path: Path | None = None  # set when the checkpoint was written
-        self._extra_signal: int | None = None
+        self._signum: int | None = None
+        self._distributed = False
         self._start_step = 0
         self._previous: dict[int, Any] = {}
 
     # -- signals
     def _route_to_sigterm(self, signum: int, frame: Any) -> None:
         """SIGUSR1: record it and run the SIGTERM handler (Lightning's, which flags the trainer)."""
-        self._extra_signal = self._extra_signal or signum
+        self._signum = self._signum or signum
         handler = signal.getsignal(signal.SIGTERM)
         if callable(handler):
             handler(signal.SIGTERM, frame)
 
-    def _install_signals(self) -> None:
+    def _note_signal(self, signum: int, frame: Any) -> None:
+        """Several processes: only note the signal. Lightning's own handler runs a collective (a broadcast) inside
+        the handler, which can pair with another collective of a peer; the processes agree instead at the end of
+        the next step (:meth:`on_train_batch_end`), whichever of them received it."""
+        self._signum = self._signum or signum
+
+    def _install_signals(self, trainer: "pl.Trainer") -> None:
         # After Lightning registered its SIGTERM handler (so its teardown, which restores the handlers it
         # found, also removes ours); in the main thread only, and never over someone else's handler.
         if self._previous or threading.current_thread() is not threading.main_thread():
+            return
+        self._distributed = trainer.world_size > 1
+        if self._distributed:
+            for signum in (signal.SIGTERM, *EXTRA_STOP_SIGNALS):
+                self._previous[signum] = signal.signal(signum, self._note_signal)
             return
         for signum in EXTRA_STOP_SIGNALS:
             if signal.getsignal(signum) in (signal.SIG_DFL, None):
@@ -81,7 +96,22 @@ class PreemptionCheckpoint(Callback):
 
     def on_sanity_check_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if trainer.state.fn == TrainerFn.FITTING:
-            self._install_signals()
+            self._install_signals(trainer)
+
+    def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        """Several processes: stop together when any of them got a stop signal (one all-reduce per step)."""
+        if not self._distributed:
+            return
+        import torch
+
+        signum = int(trainer.strategy.reduce(torch.tensor(self._signum or 0, device=trainer.strategy.root_device),
+                                             reduce_op="max"))
+        if signum:
+            self._signum = signum
+            # Lightning's flag: its loop raises SIGTERMException at this step's end, on every process alike.
+            # There is no public setter; the attribute is what Lightning's own handler sets.
+            trainer._signal_connector.received_sigterm = True
 
     def _restore_signals(self) -> None:
         for signum, handler in self._previous.items():
@@ -93,14 +123,14 @@ class PreemptionCheckpoint(Callback):
 
     # -- the checkpoint
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        self._install_signals()
+        self._install_signals(trainer)
         self._start_step = trainer.global_step  # after a resume: the restored step
 
     def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
         self._restore_signals()
         if not isinstance(exception, SIGTERMException):
             return
-        self.signal_name = signal.Signals(self._extra_signal or signal.SIGTERM).name
+        self.signal_name = signal.Signals(self._signum or signal.SIGTERM).name
         if trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking:
             return  # testing or predicting, or before the first step: nothing new to save
         if trainer.global_step <= self._start_step:
