@@ -31,7 +31,7 @@ import flags_Agglomerator  # noqa: F401  (defines the flags)
 FLAGS = flags.FLAGS
 flags.adopt_module_key_flags(flags_Agglomerator)  # --help lists the stage-3 flags, not only --helpfull
 log = logging.getLogger("main")
-ISLANDS_SCORED_IMAGES = 4  # val images of the first batch whose islands are scored against their stage-1 masks
+ISLANDS_SCORED_IMAGES = 4  # the first val (test) images, whose islands are scored against their stage-1 masks
 
 
 def objective_from_flags() -> str:

@@ -402,6 +402,29 @@ def test_cli_two_processes_split_the_images(tmp_path):
         assert cosine(split[key], single[key]).min() >= 0.999  # bf16: batches and threads differ
 
 
+def test_cli_two_nodes_by_hand_split_the_images(tmp_path):
+    """``--num_nodes=2`` with MASTER_ADDR, MASTER_PORT and NODE_RANK per node, as on two machines (here one)."""
+    import socket
+
+    images, masks, out = make_dataset(tmp_path, per_class=2)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = [sys.executable, str(CLI), f"--in_masks_path={masks}", f"--in_images_path={images}", f"--out_data_path={out}",
+            "--encoder_model_name=test_vit", "--pretrained=False", f"--img_height={SIZE}", f"--img_width={SIZE}",
+            "--device=cpu", "--num_nodes=2", "--noprogress"]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port)}
+    nodes = [subprocess.Popen(args, env={**env, "NODE_RANK": str(rank)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for rank in (0, 1)]
+    outputs_of_nodes = [node.communicate(timeout=240) for node in nodes]
+    for node, (stdout, stderr) in zip(nodes, outputs_of_nodes):
+        assert node.returncode == 0, stderr[-3000:]
+    written = [int(n) for stdout, _ in outputs_of_nodes for n in re.findall(r"masks_to_embeds(?: \[rank 1\])?: (\d+) written", stdout)]
+    assert sorted(written) == [2, 2], outputs_of_nodes
+    assert len(outputs(out)) == 4
+
+
 @pytest.mark.slow
 def test_cli_killed_run_resumes_without_truncated_files(tmp_path):
     images, masks, out = make_dataset(tmp_path, per_class=6)
