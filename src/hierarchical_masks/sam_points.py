@@ -155,6 +155,10 @@ class GridMasker:
     def num_points(self) -> int:
         return self.sparse.shape[0]
 
+    @property
+    def device(self) -> torch.device:
+        return self.sam.device
+
     def checked_image(self, image: np.ndarray) -> np.ndarray:
         """``image`` as a uint8 ``(img_size, img_size, 3)`` array, or a ValueError saying what it is."""
         image = np.asarray(image)
