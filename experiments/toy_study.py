@@ -220,9 +220,15 @@ def masks_note() -> str:
     """The report's words on ``--masks`` and ``--embed_flags`` (empty for the defaults)."""
     if FLAGS.masks == "oracle" and not FLAGS.embed_flags:
         return ""
+    sides = "?"
+    if FLAGS.masks == "boxes":
+        try:
+            sides = ", ".join(map(str, box_sides(Path(FLAGS.data_dir) / "toy")))
+        except InputError:  # --report_only on a machine without the toy set
+            pass
     what = {"oracle": "the oracle part-whole masks", "full_image": "the whole image at every level and point (image-level "
-            "distillation)", "boxes": f"nested boxes of sides {', '.join(map(str, box_sides(Path(FLAGS.data_dir) / 'toy')))} px "
-            f"around each point (mean clipped areas matched to the oracle masks' of train, per level)"}[FLAGS.masks]
+            "distillation)", "boxes": f"nested boxes of sides {sides} px around each point (mean clipped areas matched to "
+            "the oracle masks' of train, per level)"}[FLAGS.masks]
     flags_text = f", stage-2 flags {' '.join(FLAGS.embed_flags)}" if FLAGS.embed_flags else ""
     return f" Stage-1 masks of the sam_distill arms: {what}{flags_text}; islands are scored against the oracle masks and the ground truth."
 

@@ -5,8 +5,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
+from hierarchical_masks.box_sizes import matched_box_sizes
 from toy_pipeline import train_once
 from fakes import TINY_FLAGS, make_image_folder
 from hierarchical_masks.mask_io import read_mask_record
@@ -150,6 +152,25 @@ def test_masks_full_image_study_runs_end_to_end_and_its_rows_name_masks_and_teac
                               f"--ledger={runs / 'masks_full_image' / 'results.json'}", *args], capture_output=True, text=True,
                              cwd=ROOT, timeout=120)
     assert refused.returncode != 0 and "--masks: full_image there, boxes now" in refused.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_masks_boxes_study_sizes_its_boxes_like_the_oracle_masks(tmp_path):
+    """--masks=boxes end to end (minutes: stage 2 embeds ~145 distinct boxes per image): the boxes' sides are those
+    box_sizes.py matches to the oracle masks of train, recorded in every file, and the rows say boxes."""
+    data, runs = tmp_path / "data", tmp_path / "runs"
+    proc = subprocess.run([sys.executable, str(ROOT / "experiments" / "toy_study.py"), "--masks=boxes", "--methods=sam_distill",
+                           "--seeds=0", "--budgets=1", "--finetune_epochs=1", "--train_per_class=2", "--val_per_class=1",
+                           "--probes=false", "--islands=false", f"--data_dir={data}", f"--out_dir={runs}"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    sides = matched_box_sizes(data / "toy" / "train_masks")[0]
+    for split in ("train", "val"):
+        meta = read_mask_record(next((data / "toy" / f"{split}_masks_boxes").glob("*/*.pkl")))[1]
+        assert (meta["mask_source"], meta["box_sizes"]) == ("boxes", sides)
+    (row,) = json.loads((runs / "masks_boxes" / "results.json").read_text())["runs"]
+    assert (row["masks"], row["teacher"]) == ("boxes", "pretrained") and row["image_mean_r2"] < 1
+    assert f"nested boxes of sides {', '.join(map(str, sides))} px" in (runs / "masks_boxes" / "report.md").read_text()
 
 
 def test_old_ledgers_count_as_part_whole_masks_and_other_methods_are_refused_with_other_masks(tmp_path):

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from hierarchical_masks.errors import InputError
+from hierarchical_masks.image_folders import checked_square_image
 from hierarchical_masks.point_grid import patch_grid_points
 
 MASK_SOURCES = ("sam", "boxes", "full_image")  # --mask_source; sam: the SAM 1 / SAM 2.1 maskers of teachers.py
@@ -69,10 +70,7 @@ class PromptFreeMasker:
         return len(self.points)
 
     def model_input(self, image: np.ndarray) -> np.ndarray:
-        image = np.asarray(image)
-        if image.shape != (self.img_size, self.img_size, 3) or image.dtype != np.uint8:
-            raise ValueError(f"expected a uint8 ({self.img_size}, {self.img_size}, 3) RGB image, got {image.dtype} {image.shape}")
-        return image
+        return checked_square_image(image, self.img_size)
 
     def masks_of_image(self, image: np.ndarray) -> np.ndarray:
         raise NotImplementedError
