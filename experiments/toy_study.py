@@ -43,6 +43,19 @@ the ledger is never run again, even when its run folder is gone (a new machine, 
 ``runs/``): commit the ledger and a later session, with the same command, runs only what is
 missing. A longer budget whose run folder is gone pretrains again from scratch (same seed and
 recipe) to reach it. The ledger refuses to mix recipes: its recorded flags must match.
+
+Do the part-whole masks matter? ``--masks=boxes|full_image`` gives the ``sam_distill`` arms other
+stage-1 masks (``hierarchical_masks/mask_sources.py``): nested boxes around each point, their sides
+matched to the oracle masks' mean area per level on train (``box_sizes.py``), or the whole image. They
+and their embeddings lie beside the splits (``<toy>/train_masks_boxes``, ``train_masks_boxes_embeds``,
+...), the runs under their own variant (default ``masks_<masks>``), each in its own ledger (the mask
+source is part of the recipe); every row names its ``masks`` and ``teacher``. ``--embed_flags`` passes
+stage-2 flags (e.g. ``--crop``) the same way. ``--compare_ledgers`` then writes one report of several
+such ledgers (``mask_comparison.py``)::
+
+    python experiments/toy_study.py --masks=boxes --methods=sam_distill,sam_distill_random \\
+        --budgets=10,30,100 --ledger=docs/toy_study_masks_boxes.json
+    python experiments/toy_study.py --compare_ledgers=docs/toy_study_budgets.json,docs/toy_study_masks_boxes.json
 """
 
 from __future__ import annotations
@@ -51,6 +64,7 @@ import ast
 import csv
 import io
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -62,10 +76,14 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from agglomerator.data import held_out_count  # noqa: E402
-from agglomerator.toy_dataset import CLASS_NAMES, TOY_IMAGE_SIZE  # noqa: E402
+from agglomerator.toy_dataset import CLASS_NAMES, TOY_IMAGE_SIZE, TOY_PATCH_SIZE  # noqa: E402
+from hierarchical_masks.box_sizes import matched_box_sizes  # noqa: E402
 from hierarchical_masks.encoder_weights import OFFLINE_TEACHER_MODEL  # noqa: E402
-from hierarchical_masks.image_folders import EMBEDS_SUFFIX  # noqa: E402
+from hierarchical_masks.errors import InputError  # noqa: E402
+from hierarchical_masks.image_folders import EMBEDS_SUFFIX, MASKS_SUFFIX  # noqa: E402
+from hierarchical_masks.mask_io import read_mask_record  # noqa: E402
 from hierarchical_masks.safe_files import atomic_write_bytes, atomic_write_json  # noqa: E402
+from mask_comparison import TEACHER_OF_METHOD, comparison_report, read_ledgers  # noqa: E402
 from seed_stats import format_mean_std, mean_std  # noqa: E402
 from toy_pipeline import (ISLANDS_REFERENCES, REPO, TOY_CONFIG, embed_toy_images, make_toy_data, run_step,  # noqa: E402
                           teacher_embeds_suffix, toy_config_value, train_once)
@@ -77,8 +95,18 @@ PRETRAIN_ONLY = ("--scheduler", "--learning_rate", "--batch_size", "--weight_dec
                  "--teacher_norm", "--level_weights", "--max_epochs")  # --pretrain_flags the fine-tuning does not take
 TEACHERS = {"sam_distill": "package", "sam_distill_random": "random"}  # the sam_distill arms' stage-2 teachers (toy_pipeline's)
 TEACHER_SUFFIX = {method: teacher_embeds_suffix(teacher, OFFLINE_TEACHER_MODEL) for method, teacher in TEACHERS.items()}
+MASK_SOURCES = {"oracle": "part_whole", "boxes": "boxes", "full_image": "full_image"}  # --masks -> the rows' "masks"
 flags.DEFINE_string("out_dir", "runs/toy_study", "Runs, probes and the report go under <out_dir>/<variant>.")
-flags.DEFINE_string("variant", "budgets", "Name of this set of settings (a sub-folder of --out_dir).")
+flags.DEFINE_string("variant", "", "Name of this set of settings (a sub-folder of --out_dir); default budgets, or with --masks "
+                    "or --embed_flags masks_<masks>[_<flags>], or with --compare_ledgers masks.")
+flags.DEFINE_enum("masks", "oracle", list(MASK_SOURCES), "Stage-1 masks of the sam_distill arms: oracle (the toy set's ground-truth "
+                  "part-whole masks), boxes (three nested squares around each point, sides matched to the oracle masks' mean "
+                  "area per level on train) or full_image (the whole image: image-level distillation). The others lie in "
+                  "<toy>/<split>_masks_<masks>.")
+flags.DEFINE_list("embed_flags", [], "Extra masks_to_embeds.py flags for the sam_distill arms' embeddings (a stage-2 variant, "
+                  "e.g. --crop); the embeddings go in folders of their own.")
+flags.DEFINE_list("compare_ledgers", [], "Run nothing: one report comparing these ledgers of studies that differ only in --masks "
+                  "or --embed_flags (the rows at --budgets; <out_dir>/<variant>/report.md and masks.png).")
 flags.DEFINE_string("data_dir", "datasets", "The toy set lives in <data_dir>/toy (generated if missing).")
 flags.DEFINE_integer("train_per_class", 100, "Toy training images per class (the demo's set).")
 flags.DEFINE_integer("val_per_class", 30, "Toy test images per class (the toy val folder, used as the test split).")
@@ -115,14 +143,62 @@ def prepare_data(toy: Path) -> None:
         extra = unlabelled_images()
         make_toy_data("unlabelled toy images", extra.parent, FLAGS.unlabelled_per_class, 0, seed=1, quiet=True)
         images.append(extra)
-    for method, suffix in TEACHER_SUFFIX.items():
+    if FLAGS.masks != "oracle":
+        write_stage1_masks(images, toy)
+    for method in TEACHER_SUFFIX:
         if method not in FLAGS.methods and not FLAGS.probes:  # the teacher probes need both teachers' embeddings
             continue
         for folder in images:
             if folder == unlabelled_images() and method not in FLAGS.methods:
                 continue
-            embed_toy_images(f"stage 2 ({method} teacher) on {folder}", folder, TEACHERS[method], OFFLINE_TEACHER_MODEL, suffix,
-                             quiet=True)
+            embed_toy_images(f"stage 2 ({method} teacher) on {folder}", folder, TEACHERS[method], OFFLINE_TEACHER_MODEL,
+                             embeds_suffix(method), masks_suffix(), extra_flags=FLAGS.embed_flags, quiet=True)
+
+
+def masks_suffix() -> str:
+    """Where the sam_distill arms' stage-1 masks lie beside a split: the oracle masks' ``_masks``, or ``_masks_<masks>``."""
+    return MASKS_SUFFIX if FLAGS.masks == "oracle" else f"{MASKS_SUFFIX}_{FLAGS.masks}"
+
+
+def embed_flags_tag() -> str:
+    """``--embed_flags`` in a folder name: ``_crop`` for ``--crop``, ``_crop-True`` for ``--crop=True``; empty for none."""
+    return "".join("_" + re.sub(r"[^\w.=-]", "", flag.lstrip("-")).replace("=", "-") for flag in FLAGS.embed_flags)
+
+
+def embeds_suffix(method: str) -> str:
+    """Where ``method``'s stage-2 embeddings lie beside a split: its teacher's folder (``TEACHER_SUFFIX``) for these masks
+    and stage-2 flags, e.g. ``_masks_boxes_embeds_random_tf_efficientnet_lite0``; ``TEACHER_SUFFIX``'s for the defaults."""
+    return masks_suffix() + TEACHER_SUFFIX.get(method, EMBEDS_SUFFIX)[len(MASKS_SUFFIX):] + embed_flags_tag()
+
+
+def variant() -> str:
+    if FLAGS.variant:
+        return FLAGS.variant
+    if FLAGS.compare_ledgers:
+        return "masks"
+    return f"masks_{FLAGS.masks}{embed_flags_tag()}" if FLAGS.masks != "oracle" or FLAGS.embed_flags else "budgets"
+
+
+def box_sides(toy: Path) -> tuple[int, ...]:
+    """``--masks=boxes``: the box sides whose mean clipped areas match the oracle masks' of train, per level."""
+    return matched_box_sizes(toy / f"train{MASKS_SUFFIX}")[0]
+
+
+def write_stage1_masks(folders: list[Path], toy: Path) -> None:
+    """Stage 1 with ``--mask_source=<masks>`` on each image folder, into ``<folder><masks_suffix>`` (finished files kept)."""
+    sides = [f"--box_sizes={','.join(map(str, box_sides(toy)))}"] if FLAGS.masks == "boxes" else []
+    for folder in folders:
+        out = folder.with_name(folder.name + masks_suffix())
+        run_step(f"stage 1 ({FLAGS.masks}) on {folder}", [
+            str(SRC / "hierarchical_masks" / "patched_masks.py"), "--device=cpu", f"--mask_source={FLAGS.masks}", *sides,
+            f"--in_data_path={folder}", f"--out_data_path={out}", f"--img_size={TOY_IMAGE_SIZE}", f"--patch_size={TOY_PATCH_SIZE}",
+            *(["--overwrite"] if FLAGS.overwrite else [])], quiet=True)
+        meta = read_mask_record(next(out.glob("*/*.pkl")))[1]
+        wanted = sides[0].split("=")[1] if sides else None
+        found = ",".join(map(str, meta["box_sizes"])) if "box_sizes" in meta else None
+        if meta.get("mask_source") != FLAGS.masks or found != wanted:
+            sys.exit(f"error: {out} holds masks of another source or size ({meta.get('mask_source')}, box sides {found}; wanted "
+                     f"{FLAGS.masks}, {wanted}); remove it and its embedding folders, or pass --overwrite")
 
 
 def unlabelled_note() -> str:
@@ -138,6 +214,23 @@ def unlabelled_note() -> str:
     return (f" sam_distill also pretrains on {extra} unlabelled toy images ({unlabelled_images()}), {extra + labelled} in all: an "
             f"epoch is {steps} optimizer steps (batch {batch}), {steps / labelled_steps:.2f} epochs of the {labelled} labelled "
             f"images ({labelled_steps} steps); the classifier fine-tunes on the labelled ones only.")
+
+
+def masks_note() -> str:
+    """The report's words on ``--masks`` and ``--embed_flags`` (empty for the defaults)."""
+    if FLAGS.masks == "oracle" and not FLAGS.embed_flags:
+        return ""
+    sides = "?"
+    if FLAGS.masks == "boxes":
+        try:
+            sides = ", ".join(map(str, box_sides(Path(FLAGS.data_dir) / "toy")))
+        except InputError:  # --report_only on a machine without the toy set
+            pass
+    what = {"oracle": "the oracle part-whole masks", "full_image": "the whole image at every level and point (image-level "
+            "distillation)", "boxes": f"nested boxes of sides {sides} px around each point (mean clipped areas matched to "
+            "the oracle masks' of train, per level)"}[FLAGS.masks]
+    flags_text = f", stage-2 flags {' '.join(FLAGS.embed_flags)}" if FLAGS.embed_flags else ""
+    return f" Stage-1 masks of the sam_distill arms: {what}{flags_text}; islands are scored against the oracle masks and the ground truth."
 
 
 def unlabelled_images() -> Path:
@@ -164,7 +257,7 @@ def pretrain_to(folder: Path, method: str, seed: int, budget: int) -> Path:
     keep = ",".join(map(str, budgets()))
     checkpoint = folder / "pretrain" / "checkpoints" / f"epoch-{budget:03d}.ckpt"
     ran = train_once(f"{method} seed {seed}: pretrain to epoch {budget}", folder / "pretrain",
-                     [*common_flags(seed, TEACHER_SUFFIX.get(method, EMBEDS_SUFFIX)), f"--pretrain_objective={objective}",
+                     [*common_flags(seed, embeds_suffix(method)), f"--pretrain_objective={objective}",
                       f"--max_epochs={budget}", f"--keep_checkpoints_at={keep}", *extra, *FLAGS.pretrain_flags],
                      FLAGS.overwrite and budget == budgets()[0], quiet=True, done=checkpoint)
     if ran:
@@ -180,7 +273,7 @@ def run_budget(folder: Path, method: str, seed: int, budget: int) -> dict | None
 
     With ``--report_only`` nothing runs: the row is read from its files, None when it is not finished.
     """
-    common = common_flags(seed, TEACHER_SUFFIX.get(method, EMBEDS_SUFFIX))
+    common = common_flags(seed, embeds_suffix(method))
     fine = folder / ("supervised" if method == "supervised" else f"finetune_e{budget:03d}")
     tested = folder / f"test_e{budget:03d}"
     distill = budget > 0 and method != "supcon"
@@ -201,7 +294,8 @@ def run_budget(folder: Path, method: str, seed: int, budget: int) -> dict | None
         train_once(f"{method} seed {seed}: fine-tune after {budget} pretraining epochs", fine,
                    [*common, "--supervise", *resume, f"--max_epochs={FLAGS.finetune_epochs}", *architecture, *FLAGS.finetune_flags],
                    FLAGS.overwrite, quiet=True)
-    result: dict = {"method": method, "seed": seed, "budget": budget, **fine_tune_numbers(fine)}
+    labels = {"masks": MASK_SOURCES[FLAGS.masks], "teacher": TEACHER_OF_METHOD[method]} if method in TEACHER_OF_METHOD else {}
+    result: dict = {"method": method, "seed": seed, "budget": budget, **labels, **fine_tune_numbers(fine)}
     if distill:
         test = json.loads((tested / "results.json").read_text())["test"]
         result.update({k.split("/")[1]: test.get(k) for k in ("test/distill_r2", "test/image_mean_r2", "test/loss")})
@@ -217,7 +311,7 @@ def fine_tune_numbers(fine: Path) -> dict:
 def final_extras(folder: Path, method: str, seed: int, budget: int) -> dict:
     """At the longest budget: islands scores, probes, the pretraining's time and learning curve
     (with ``--report_only``: the time and curve only, and whatever was computed already)."""
-    common = common_flags(seed, TEACHER_SUFFIX.get(method, EMBEDS_SUFFIX))
+    common = common_flags(seed, embeds_suffix(method))
     checkpoint = folder / "pretrain" / "checkpoints" / f"epoch-{budget:03d}.ckpt"
     extras: dict = {"pretrain_seconds": pretrain_seconds(folder / "pretrain"), "curve": learning_curve(folder / "pretrain")}
     islands = folder / "islands"
@@ -294,7 +388,9 @@ def cached(path: Path, compute):
 # --------------------------------------------------------------------------- the ledger
 
 RECIPE = ("val_from_train", "finetune_epochs", "supervised_epochs", "pretrain_flags", "finetune_flags", "train_per_class",
-          "val_per_class", "unlabelled_per_class")  # the flags a row's numbers depend on (seeds, methods and budgets only say which rows)
+          "val_per_class", "unlabelled_per_class", "masks", "embed_flags")  # the flags a row's numbers depend on (seeds, methods
+# and budgets only say which rows)
+RECIPE_DEFAULTS = {"masks": "oracle", "embed_flags": "[]"}  # what a ledger that does not record them was made with
 
 
 def recorded_flags() -> dict:
@@ -318,6 +414,7 @@ class Ledger:
                 rows, teachers, recorded = data["runs"], data.get("teachers", {}), data.get("flags", {})
             except (ValueError, KeyError, TypeError) as err:
                 sys.exit(f"error: --ledger={path}: not a study results file ({err}); move it away or pass --overwrite")
+            recorded = {**RECIPE_DEFAULTS, **recorded}
             mismatch = {k: (recorded[k], v) for k, v in recorded_flags().items() if k in RECIPE and k in recorded and recorded[k] != v}
             if mismatch:
                 sys.exit(f"error: --ledger={path} was made with other settings ({'; '.join(f'--{k}: {a} there, {b} now' for k, (a, b) in mismatch.items())}); "
@@ -430,11 +527,11 @@ def report(results: list[dict], teachers: dict, seconds: float, out: Path) -> st
                   for m in ("random_init", "supervised") if m in methods]
         return table
 
-    lines = [f"Toy study, variant `{FLAGS.variant}`: {len(seeds)} seeds ({', '.join(map(str, seeds))}), pretraining budgets "
+    lines = [f"Toy study, variant `{variant()}`: {len(seeds)} seeds ({', '.join(map(str, seeds))}), pretraining budgets "
              f"{', '.join(map(str, steps))} epochs (one run per seed and method, read at each budget), then {FLAGS.finetune_epochs} "
              f"fine-tuning epochs of the classifier on the frozen backbone; validation = {FLAGS.val_from_train:.0%} of train held "
              f"out, test = the toy val folder ({FLAGS.val_per_class * 10} images); mean ± std over seeds. Pretraining flags: "
-             f"{' '.join(FLAGS.pretrain_flags) or 'none'}.{unlabelled_note()} Wall time of this invocation {seconds / 60:.0f} min (steps finished by an "
+             f"{' '.join(FLAGS.pretrain_flags) or 'none'}.{unlabelled_note()}{masks_note()} Wall time of this invocation {seconds / 60:.0f} min (steps finished by an "
              f"earlier invocation are reused); training alone {training / 60:.0f} min.", "",
              *accuracy_table("Test accuracy % (frozen backbone) by pretraining epochs:", "test_accuracy", " (any budget)"), "",
              *accuracy_table("Validation accuracy % (the split choices are made on):", "val_accuracy", "")]
@@ -526,7 +623,7 @@ def draw(results: list[dict], methods: list[str], teachers: dict, path: Path) ->
     ax.set_xlabel("pretraining epochs")
     ax.set_ylabel("test accuracy % (frozen backbone)")
     ax.set_ylim(0, 105)
-    ax.set_title(f"toy study ({FLAGS.variant}): mean ± std over seeds", fontsize=9)
+    ax.set_title(f"toy study ({variant()}): mean ± std over seeds", fontsize=9)
     ax.legend(fontsize=6.5, loc="lower right")
     for m in ("sam_distill", "sam_distill_random"):
         curves = [r["curve"] for r in results if r["method"] == m and r.get("curve")]
@@ -548,15 +645,37 @@ def draw(results: list[dict], methods: list[str], teachers: dict, path: Path) ->
     atomic_write_bytes(path, buffer.getvalue())
 
 
+def check_flags() -> None:
+    unknown = [m for m in FLAGS.methods if m not in METHODS]
+    if unknown:
+        raise app.UsageError(f"--methods: unknown {unknown}; choose from {', '.join(METHODS)}")
+    maskless = [m for m in FLAGS.methods if m not in TEACHER_OF_METHOD]
+    if (FLAGS.masks != "oracle" or FLAGS.embed_flags) and maskless:
+        raise app.UsageError(f"--masks={FLAGS.masks} --embed_flags={','.join(FLAGS.embed_flags)}: only the sam_distill arms use "
+                             f"masks and embeddings; {', '.join(maskless)} would give the same rows as with the defaults: "
+                             f"--methods=sam_distill,sam_distill_random")
+
+
+def compare(out: Path) -> None:
+    """``--compare_ledgers``: the mask-source comparison report (``mask_comparison.py``)."""
+    try:
+        rows = read_ledgers(FLAGS.compare_ledgers, RECIPE, RECIPE_DEFAULTS)
+    except InputError as exc:
+        sys.exit(f"error: {exc}")
+    text = comparison_report(rows, budgets(), FLAGS.compare_ledgers, out / "masks.png")
+    atomic_write_bytes(out / "report.md", text.encode())
+    print("\n" + text + f"\nreport: {out / 'report.md'}, figure: {out / 'masks.png'}")
+
+
 def main(argv) -> None:
     del argv
     start = time.perf_counter()
     toy = Path(FLAGS.data_dir) / "toy"
-    out = REPO / FLAGS.out_dir / FLAGS.variant
+    out = REPO / FLAGS.out_dir / variant()
     out.mkdir(parents=True, exist_ok=True)
-    unknown = [m for m in FLAGS.methods if m not in METHODS]
-    if unknown:
-        raise app.UsageError(f"--methods: unknown {unknown}; choose from {', '.join(METHODS)}")
+    if FLAGS.compare_ledgers:
+        return compare(out)
+    check_flags()
     steps = budgets()
     if not FLAGS.report_only:
         prepare_data(toy)
@@ -601,12 +720,13 @@ def main(argv) -> None:
                     ledger.put(r)
     teachers = {}
     if FLAGS.probes:
-        for method, suffix in TEACHER_SUFFIX.items():
-            name = "pretrained" if method == "sam_distill" else "random"
+        for method in TEACHER_SUFFIX:
+            name = TEACHER_OF_METHOD[method]
             known = ledger.teachers.setdefault(name, {})
             for seed in FLAGS.seeds:
                 if seed not in known:
-                    known[seed] = cached(out / f"teacher_probe_{name}_seed{seed}.json", lambda s=seed, x=suffix: teacher_probes(x, int(s)))
+                    known[seed] = cached(out / f"teacher_probe_{name}_seed{seed}.json",
+                                         lambda s=seed, x=embeds_suffix(method): teacher_probes(x, int(s)))
             teachers[name] = [known[seed] for seed in FLAGS.seeds]
         ledger.save()
     text = report(results, teachers, time.perf_counter() - start, out)

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Sequence
 
 from agglomerator.toy_dataset import TOY_IMAGE_SIZE
 from hierarchical_masks.encoder_weights import OFFLINE_TEACHER_PACKAGE
@@ -73,17 +74,18 @@ def make_toy_data(step: str, out_dir: Path, train_per_class: int, val_per_class:
 
 
 def embed_toy_images(step: str, images: Path, teacher: str, encoder: str, embeds_suffix: str, masks_suffix: str = MASKS_SUFFIX,
-                     device: str = "cpu", quiet: bool = False) -> None:
+                     device: str = "cpu", quiet: bool = False, extra_flags: Sequence[str] = ()) -> None:
     """Stage 2 on a toy image folder: ``<images><masks_suffix>`` -> ``<images><embeds_suffix>``, float16 files.
 
-    ``teacher`` is a key of :data:`TEACHER_WEIGHTS`; ``quiet`` also turns the progress bar off.
+    ``teacher`` is a key of :data:`TEACHER_WEIGHTS`; ``quiet`` also turns the progress bar off; ``extra_flags``
+    (e.g. ``--crop``) go to ``masks_to_embeds.py`` last.
     """
     run_step(step, [
         str(SRC / "hierarchical_masks" / "masks_to_embeds.py"), f"--device={device}",
         f"--in_masks_path={images.with_name(images.name + masks_suffix)}", f"--in_images_path={images}",
         f"--out_data_path={images.with_name(images.name + embeds_suffix)}", f"--encoder_model_name={encoder}",
         *TEACHER_WEIGHTS[teacher][0], "--embed_dtype=float16", f"--img_height={TOY_IMAGE_SIZE}", f"--img_width={TOY_IMAGE_SIZE}",
-        *(["--progress=False"] if quiet else [])], quiet=quiet)
+        *(["--progress=False"] if quiet else []), *extra_flags], quiet=quiet)
 
 
 def train_once(step: str, folder: Path, args: list[str], overwrite: bool = False, quiet: bool = False,

@@ -189,7 +189,8 @@ def test_format_round_trip_meta_and_reference_format(tmp_path, tiny_sam, tiny_sa
     assert safe_pickle_load(out / "cat" / "img0.pkl")["format"] == f"partwhole-masks/{mask_format[1]}"
     masks, meta = read_mask_record(out / "cat" / "img0.pkl")
     assert masks.shape == (16, 3, 64, 64) and masks.dtype == bool
-    for key, value in dict(grid=4, img_size=64, patch_size=16, levels=3, sam_model=model_type, point_labels="foreground").items():
+    for key, value in dict(grid=4, img_size=64, patch_size=16, levels=3, sam_model=model_type, point_labels="foreground",
+                            mask_source="sam").items():
         assert meta[key] == value
     # the same masks as the library computes on the same resized image
     image = np.asarray(Image.open(tmp_path / "val" / "cat" / "img0.png").convert("RGB").resize((64, 64), Image.BICUBIC))

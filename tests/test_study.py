@@ -5,10 +5,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
+from hierarchical_masks.box_sizes import matched_box_sizes
 from toy_pipeline import train_once
 from fakes import TINY_FLAGS, make_image_folder
+from hierarchical_masks.mask_io import read_mask_record
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -122,3 +125,110 @@ def test_sweep_report_ranks_variants_by_validation_with_paired_differences(tmp_p
     assert "| 57.0 ± 1.4 (56.0, 58.0) | 5.5 ± 0.7 / 5.5 ± 0.7 | 5.0 ± 1.4 | 2.0 |" in rows[0]
     assert "| — |" in rows[1] and "| -9.0 ± 1.4 |" in rows[2]
     assert "98.7" not in proc.stdout
+
+
+def test_masks_full_image_study_runs_end_to_end_and_its_rows_name_masks_and_teacher(tmp_path):
+    """--masks=full_image on a tiny toy set, 1 epoch: stage 1 without SAM beside the splits, stage 2 into its own folder,
+    pretraining on it, and the islands still scored against the ground truth; the row says masks and teacher."""
+    data, runs = tmp_path / "data", tmp_path / "runs"
+    args = ["--methods=sam_distill", "--seeds=0", "--budgets=1", "--finetune_epochs=1", "--train_per_class=3", "--val_per_class=1",
+            "--probes=false", "--islands_count=2", f"--data_dir={data}", f"--out_dir={runs}"]
+    proc = subprocess.run([sys.executable, str(ROOT / "experiments" / "toy_study.py"), "--masks=full_image", *args],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    toy = data / "toy"
+    masks, meta = read_mask_record(next((toy / "val_masks_full_image").glob("*/*.pkl")))
+    assert meta["mask_source"] == "full_image" and masks.all() and masks.shape == (64, 3, 64, 64)
+    assert "--embeds_suffix=_masks_full_image_embeds " in proc.stdout and (toy / "train_masks_full_image_embeds").is_dir()
+    assert not (toy / "train_masks_embeds").exists()  # the oracle masks' embeddings were not needed
+    ledger = json.loads((runs / "masks_full_image" / "results.json").read_text())  # the variant follows --masks
+    assert ledger["flags"]["masks"] == "full_image"
+    (row,) = ledger["runs"]
+    assert (row["masks"], row["teacher"], row["image_mean_r2"]) == ("full_image", "pretrained", 1.0)  # one target per image
+    assert set(row["islands"]["ground_truth"]) == {"0", "1", "2"}
+    assert "Stage-1 masks of the sam_distill arms: the whole image" in (runs / "masks_full_image" / "report.md").read_text()
+
+    refused = subprocess.run([sys.executable, str(ROOT / "experiments" / "toy_study.py"), "--masks=boxes", "--report_only",
+                              f"--ledger={runs / 'masks_full_image' / 'results.json'}", *args], capture_output=True, text=True,
+                             cwd=ROOT, timeout=120)
+    assert refused.returncode != 0 and "--masks: full_image there, boxes now" in refused.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_masks_boxes_study_sizes_its_boxes_like_the_oracle_masks(tmp_path):
+    """--masks=boxes end to end (minutes: stage 2 embeds ~145 distinct boxes per image): the boxes' sides are those
+    box_sizes.py matches to the oracle masks of train, recorded in every file, and the rows say boxes."""
+    data, runs = tmp_path / "data", tmp_path / "runs"
+    proc = subprocess.run([sys.executable, str(ROOT / "experiments" / "toy_study.py"), "--masks=boxes", "--methods=sam_distill",
+                           "--seeds=0", "--budgets=1", "--finetune_epochs=1", "--train_per_class=2", "--val_per_class=1",
+                           "--probes=false", "--islands=false", f"--data_dir={data}", f"--out_dir={runs}"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    sides = matched_box_sizes(data / "toy" / "train_masks")[0]
+    for split in ("train", "val"):
+        meta = read_mask_record(next((data / "toy" / f"{split}_masks_boxes").glob("*/*.pkl")))[1]
+        assert (meta["mask_source"], meta["box_sizes"]) == ("boxes", sides)
+    (row,) = json.loads((runs / "masks_boxes" / "results.json").read_text())["runs"]
+    assert (row["masks"], row["teacher"]) == ("boxes", "pretrained") and row["image_mean_r2"] < 1
+    assert f"nested boxes of sides {', '.join(map(str, sides))} px" in (runs / "masks_boxes" / "report.md").read_text()
+
+
+def test_old_ledgers_count_as_part_whole_masks_and_other_methods_are_refused_with_other_masks(tmp_path):
+    ledger = tmp_path / "ledger.json"  # a ledger written before --masks: no masks flag, rows without masks or teacher
+    ledger.write_text(json.dumps({"flags": {"finetune_epochs": "8"}, "runs": [], "teachers": {}}))
+    proc = study(tmp_path, "--report_only", f"--ledger={ledger}", "--masks=boxes", "--methods=sam_distill")
+    assert proc.returncode != 0 and "--masks: oracle there, boxes now" in proc.stderr.strip().splitlines()[-1]
+    proc = study(tmp_path, "--report_only", "--masks=full_image", "--methods=sam_distill,supcon")
+    assert proc.returncode != 0 and "supcon would give the same rows" in proc.stderr
+    proc = study(tmp_path, "--report_only", f"--ledger={ledger}", "--embed_flags=--crop", "--methods=sam_distill")
+    assert proc.returncode != 0 and "--embed_flags: [] there, ['--crop'] now" in proc.stderr.strip().splitlines()[-1]
+    crop = tmp_path / "crop.json"  # a stage-2 variant: its own default variant folder, named in the report
+    crop.write_text(json.dumps({"flags": {"embed_flags": "['--crop']"}, "teachers": {}, "runs": [
+        {"method": "sam_distill", "seed": 0, "budget": 10, "test_accuracy": 0.5, "val_accuracy": 0.5, "finetune_seconds": 1.0}]}))
+    proc = subprocess.run([sys.executable, str(ROOT / "experiments" / "toy_study.py"), f"--out_dir={tmp_path / 'study'}", "--report_only",
+                           "--probes=false", "--islands=false", f"--ledger={crop}", "--embed_flags=--crop", "--methods=sam_distill",
+                           "--seeds=0", "--budgets=10"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "the oracle part-whole masks, stage-2 flags --crop;" in (tmp_path / "study" / "masks_oracle_crop" / "report.md").read_text()
+
+
+def comparison_ledger(path: Path, masks: str | None, accuracies: dict, flags: dict | None = None) -> str:
+    """A ledger of sam_distill rows: ``accuracies[(teacher, budget)]`` per seed; ``masks`` None: an older ledger without it."""
+    methods = {"pretrained": "sam_distill", "random": "sam_distill_random"}
+    runs = []
+    for (teacher, budget), values in accuracies.items():
+        for seed, acc in enumerate(values):
+            row = {"method": methods[teacher], "seed": seed, "budget": budget, "test_accuracy": acc, "val_accuracy": acc - 0.1,
+                   "distill_r2": 0.1, "finetune_seconds": 5.0}
+            if budget == 100:
+                row["islands"] = {"ground_truth": {str(i): {"ari": 0.3 + 0.1 * i, "pair_corr": 0.5} for i in range(3)}}
+            runs.append(row if masks is None else {**row, "masks": masks, "teacher": teacher})
+    recorded = {"pretrain_flags": "['--scheduler=constant']", **({"masks": masks} if masks else {}), **(flags or {})}
+    path.write_text(json.dumps({"flags": recorded, "runs": runs + [{"method": "supcon", "seed": 0, "budget": 100}], "teachers": {}}))
+    return str(path)
+
+
+def test_compare_ledgers_tabulates_mask_sources_by_teacher_with_paired_differences(tmp_path):
+    part_whole = comparison_ledger(tmp_path / "budgets.json", None, {("pretrained", 30): (0.6, 0.62, 0.64), ("random", 30): (0.5, 0.5, 0.5),
+                                                                    ("pretrained", 100): (0.7, 0.8, 0.7), ("pretrained", 10): (0.5, 0.5, 0.5)})
+    boxes = comparison_ledger(tmp_path / "boxes.json", "boxes", {("pretrained", 30): (0.5, 0.55, 0.5), ("random", 30): (0.4, 0.5, 0.45),
+                                                                ("pretrained", 100): (0.6, 0.6, 0.6)})
+    full = comparison_ledger(tmp_path / "full.json", "full_image", {("pretrained", 30): (0.3, 0.3, 0.3)})
+    proc = study(tmp_path, f"--compare_ledgers={boxes},{part_whole},{full}", "--budgets=30,100")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    report = (tmp_path / "study" / "v" / "report.md").read_text()
+    assert "| part_whole | pretrained | 3 | 62.0 ± 2.0 | 52.0 ± 2.0 | 0.100 ± 0.000 | n/a |" in report  # missing fields: part_whole
+    assert "| boxes | random | 3 | 45.0 ± 5.0 |" in report
+    assert "| boxes | pretrained | 3 | 60.0 ± 0.0 | 50.0 ± 0.0 | 0.100 ± 0.000 | 0.30 ± 0.00 / 0.40 ± 0.00 / 0.50 ± 0.00 |" in report
+    assert report.index("| part_whole | pretrained | 3 | 62.0") < report.index("| boxes | pretrained | 3 | 51.7")  # part_whole first
+    assert "10 epochs" not in report and "| full_image | random" not in report
+    assert "- pretrained teacher, 30 epochs: part_whole minus boxes +10.3 ± 3.5 (seeds: +10.0, +7.0, +14.0)" in report
+    assert "- random teacher, 30 epochs: part_whole minus boxes +5.0 ± 5.0" in report
+    assert "- pretrained teacher, 30 epochs: part_whole minus full_image +32.0 ± 2.0" in report
+    assert "- pretrained teacher, 100 epochs: part_whole minus boxes +13.3 ± 5.8" in report
+    assert (tmp_path / "study" / "v" / "masks.png").stat().st_size > 10_000
+
+    other = comparison_ledger(tmp_path / "other.json", "boxes", {("pretrained", 30): (0.5,)}, {"pretrain_flags": "['--scheduler=onecycle']"})
+    proc = study(tmp_path, f"--compare_ledgers={part_whole},{other}")
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: --compare_ledgers: ") and "differ in --pretrain_flags" in proc.stderr

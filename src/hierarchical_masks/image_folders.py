@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from typing import Iterable, NamedTuple
 
+import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from hierarchical_masks.errors import InputError
@@ -23,6 +24,15 @@ IGNORED_NAMES = ("failed.txt", ".DS_Store", "Thumbs.db")
 MASKS_SUFFIX = "_masks"
 EMBEDS_SUFFIX = "_masks_embeds"
 GT_SUFFIX = "_gt"
+
+
+def checked_square_image(image: np.ndarray, size: int) -> np.ndarray:
+    """``image`` as a uint8 ``(size, size, 3)`` array (what :func:`load_rgb_image` gives a stage-1 masker), or a
+    ValueError saying what it is."""
+    image = np.asarray(image)
+    if image.shape != (size, size, 3) or image.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 ({size}, {size}, 3) RGB image, got {image.dtype} {image.shape}")
+    return image
 
 
 class ImageRecord(NamedTuple):

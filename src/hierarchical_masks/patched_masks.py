@@ -5,7 +5,9 @@ prompted with one point per ``patch_size`` patch; SAM's three masks per point
 go to ``<out_data_path>/<class>/<stem>.pkl`` (see ``mask_io.save_masks``; each
 distinct mask once, ``--mask_format=v1`` stores all of them). The teacher is SAM 1
 (``--sam_model_type=vit_h|vit_l|vit_b``) or SAM 2.1 (``sam2.1_hiera_tiny|small|base_plus|large``);
-the files are the same either way.
+the files are the same either way. ``--mask_source=boxes|full_image`` writes masks that need no
+SAM (``mask_sources.py``: nested boxes around each point, or the whole image), in the same format,
+as controls of the part-whole masks.
 Finished files are skipped (``--overwrite`` recomputes), each file is written
 atomically, and ``--num_processes``/``--num_nodes`` split the images over
 Lightning Fabric DDP ranks.
@@ -43,6 +45,7 @@ from hierarchical_masks.devices import PRECISIONS, resolve_device
 from hierarchical_masks.errors import InputError, OutputWriteError, check_choice
 from hierarchical_masks.image_folders import MASKS_SUFFIX, ImageRecord, list_image_folder, load_rgb_image
 from hierarchical_masks.mask_io import DEFAULT_MASK_FORMAT, MASK_FORMATS, save_masks
+from hierarchical_masks.mask_sources import MASK_SOURCES, PromptFreeMasker, build_prompt_free_masker, parse_box_sizes
 from hierarchical_masks.per_image_runner import (
     Interrupted,
     PerImageStage,
@@ -79,7 +82,7 @@ class MaskStage(PerImageStage):
 
     name = "patched_masks"
 
-    def __init__(self, masker: GridMasker, out_root: str | os.PathLike, *, batch_size: int = 8, skip_bad_images: bool = False,
+    def __init__(self, masker: GridMasker | PromptFreeMasker, out_root: str | os.PathLike, *, batch_size: int = 8, skip_bad_images: bool = False,
                  meta: dict[str, Any] | None = None, mask_format: str = DEFAULT_MASK_FORMAT):
         self.masker, self.out_root, self.batch_size = masker, Path(out_root), batch_size
         self.skip_bad_images, self.meta, self.mask_format = skip_bad_images, meta or {}, mask_format
@@ -116,7 +119,7 @@ class MaskStage(PerImageStage):
 def write_patched_masks(
     records: Sequence[ImageRecord],
     out_root: str | os.PathLike,
-    masker: GridMasker,
+    masker: GridMasker | PromptFreeMasker,
     *,
     worker: WorkerContext | None = None,
     batch_size: int = 8,
@@ -140,7 +143,7 @@ def write_patched_masks(
             says how much the remaining images need; finished files are kept.
     """
     stage = MaskStage(masker, out_root, batch_size=batch_size, skip_bad_images=skip_bad_images, meta=meta, mask_format=mask_format)
-    return run_per_image(stage, records, worker=worker or WorkerContext(device=masker.sam.device), overwrite=overwrite,
+    return run_per_image(stage, records, worker=worker or WorkerContext(device=masker.device), overwrite=overwrite,
                          show_progress=show_progress)
 
 
@@ -156,10 +159,46 @@ def writer_threads() -> int:
     return min(8, max(2, (os.cpu_count() or 2) // 2))
 
 
+# the SAM options a mask source without SAM does not take: (the value that means "not used", its flag)
+SAM_ONLY_OPTIONS = {"point_labels": ("foreground", "--point_labels"), "precision": ("fp32", "--precision"),
+                    "attention": ("sdpa", "--attention"), "compile_encoder": (False, "--compile")}
+
+
+def check_mask_source(mask_source: str, box_sizes: Sequence[int | str], **sam_options) -> None:
+    """Raise :class:`InputError` for an unknown ``--mask_source``, bad ``--box_sizes``, or an option it does not take."""
+    check_choice("mask_source", mask_source, MASK_SOURCES)
+    if mask_source == "boxes":
+        parse_box_sizes(box_sizes)
+    elif box_sizes:
+        raise InputError(f"--box_sizes is for --mask_source=boxes, not {mask_source}; drop it")
+    if mask_source != "sam":
+        for option, value in sam_options.items():
+            unused, flag = SAM_ONLY_OPTIONS[option]
+            if value != unused:
+                raise InputError(f"{flag} is a SAM option; --mask_source={mask_source} runs no SAM: drop it")
+
+
+def build_stage_masker(mask_source: str, worker: WorkerContext, *, sam_model_type: str, sam_checkpoint: str | None,
+                       box_sizes: Sequence[int | str], img_size: int, patch_size: int, point_labels: str, precision: str,
+                       **sam_options) -> tuple[GridMasker | PromptFreeMasker, dict[str, Any]]:
+    """This worker's masker of ``mask_source`` and the metadata its files carry (the source among it)."""
+    meta: dict[str, Any] = dict(grid=img_size // patch_size, img_size=img_size, patch_size=patch_size, levels=3, mask_source=mask_source)
+    if mask_source != "sam":
+        masker = build_prompt_free_masker(mask_source, img_size=img_size, patch_size=patch_size, box_sizes=box_sizes)
+        return masker, {**meta, **({"box_sizes": masker.box_sizes} if mask_source == "boxes" else {})}
+    masker = build_masker(sam_model_type, sam_checkpoint, worker.device, img_size=img_size, patch_size=patch_size,
+                          point_labels=point_labels, precision=precision, **sam_options)
+    meta.update(sam_model=sam_model_type, sam_checkpoint=Path(sam_checkpoint).name if sam_checkpoint else None,
+                point_labels=point_labels, precision=precision)
+    return masker, meta
+
+
 def run(
     *,
     in_data_path: str,
     out_data_path: str,
+    mask_source: str = "sam",
+    box_sizes: Sequence[int | str] = (),
     sam_model_type: str = DEFAULT_MODEL_TYPE,
     sam_checkpoint: str | None = default_checkpoint(DEFAULT_MODEL_TYPE),
     device: str = "cpu",
@@ -180,13 +219,18 @@ def run(
 ) -> Progress:
     """Stage 1 end to end, with plain arguments (the CLI's flags).
 
+    ``mask_source``: ``sam`` (the teacher ``sam_model_type``), or ``boxes`` (sides ``box_sizes``) or
+    ``full_image``, which need no SAM and take no SAM option (``mask_sources.py``).
     Every cheap check (sizes, flags, folders, checkpoint file) runs before any
     process is launched or any file is written.
     """
     patch_grid_points(img_size, patch_size)  # raises on img_size % patch_size
     check_choice("point_labels", point_labels, POINT_LABELS)
     check_choice("precision", precision, PRECISIONS)
-    check_options(sam_model_type, point_labels=point_labels, attention=attention, compile_encoder=compile_encoder)
+    check_mask_source(mask_source, box_sizes, point_labels=point_labels, precision=precision, attention=attention,
+                      compile_encoder=compile_encoder)
+    if mask_source == "sam":
+        check_options(sam_model_type, point_labels=point_labels, attention=attention, compile_encoder=compile_encoder)
     check_choice("mask_format", mask_format, MASK_FORMATS)
     if batch_size < 1 or points_per_batch < 1:
         raise ValueError(f"--batch_size={batch_size} and --points_per_batch={points_per_batch} must be >= 1")
@@ -195,32 +239,14 @@ def run(
     if not records:
         raise InputError(f"--in_data_path={in_data_path}: no images in its class folders (expected <root>/<class>/<image>, e.g. datasets/imagenette2/val)")
     prepare_output_folder(out_data_path)  # also removes temporary files a killed run left
-    if sam_checkpoint is not None:
+    if mask_source == "sam" and sam_checkpoint is not None:
         require_checkpoint_file(sam_checkpoint, sam_model_type)
 
     worker = launch_workers(device, num_processes, num_nodes)
-    masker = build_masker(
-        sam_model_type,
-        sam_checkpoint,
-        worker.device,
-        img_size=img_size,
-        patch_size=patch_size,
-        point_labels=point_labels,
-        precision=precision,
-        attention=attention,
-        points_per_batch=points_per_batch,
-        compile_encoder=compile_encoder,
-    )
-    meta = dict(
-        grid=img_size // patch_size,
-        img_size=img_size,
-        patch_size=patch_size,
-        levels=3,
-        sam_model=sam_model_type,
-        sam_checkpoint=Path(sam_checkpoint).name if sam_checkpoint else None,
-        point_labels=point_labels,
-        precision=precision,
-    )
+    masker, meta = build_stage_masker(mask_source, worker, sam_model_type=sam_model_type, sam_checkpoint=sam_checkpoint,
+                                      box_sizes=box_sizes, img_size=img_size, patch_size=patch_size, point_labels=point_labels,
+                                      precision=precision, attention=attention, points_per_batch=points_per_batch,
+                                      compile_encoder=compile_encoder)
     return write_patched_masks(
         records,
         out_data_path,
@@ -243,6 +269,11 @@ def define_flags() -> None:
     from absl import flags
 
     flags.DEFINE_string("device", None, "torch device: cpu, cuda, cuda:1 (default: cuda if a GPU is visible, else cpu)")
+    flags.DEFINE_enum("mask_source", "sam", list(MASK_SOURCES),
+                      "sam: SAM's masks (--sam_model_type); boxes: three nested squares around each point (--box_sizes); "
+                      "full_image: the whole image at every level (the last two need no SAM: controls of the part-whole masks)")
+    flags.DEFINE_list("box_sizes", [], "--mask_source=boxes: the squares' sides in pixels of the resized image, level 0 to 2, "
+                      "increasing, e.g. 32,96,192 (box_sizes.py --masks_path=<masks> matches another folder's mean areas)")
     flags.DEFINE_string("split", "val", "dataset split; picks the default in/out folders datasets/imagenette2/<split>[_masks]")
     flags.DEFINE_string("in_data_path", None, "image folder <root>/<class>/<image> (default datasets/imagenette2/<split>)")
     flags.DEFINE_string("out_data_path", None, "mask folder to write (default datasets/imagenette2/<split>_masks)")
@@ -287,6 +318,10 @@ def main(argv: Sequence[str]) -> int:
         return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     given = FLAGS["sam_checkpoint"].present
+    sam_flags = [f"--{name}" for name in ("sam_checkpoint", "sam_model_type") if FLAGS[name].present]
+    if FLAGS.mask_source != "sam" and sam_flags:
+        print(f"error: {sam_flags[0]} is a SAM option; --mask_source={FLAGS.mask_source} runs no SAM: drop it", file=sys.stderr)
+        return 1
     checkpoint = FLAGS.sam_checkpoint if given else default_checkpoint(FLAGS.sam_model_type)
     random_weights = checkpoint is None or checkpoint.strip().lower() in ("", "none") or (
         FLAGS.sam_model_type in TEST_MODEL_TYPES and not given
@@ -295,6 +330,8 @@ def main(argv: Sequence[str]) -> int:
         run(
             in_data_path=FLAGS.in_data_path or f"datasets/imagenette2/{FLAGS.split}",
             out_data_path=FLAGS.out_data_path or f"datasets/imagenette2/{FLAGS.split}{MASKS_SUFFIX}",
+            mask_source=FLAGS.mask_source,
+            box_sizes=FLAGS.box_sizes,
             sam_model_type=FLAGS.sam_model_type,
             sam_checkpoint=None if random_weights else checkpoint,
             device=FLAGS.device or ("cuda" if torch.cuda.is_available() else "cpu"),

@@ -34,6 +34,7 @@ from torch.nn import functional as F
 
 from hierarchical_masks.devices import PRECISIONS
 from hierarchical_masks.errors import check_choice
+from hierarchical_masks.image_folders import checked_square_image
 from hierarchical_masks.point_grid import patch_grid_points
 
 POINT_LABELS = ("foreground", "reference")
@@ -155,12 +156,13 @@ class GridMasker:
     def num_points(self) -> int:
         return self.sparse.shape[0]
 
+    @property
+    def device(self) -> torch.device:
+        return self.sam.device
+
     def checked_image(self, image: np.ndarray) -> np.ndarray:
         """``image`` as a uint8 ``(img_size, img_size, 3)`` array, or a ValueError saying what it is."""
-        image = np.asarray(image)
-        if image.shape != (self.img_size, self.img_size, 3) or image.dtype != np.uint8:
-            raise ValueError(f"expected a uint8 ({self.img_size}, {self.img_size}, 3) RGB image, got {image.dtype} {image.shape}")
-        return image
+        return checked_square_image(image, self.img_size)
 
     def model_input(self, image: np.ndarray) -> np.ndarray:
         raise NotImplementedError

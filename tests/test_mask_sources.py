@@ -1,0 +1,120 @@
+"""Stage-1 mask sources without SAM (``--mask_source=boxes|full_image``) on real photos, and the box-size helper."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from skimage import data as skimage_data
+
+from hierarchical_masks import embed_folder as ef
+from hierarchical_masks import patched_masks
+from hierarchical_masks.box_sizes import matched_box_sizes, mean_clipped_areas
+from hierarchical_masks.errors import InputError
+from hierarchical_masks.mask_io import load_embeddings, read_mask_record
+from hierarchical_masks.mask_sources import BoxMasker
+from hierarchical_masks.point_grid import patch_grid_points
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+SIZE, PATCH = 64, 16  # a 4 x 4 point grid
+PHOTOS = {"people": ("astronaut",), "things": ("coffee", "chelsea")}  # scikit-image's sample photos, of different shapes
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("photos")
+    for class_name, names in PHOTOS.items():
+        (root / class_name).mkdir()
+        for name in names:
+            Image.fromarray(getattr(skimage_data, name)()).save(root / class_name / f"{name}.png")
+    return root
+
+
+def write_masks(images: Path, out: Path, mask_source: str, **kwargs):
+    return patched_masks.run(in_data_path=str(images), out_data_path=str(out), mask_source=mask_source, img_size=SIZE,
+                             patch_size=PATCH, device="cpu", show_progress=False, **kwargs)
+
+
+def assert_nested_around_their_points(masks: np.ndarray) -> None:
+    assert masks.shape == (16, 3, SIZE, SIZE) and masks.dtype == bool
+    assert (masks[:, 0] <= masks[:, 1]).all() and (masks[:, 1] <= masks[:, 2]).all()  # level 0 ⊆ 1 ⊆ 2
+    for k, (x, y) in enumerate(patch_grid_points(SIZE, PATCH)):
+        assert masks[k, :, int(y), int(x)].all(), f"point {k} outside one of its masks"
+
+
+@pytest.mark.parametrize("mask_source, kwargs", [("boxes", {"box_sizes": ["8", "24", "56"]}), ("full_image", {})])
+def test_masks_without_sam_are_nested_around_their_points_and_stage_2_reads_them(tmp_path, photos, mask_source, kwargs):
+    out = tmp_path / "masks"
+    progress = write_masks(photos, out, mask_source, **kwargs)
+    files = sorted(out.rglob("*.pkl"))
+    assert len(files) == 3 and progress.written == 3
+    for path in files:
+        masks, meta = read_mask_record(path)
+        assert_nested_around_their_points(masks)
+        assert (meta["mask_source"], meta["grid"], meta["img_size"], meta["patch_size"]) == (mask_source, 4, SIZE, PATCH)
+        assert "sam_model" not in meta
+    if mask_source == "full_image":
+        assert masks.all()
+    else:
+        assert meta["box_sizes"] == (8, 24, 56)
+        assert masks[5, 0].sum() == 8 * 8 and masks[0, 2].sum() == 36 * 36  # inside the image / clipped at the corner
+        assert not masks[0, 1, 20:, :].any() and masks[15, 2].sum() < masks[5, 2].sum()
+
+    embeds = tmp_path / "embeds"
+    config = ef.EmbedFolderConfig(in_masks_path=out, in_images_path=photos, out_data_path=embeds, encoder_model_name="test_vit",
+                                  pretrained=False, img_height=SIZE, img_width=SIZE, batch_size=16, progress=False)
+    ef.embed_folder(config, ef.check_inputs(config))
+    cat = load_embeddings(embeds / "things" / "chelsea.pkl")
+    assert cat.shape[:2] == (16, 3) and np.isfinite(cat).all()
+    if mask_source == "full_image":  # one masked image: the whole photo
+        assert np.allclose(cat, cat[0, 0], atol=1e-5)
+    else:  # boxes of different sizes and places see different pixels
+        assert not np.allclose(cat[:, 0], cat[0, 0], atol=1e-3)
+        assert not np.allclose(cat[5, 0], cat[5, 2], atol=1e-3)
+
+
+def test_cli_writes_boxes_and_refuses_sam_options_and_bad_sizes(tmp_path, photos):
+    script = REPO / "src" / "hierarchical_masks" / "patched_masks.py"
+    cli = lambda *args: subprocess.run([sys.executable, str(script), "--device=cpu", f"--img_size={SIZE}", f"--patch_size={PATCH}",  # noqa: E731
+                                        f"--in_data_path={photos}", f"--out_data_path={tmp_path / 'out'}", *args],
+                                       capture_output=True, text=True, env=ENV, cwd=REPO, timeout=120)
+    done = cli("--mask_source=boxes", "--box_sizes=8,24,56")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "patched_masks: 3 written" in done.stdout
+    again = cli("--mask_source=boxes", "--box_sizes=8,24,56")  # resumed: nothing left to do
+    assert "0 written, 3 skipped" in again.stdout
+    for args, message in [(["--mask_source=boxes", "--box_sizes=24,8,56"], "error: --box_sizes=24,8,56: give three positive, increasing"),
+                          (["--mask_source=boxes"], "error: --box_sizes=: give three"),
+                          (["--mask_source=boxes", "--box_sizes=8,x,56"], "error: --box_sizes=8,x,56: give three"),
+                          (["--mask_source=full_image", "--sam_checkpoint=sam_vit_h_4b8939.pth"], "error: --sam_checkpoint is a SAM option"),
+                          (["--mask_source=full_image", "--attention=reference"], "error: --attention is a SAM option"),
+                          (["--box_sizes=8,24,56"], "error: --box_sizes is for --mask_source=boxes, not sam")]:
+        refused = cli(*args, "--overwrite")
+        assert refused.returncode == 1 and "Traceback" not in refused.stderr
+        assert refused.stderr.strip().splitlines()[-1].startswith(message), refused.stderr[-500:]
+
+
+def test_box_sizes_recover_known_boxes_and_cover_the_image_for_full_image_masks(tmp_path, photos):
+    write_masks(photos, tmp_path / "boxes", "boxes", box_sizes=[8, 24, 56])
+    sides, mask_areas, box_areas = matched_box_sizes(tmp_path / "boxes")
+    assert sides == (8, 24, 56)
+    np.testing.assert_allclose(box_areas, mask_areas)
+
+    write_masks(photos, tmp_path / "full", "full_image")
+    sides, mask_areas, _ = matched_box_sizes(tmp_path / "full")
+    np.testing.assert_allclose(mask_areas, SIZE * SIZE)
+    assert sides[0] < sides[1] < sides[2]  # equal areas: one pixel apart, as --box_sizes must increase
+    assert BoxMasker(SIZE, PATCH, sides).masks[:, 0].all()  # the whole image from every point
+    assert not BoxMasker(SIZE, PATCH, (sides[0] - 1, sides[1], sides[2])).masks[:, 0].all()  # the smallest side that does
+
+    clipped = mean_clipped_areas(SIZE, PATCH)
+    assert clipped[16] == 16 * 16 and clipped[18] == 17.5 ** 2  # 18 px boxes lose a pixel column and row at the edges
+    assert np.all(np.diff(clipped) >= 0)
+    with pytest.raises(InputError, match=r"--masks_path=.*no mask files"):
+        matched_box_sizes(tmp_path / "nothing")
