@@ -4,6 +4,7 @@ Selenium; skipped with the reason where none is installed): click a column, move
 
 import base64
 import json
+import math
 import re
 from pathlib import Path
 
@@ -12,8 +13,7 @@ import pytest
 import torch
 
 from agglomerator.islands import cosine_similarity_matrix, label_points
-from agglomerator.islands_html import (ground_truth_mask_set, quantised_cosine_error, quantised_unit_vectors,
-                                       render_islands_page, stage1_mask_set)
+from agglomerator.islands_html import ground_truth_mask_set, render_islands_page, similarity_data, stage1_mask_set
 from agglomerator.toy_dataset import generate_toy_dataset, oracle_masks, render_scene
 from browser import headless_chromium, wait_for
 from hierarchical_masks.mask_io import read_distinct_masks, save_masks, unpack_mask_rows
@@ -31,27 +31,39 @@ def page_data(page: Path) -> dict:
     return json.loads(re.search(r'<script type="application/json" id="islands-data">(.*?)</script>', html, re.S).group(1))
 
 
-def page_vectors(image: dict) -> np.ndarray:
-    """One image's int8 vectors from the page, as float ``(states, levels, n, d)``."""
-    raw = np.frombuffer(base64.b64decode(image["vectors"]), np.int8)
-    return raw.reshape(image["states"], image["levels"], image["grid"] ** 2, image["dim"]).astype(np.float64)
+def page_cosines(image: dict) -> np.ndarray:
+    """The cosines one image's page data holds, ``(states, levels, n, n)``, decoded in Python (vectors or triangle)."""
+    raw = np.frombuffer(base64.b64decode(image["similarities"]), np.int8).astype(np.float64)
+    states, levels, n = image["states"], image["levels"], image["grid"] ** 2
+    if image["encoding"] == "vectors":
+        vectors = raw.reshape(states * levels, n, image["dim"])
+        return np.stack([cosine_similarity_matrix(v) for v in vectors]).reshape(states, levels, n, n)
+    full = np.zeros((states, levels, n, n))
+    rows, cols = np.triu_indices(n)
+    full[..., rows, cols] = full[..., cols, rows] = raw.reshape(states, levels, -1) / 127
+    return full
 
 
 # --------------------------------------------------------------------------- the data
 
 
-def test_int8_vectors_keep_the_cosines():
+@pytest.mark.parametrize("columns, dim, expected", [(16, 24, "triangle"), (36, 8, "vectors")])
+def test_both_int8_encodings_keep_the_cosines_and_auto_picks_the_smaller(columns, dim, expected):
     rng = np.random.default_rng(0)
-    iterations = rng.normal(size=(STATES, 16, 3, 24)) + 2.0  # a shared component, as trained columns have
-    iterations[3, 5, 1] = 0.0  # a zero vector stays zero (similarity 0 to all)
-    quantised = quantised_unit_vectors(torch.from_numpy(iterations).float())
-    assert quantised.dtype == np.int8 and quantised.shape == (STATES, 3, 16, 24)
-    assert np.abs(quantised).max(-1).min() == 0 and np.sort(np.abs(quantised).max(-1).ravel())[1] == 127
-    error = quantised_cosine_error(iterations, quantised)
-    exact = cosine_similarity_matrix(iterations[2, :, 1])
-    approx = cosine_similarity_matrix(quantised[2, 1].astype(np.float64))
-    assert 0 < np.abs(exact - approx).max() <= error < 0.01
-    np.testing.assert_allclose(np.diag(approx), 1.0, atol=1e-12)
+    iterations = rng.normal(size=(STATES, columns, 3, dim)) + 2.0  # a shared component, as trained columns have
+    iterations[3, 5, 1] = 0.0  # a zero vector: similarity 0 to all (and to itself)
+    exact = np.stack([[cosine_similarity_matrix(iterations[t, :, level]) for level in range(3)] for t in range(STATES)])
+    sizes = {}
+    for encoding in ("vectors", "triangle"):
+        data = similarity_data(torch.from_numpy(iterations), encoding)
+        image = {"states": STATES, "levels": 3, "grid": math.isqrt(columns), "dim": dim, **data}
+        shown = page_cosines(image)
+        assert 0 < np.abs(shown - exact).max() <= data["cosine_error"] < 0.01
+        np.testing.assert_allclose(np.diagonal(shown, axis1=2, axis2=3)[[0, 1, 2, 4, 5, 6]], 1.0, atol=1e-12)
+        sizes[encoding] = len(data["similarities"])
+    assert similarity_data(iterations, "auto")["encoding"] == expected == min(sizes, key=sizes.get)
+    with pytest.raises(ValueError, match="encoding='int4'"):
+        similarity_data(iterations, "int4")
 
 
 def test_mask_sets_hold_every_points_masks(tmp_path):
@@ -87,17 +99,22 @@ def test_page_is_self_contained_and_escapes_titles():
 # --------------------------------------------------------------------------- the pages a checkpoint gives
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    """An untrained model of the toy set's geometry (8 x 8 columns, 3 levels), as a checkpoint file."""
+def untrained_checkpoint(folder: Path, patch_dim: int) -> Path:
+    """An untrained model of the toy set's geometry (8 x 8 columns, 3 levels) as a checkpoint file. ``patch_dim``
+    picks the page's encoding: 32 (2,048 int8 values per map as vectors, 2,080 as a triangle) vectors, 64 the triangle."""
     from agglomerator.lit_module import AgglomeratorLitModule
 
     torch.manual_seed(0)
-    model = dict(image_size=64, conv_image_size=16, patch_size=2, patch_dim=32, levels=3, n_classes=10)
+    model = dict(image_size=64, conv_image_size=16, patch_size=2, patch_dim=patch_dim, levels=3, n_classes=10)
     module = AgglomeratorLitModule(model=model, objective="sam_distill")
-    path = tmp_path_factory.mktemp("checkpoint") / "toy.ckpt"
+    path = folder / f"toy_{patch_dim}.ckpt"
     torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, path)
     return path
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    return untrained_checkpoint(tmp_path_factory.mktemp("checkpoint"), 32)
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +130,7 @@ def toy_run(tmp_path_factory, checkpoint) -> Path:
 
 
 @pytest.fixture(scope="module")
-def photo_run(tmp_path_factory, checkpoint) -> Path:
+def photo_run(tmp_path_factory) -> Path:
     """``--islands_images`` on two real photos (scikit-image's astronaut and coffee): no stage-1 masks."""
     skimage_data = pytest.importorskip("skimage.data")
     from PIL import Image
@@ -122,9 +139,9 @@ def photo_run(tmp_path_factory, checkpoint) -> Path:
     for name in ("astronaut", "coffee"):
         Image.fromarray(getattr(skimage_data, name)()).save(folder / f"{name}.png")
     run = folder / "run"
-    run_main(*TOY_FLAGS, f"--data_dir={folder}", "--mode=islands", "--islands_html",
+    run_main(*TOY_FLAGS, "--patch_dim=64", f"--data_dir={folder}", "--mode=islands", "--islands_html",
              f"--islands_images={folder / 'astronaut.png'},{folder / 'coffee.png'}",
-             f"--load_checkpoint_dir={checkpoint}", f"--output_dir={run}")
+             f"--load_checkpoint_dir={untrained_checkpoint(folder, 64)}", f"--output_dir={run}")
     return run
 
 
@@ -141,7 +158,7 @@ def test_toy_page_carries_the_scores_json_scores_and_both_mask_sets(toy_run):
                     expected = scores["per_iteration"][key][t][level][score]
                     assert (np.mean(finite) if finite else None) == pytest.approx(expected)  # the page's images average to it
     for image in data["images"]:
-        assert (image["grid"], image["levels"], image["states"], image["dim"]) == (GRID, 3, STATES, 32)
+        assert (image["grid"], image["levels"], image["states"], image["dim"], image["encoding"]) == (GRID, 3, STATES, 32, "vectors")
         assert image["masks"]["source"].startswith("val_masks/") and image["ground_truth"] is not None
         assert image["image"].startswith("data:image/png;base64,") and 0 < image["cosine_error"] < 0.01
 
@@ -151,6 +168,7 @@ def test_photo_page_says_there_are_no_masks(photo_run):
     assert [image["title"] for image in data["images"]] == ["given/astronaut.png", "given/coffee.png"]
     for image in data["images"]:
         assert image["masks"] is None and image["ground_truth"] is None and image["scores"] == {}
+        assert (image["dim"], image["encoding"]) == (64, "triangle") and 0 < image["cosine_error"] <= 0.5 / 127
         assert "--islands_images" in image["masks_note"]
 
 
@@ -203,11 +221,11 @@ def test_toy_page_in_a_browser(driver, toy_run):
     click_column(driver, 1, 6)
     wait_for(driver, f"return document.body.dataset.rendered === '0:{GRID + 6}:{STATES - 1}'")
     after = shown_maps(driver)
-    vectors = page_vectors(data["images"][0])
+    cosines = page_cosines(data["images"][0])
     for level in range(3):
         assert not np.allclose(after[level], before[level])
         assert after[level][GRID + 6] == pytest.approx(1.0, abs=1e-12)  # the chosen column scores 1 with itself
-        np.testing.assert_allclose(after[level], cosine_similarity_matrix(vectors[-1, level])[GRID + 6], atol=1e-12)
+        np.testing.assert_allclose(after[level], cosines[-1, level, GRID + 6], atol=1e-12)
     captions = [e.text for e in driver.find_elements("css selector", "#level-maps figcaption")]
     assert captions[2].startswith(f"cosine similarity of level 2 vectors to column (1, 6), iteration {STATES - 1}")
     mask_captions = [e.text for e in driver.find_elements("css selector", "#mask-panels figcaption")]
@@ -224,24 +242,26 @@ def test_toy_page_in_a_browser(driver, toy_run):
     wait_for(driver, f"return document.body.dataset.rendered === '0:{GRID + 6}:1'")
     first_iteration = shown_maps(driver)
     assert first_iteration.min() < 0.99
-    np.testing.assert_allclose(first_iteration[1], cosine_similarity_matrix(vectors[1, 1])[GRID + 6], atol=1e-12)
+    np.testing.assert_allclose(first_iteration[1], cosines[1, 1, GRID + 6], atol=1e-12)
     assert "t1" in driver.find_element("id", "scores").text and "t6 (final)" in driver.find_element("id", "scores").text
 
     Select(driver.find_element("id", "image-picker")).select_by_index(1)
     wait_for(driver, f"return document.body.dataset.rendered === '1:{4 * GRID + 4}:{STATES - 1}'")
     other = shown_maps(driver)
-    np.testing.assert_allclose(other[0], cosine_similarity_matrix(page_vectors(data["images"][1])[-1, 0])[4 * GRID + 4],
-                               atol=1e-12)
+    np.testing.assert_allclose(other[0], page_cosines(data["images"][1])[-1, 0, 4 * GRID + 4], atol=1e-12)
     assert f"{data['images'][1]['scores']['stage1_masks'][-1]['2']['ari']:.3f}" in driver.find_element("id", "scores").text
     assert severe_console_entries(driver) == []
 
 
 def test_photo_page_in_a_browser(driver, photo_run):
-    open_page(driver, photo_run / "islands.html", f"0:{4 * GRID + 4}:{STATES - 1}")
+    """The triangle encoding in the browser; the mask panel and the scores say there are none."""
+    page = photo_run / "islands.html"
+    open_page(driver, page, f"0:{4 * GRID + 4}:{STATES - 1}")
     assert "--islands_images" in driver.find_element("id", "no-masks").text
     assert driver.find_elements("css selector", ".mask-map") == []
     assert driver.find_element("id", "scores").text.startswith("No scores")
     click_column(driver, 7, 0)
     wait_for(driver, f"return document.body.dataset.rendered === '0:{7 * GRID}:{STATES - 1}'")
+    np.testing.assert_allclose(shown_maps(driver), page_cosines(page_data(page)["images"][0])[-1, :, 7 * GRID], atol=1e-12)
     assert shown_maps(driver)[:, 7 * GRID] == pytest.approx(1.0, abs=1e-12)
     assert severe_console_entries(driver) == []

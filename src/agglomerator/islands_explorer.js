@@ -1,6 +1,7 @@
 // The islands explorer's script (inlined into islands.html by agglomerator/islands_html.py).
-// Data: per image the columns' level vectors, int8, laid out (state, level, column, dim), each vector scaled so
-// that its largest component is +-127; cosine similarities are computed here from them. Masks: each distinct
+// Data: per image, per state and level, either the columns' vectors ("vectors": int8, (column, dim), each vector
+// scaled so that its largest component is +-127; the cosines are computed here) or the cosines themselves
+// ("triangle": round(127 cos), the upper triangle with the diagonal, row-major), whichever is smaller. Masks: each distinct
 // mask once, bit-packed big-endian (numpy packbits), and an (n, levels) index: point k at level l has mask index[k][l].
 // window.islandsExplorer lets a test (or a console) read the numbers behind the maps.
 "use strict";
@@ -25,20 +26,20 @@
     return set ? Object.assign({}, set, { bytes: decodeBase64(set.bits) }) : null;
   }
 
-  // One image's decoded vectors, their norms, its image element and masks; decoded once, on first view.
+  // One image's decoded similarity data (and, for vectors, their norms), its image element and masks; decoded once.
   function prepared(index) {
     if (cache.has(index)) return cache.get(index);
     const info = DATA.images[index];
-    const vectors = new Int8Array(decodeBase64(info.vectors).buffer);
-    const count = info.states * info.levels * info.grid * info.grid;
+    const values = new Int8Array(decodeBase64(info.similarities).buffer);
+    const count = info.encoding === "vectors" ? info.states * info.levels * info.grid * info.grid : 0;
     const norms = new Float64Array(count);
     for (let v = 0; v < count; v++) {
       let sum = 0;
-      for (let k = v * info.dim; k < (v + 1) * info.dim; k++) sum += vectors[k] * vectors[k];
+      for (let k = v * info.dim; k < (v + 1) * info.dim; k++) sum += values[k] * values[k];
       norms[v] = Math.sqrt(sum);
     }
     const image = new Image();
-    const entry = { info, vectors, norms, image, loaded: false,
+    const entry = { info, values, norms, image, loaded: false,
                     masks: decodeMasks(info.masks), groundTruth: decodeMasks(info.ground_truth) };
     image.onload = () => { entry.loaded = true; if (state.image === index) render(); };
     image.src = info.image;
@@ -48,9 +49,16 @@
 
   // Cosine similarity of every column's level-`level` vector to the chosen column's, at state `t`.
   function similarities(entry, level, t, column) {
-    const { info, vectors, norms } = entry;
-    const n = info.grid * info.grid, d = info.dim, base = (t * info.levels + level) * n;
-    const a = (base + column) * d, out = new Float64Array(n);
+    const { info, values, norms } = entry, n = info.grid * info.grid, out = new Float64Array(n);
+    if (info.encoding === "triangle") {
+      const start = (t * info.levels + level) * (n * (n + 1) / 2);
+      for (let j = 0; j < n; j++) {
+        const a = Math.min(column, j), b = Math.max(column, j);
+        out[j] = values[start + a * n - a * (a - 1) / 2 + b - a] / 127;
+      }
+      return out;
+    }
+    const vectors = values, d = info.dim, base = (t * info.levels + level) * n, a = (base + column) * d;
     for (let j = 0; j < n; j++) {
       const b = (base + j) * d;
       let dot = 0;
@@ -256,8 +264,9 @@
   function drawNotes(entry) {
     const { info } = entry;
     $("notes").textContent = `Each map: the cosine similarity between the chosen column's level-L vector and every column's ` +
-      `level-L vector, at the chosen iteration, computed in this page from the columns' vectors (${info.dim}-d, ` +
-      `shipped as int8; largest cosine error against the float vectors on this image: ${info.cosine_error.toFixed(4)}). ` +
+      `level-L vector, at the chosen iteration (${info.dim}-d vectors; ${info.encoding === "vectors" ? "computed in this " +
+      "page from the vectors, shipped as int8" : "computed in float64 when the page was written, shipped as int8"}; ` +
+      `largest cosine error against the float vectors on this image: ${info.cosine_error.toFixed(4)}). ` +
       `${stateName(0)}: every column starts alike, so every map is uniform. Masks: the point's stage-1 masks (SAM's three ` +
       `nested masks, whose embeddings the levels were distilled from) and, on the toy set, its ground-truth regions. ` +
       `Scores (docs/islands.md): pair_corr = Pearson correlation of column-pair cosine similarity with mask IoU; ARI = ` +

@@ -8,11 +8,13 @@ ground-truth regions) at the three levels; and the image's islands scores (``pai
 the same code that writes ``scores.json``.
 
 The page opens from disk with no server and no network: the script, the style and the data are inlined,
-the images are base64 PNGs. The similarities are computed in the browser from the columns' level vectors,
-shipped once per state as int8 (each vector scaled to unit length, then so its largest component is
-127: a cosine needs no scale, so none is stored); :func:`quantised_cosine_error` measures what that costs
-and the page says it. Masks are shipped as stored: each distinct mask once, bit-packed, plus the
-``(n, levels)`` index (``mask_io.DistinctMasks``).
+the images are base64 PNGs. Per state and level, the page carries whichever of two int8 encodings is
+smaller (:func:`similarity_data`): the columns' vectors (each scaled so its largest component is 127; the
+browser computes the cosines, which need no scale) when ``n (n + 1) / 2 > n d``, else the cosines
+themselves, computed here in float64 from the float vectors, upper triangle with the diagonal, times 127
+(the toy and Imagenette configurations: 64 columns of 64-d vectors, 196 of 256-d). Either way the largest
+cosine error against the float vectors is measured and the page says it. Masks are shipped as stored:
+each distinct mask once, bit-packed, plus the ``(n, levels)`` index (``mask_io.DistinctMasks``).
 
 This module turns arrays into the page's data (:func:`page_image`) and writes the page
 (:func:`write_islands_page`) from ``islands_explorer.html`` / ``.js`` beside it; no flags, no model.
@@ -56,11 +58,32 @@ def quantised_unit_vectors(iterations: np.ndarray | torch.Tensor) -> np.ndarray:
     return np.round(127 * x / np.maximum(peak, 1e-30)).astype(np.int8)
 
 
-def quantised_cosine_error(iterations: np.ndarray | torch.Tensor, quantised: np.ndarray) -> float:
-    """Largest |cosine from the int8 vectors - cosine from the float vectors| over every state, level and pair."""
-    x = torch.as_tensor(iterations).detach().double().cpu().numpy().transpose(0, 2, 1, 3)
-    return max(float(np.abs(cosine_similarity_matrix(q.astype(np.float64)) - cosine_similarity_matrix(v)).max())
-               for q, v in zip(quantised.reshape(-1, *quantised.shape[2:]), x.reshape(-1, *x.shape[2:])))
+def _cosine_matrices(vectors: np.ndarray) -> np.ndarray:
+    """``(..., n, d)`` -> ``(..., n, n)``: :func:`islands.cosine_similarity_matrix` of every ``(n, d)``."""
+    flat = vectors.reshape(-1, *vectors.shape[-2:]).astype(np.float64)
+    return np.stack([cosine_similarity_matrix(v) for v in flat]).reshape(*vectors.shape[:-1], vectors.shape[-2])
+
+
+def similarity_data(iterations: np.ndarray | torch.Tensor, encoding: str = "auto") -> dict:
+    """One image's similarities for the page: ``encoding`` ("vectors", "triangle", or "auto": the smaller), the int8
+    data in base64 (layout: state, level, then column and dimension / the triangle), and ``cosine_error``, the largest
+    |page cosine - float64 cosine of the float vectors| over every state, level and pair."""
+    x = torch.as_tensor(iterations).detach().double().cpu().numpy().transpose(0, 2, 1, 3)  # (t+1, l, n, d)
+    n, d = x.shape[-2:]
+    if encoding == "auto":
+        encoding = "triangle" if n * (n + 1) // 2 <= n * d else "vectors"
+    exact = _cosine_matrices(x)
+    if encoding == "vectors":
+        quantised = quantised_unit_vectors(iterations)
+        error = np.abs(_cosine_matrices(quantised) - exact).max()
+    elif encoding == "triangle":  # row-major, diagonal included: pair (a, b), a <= b, is entry a n - a (a - 1) / 2 + b - a
+        rows, cols = np.triu_indices(n)
+        triangle = exact[..., rows, cols]
+        quantised = np.round(127 * np.clip(triangle, -1, 1)).astype(np.int8)
+        error = np.abs(quantised / 127 - triangle).max()
+    else:
+        raise ValueError(f"encoding={encoding!r}: expected auto, vectors or triangle")
+    return {"encoding": encoding, "similarities": _base64(quantised), "cosine_error": float(error)}
 
 
 def _mask_set(bits: np.ndarray, index: np.ndarray, height: int, width: int, source: str,
@@ -100,7 +123,7 @@ def display_png(image: torch.Tensor, mean: Sequence[float], std: Sequence[float]
 
 
 def page_image(*, name: str, title: str, image_url: str, iterations: np.ndarray | torch.Tensor,
-               masks: dict | None, ground_truth: dict | None, masks_note: str, scores: dict) -> dict:
+               masks: dict | None, ground_truth: dict | None, masks_note: str, scores: dict, encoding: str = "auto") -> dict:
     """One image's entry of the page.
 
     Args:
@@ -110,15 +133,14 @@ def page_image(*, name: str, title: str, image_url: str, iterations: np.ndarray 
         masks, ground_truth: :func:`stage1_mask_set` / :func:`ground_truth_mask_set`, or None.
         masks_note: what the mask panel says when ``masks`` is None (why there are none).
         scores: ``{"stage1_masks" | "ground_truth": [per state {level: {"pair_corr", "ari"}}]}``.
+        encoding: how the similarities travel (:func:`similarity_data`).
     """
-    x = torch.as_tensor(iterations)
-    states, n, levels, dim = x.shape
-    quantised = quantised_unit_vectors(x)
+    states, n, levels, dim = torch.as_tensor(iterations).shape
     grid = int(round(n ** 0.5))
     if grid * grid != n:
         raise ValueError(f"{n} columns do not form a square grid")
     return {"name": name, "title": title, "image": image_url, "grid": grid, "levels": levels, "states": states,
-            "dim": dim, "vectors": _base64(quantised), "cosine_error": quantised_cosine_error(x, quantised),
+            "dim": dim, **similarity_data(iterations, encoding),
             "masks": masks, "ground_truth": ground_truth, "masks_note": masks_note, "scores": scores}
 
 
@@ -144,5 +166,5 @@ def write_islands_page(path: str | os.PathLike, images: list[dict], *, heading: 
     return atomic_write_bytes(Path(path), render_islands_page(images, heading=heading, details=details).encode("utf-8"))
 
 
-__all__ = ["display_png", "ground_truth_mask_set", "page_image", "quantised_cosine_error", "quantised_unit_vectors",
-           "render_islands_page", "stage1_mask_set", "write_islands_page"]
+__all__ = ["display_png", "ground_truth_mask_set", "page_image", "quantised_unit_vectors", "render_islands_page",
+           "similarity_data", "stage1_mask_set", "write_islands_page"]
