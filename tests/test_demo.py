@@ -22,6 +22,8 @@ def test_reduced_demo_runs_end_to_end(tmp_path):
     for row in ("| sam_distill |", "| supcon |", "| random init |", "stage-1 masks", "GT parts"):
         assert row in summary, summary
     assert "RANDOM-INIT" in summary  # said plainly
+    page = tmp_path / "runs" / "islands_sam_distill" / "islands.html"
+    assert page.is_file() and f"{page} (" in summary and "10 images)" in summary  # the explorer, named (10 val images)
     from PIL import Image
 
     with Image.open(tmp_path / "figure.png") as image:

@@ -114,6 +114,14 @@ class TwoCrops:
         return torch.stack([self.transform(image), self.transform(image)])
 
 
+def normalization(config: DataConfig) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The per-channel ``(mean, std)`` the transform normalises with, one value per ``n_channels``."""
+    mean, std = NORMALIZATION[config.dataset]
+    if len(mean) != config.n_channels:
+        mean, std = (mean * config.n_channels)[: config.n_channels], (std * config.n_channels)[: config.n_channels]
+    return tuple(mean), tuple(std)
+
+
 def build_transform(config: DataConfig, train: bool) -> Callable:
     """The per-sample transform for a split.
 
@@ -123,9 +131,7 @@ def build_transform(config: DataConfig, train: bool) -> Callable:
     (torchvision datasets, as the reference) or a flip (image folders).
     """
     size = config.image_size
-    mean, std = NORMALIZATION[config.dataset]
-    if len(mean) != config.n_channels:
-        mean, std = (mean * config.n_channels)[: config.n_channels], (std * config.n_channels)[: config.n_channels]
+    mean, std = normalization(config)
     finish = [T.ToTensor(), T.Normalize(mean, std)]
     resize = T.Resize((size, size), interpolation=T.InterpolationMode.BICUBIC)
     if config.crop_size is not None and config.crop_size < size:

@@ -236,6 +236,14 @@ def _mask_targets(masks: ArrayLike, n: int, num_levels: int, level_map: Sequence
     return mapping, targets
 
 
+def label_points(grid: int, height: int) -> np.ndarray:
+    """Where each of the ``grid x grid`` columns reads a ``height``-pixel label map: int ``(x, y)`` ``(G*G, 2)``,
+    ``(col*p + p//2, row*p + p//2)`` with ``p = height // grid``, row-major (the stage-1 grid's centres)."""
+    patch = height // grid
+    rows, cols = np.divmod(np.arange(grid * grid), grid)
+    return np.stack([cols * patch + patch // 2, rows * patch + patch // 2], axis=1)
+
+
 def _label_targets(label_maps: Sequence[ArrayLike], points_xy: ArrayLike | None, n: int, num_levels: int,
                    level_map: Sequence[int] | None) -> tuple[list[int], Targets]:
     """Per target label map used: "IoU" 1 for points sharing a label (else 0), and the labels as segments."""
@@ -243,10 +251,7 @@ def _label_targets(label_maps: Sequence[ArrayLike], points_xy: ArrayLike | None,
     if not maps or any(lm.ndim != 2 for lm in maps):
         raise ValueError("label_maps must be a non-empty list of (H, W) integer maps")
     if points_xy is None:
-        grid = _grid_side(n)
-        patch = maps[0].shape[0] // grid
-        rows, cols = np.divmod(np.arange(grid * grid), grid)
-        points_xy = np.stack([cols * patch + patch // 2, rows * patch + patch // 2], axis=1)
+        points_xy = label_points(_grid_side(n), maps[0].shape[0])
     points = _numpy(points_xy, np.int64)
     if points.shape != (n, 2):
         raise ValueError(f"points_xy must be (n, 2) with n = {n}, got {points.shape}")
@@ -685,6 +690,6 @@ __all__ = [
     "PcaColours", "adjusted_rand_index", "average_islands_scores", "average_linkage_clusters", "connected_segments",
     "cosine_similarity_matrix", "islands_figure", "islands_iteration_frames", "islands_scores", "islands_scores_batch",
     "islands_scores_from_labels", "islands_scores_from_labels_per_iteration", "islands_scores_per_iteration",
-    "islands_strip_figure", "iteration_colours", "label_segments", "mask_iou_matrix", "mask_segments", "pca_rgb",
+    "islands_strip_figure", "iteration_colours", "label_points", "label_segments", "mask_iou_matrix", "mask_segments", "pca_rgb",
     "pearson_correlation", "save_islands_figure", "save_islands_gif",
 ]  # fmt: skip

@@ -11,25 +11,32 @@ for every state of the iterations (index 0: the initial state).
 With ``animate`` (``--islands_animate``), also per image in ``<run>/islands/iterations/``:
 ``<class>_<stem>.gif``, one frame per state drawn like the PNG with colours fixed
 across frames, and ``<class>_<stem>_strip.png``, one row per level and one column per state.
+
+With ``html`` (``--islands_html``), also ``<run>/islands.html``: the islands explorer
+(``agglomerator.islands_html``), one self-contained page over every chosen image, from the
+same forward pass, masks and scores.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
-from agglomerator.data import FOLDER_DATASETS, DataConfig, build_transform
+from agglomerator import islands_html
+from agglomerator.data import FOLDER_DATASETS, DataConfig, build_transform, normalization
 from agglomerator.islands import (average_islands_scores, islands_figure, islands_iteration_frames,
                                   islands_scores_from_labels_per_iteration, islands_scores_per_iteration,
                                   islands_strip_figure, save_islands_figure, save_islands_gif)
 from hierarchical_masks.errors import InputError
 from hierarchical_masks.image_folders import (EMBEDS_SUFFIX, GT_SUFFIX, MASKS_SUFFIX, ImageRecord, list_image_folder,
                                              load_rgb_image)
-from hierarchical_masks.mask_io import load_embeddings, load_masks
+from hierarchical_masks.mask_io import DistinctMasks, load_embeddings, read_distinct_masks
 from hierarchical_masks.safe_files import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -72,13 +79,58 @@ def average_per_iteration(per_image: list[list[dict]]) -> list[dict]:
     return [average_islands_scores(image[t] for image in per_image) for t in range(len(per_image[0]))]
 
 
+class ImageTargets(NamedTuple):
+    """What one image's islands are scored against, and how they scored (per state, index 0 the initial)."""
+
+    masks: DistinctMasks | None  # the stage-1 masks, when their file exists and has one point per column
+    label_maps: list[np.ndarray] | None  # the toy set's ground truth, when present
+    scores: dict[str, list[dict]]  # "stage1_masks" / "ground_truth" -> per-state scores
+    note: str  # why there are no stage-1 masks (empty when there are)
+
+
+def score_image(record: ImageRecord, root: Path, split: str, iterations: torch.Tensor) -> ImageTargets:
+    """Score one split image's states ``(t+1, n, l, d)`` against its stage-1 masks and ground truth, where present."""
+    masks, label_maps, scores, note = None, None, {}, ""
+    masks_path = record.output_path(root / f"{split}{MASKS_SUFFIX}")
+    if not masks_path.is_file():
+        note = f"No stage-1 mask file for this image ({masks_path} does not exist)."
+    else:
+        stored = read_distinct_masks(masks_path)
+        if stored.shape[0] == iterations.shape[1]:
+            masks = stored
+            scores["stage1_masks"] = islands_scores_per_iteration(iterations, stored.expand())
+        else:
+            note = f"{masks_path}: {stored.shape[0]} mask points but {iterations.shape[1]} columns: not shown, not scored."
+            log.warning("%s", note)
+    label_maps = ground_truth_label_maps(record.output_path(root / f"{split}{GT_SUFFIX}", suffix=".npz"))
+    if label_maps is not None:
+        scores["ground_truth"] = islands_scores_from_labels_per_iteration(iterations, label_maps)
+    return ImageTargets(masks, label_maps, scores, note)
+
+
+def explorer_image(record: ImageRecord, image: torch.Tensor, iterations: torch.Tensor, targets: ImageTargets,
+                   config: DataConfig, root: Path, split: str) -> dict:
+    """One image's entry of the islands explorer (``islands_html.page_image``)."""
+    grid = math.isqrt(iterations.shape[1])
+    masks = None if targets.masks is None else islands_html.stage1_mask_set(
+        targets.masks, f"{split}{MASKS_SUFFIX}/{record.class_name}/{record.path.stem}.pkl")
+    truth = None if targets.label_maps is None else islands_html.ground_truth_mask_set(
+        targets.label_maps, grid, f"toy ground truth, {split}{GT_SUFFIX}")
+    return islands_html.page_image(
+        name=f"{record.class_name}_{record.path.stem}", title=f"{record.class_name}/{record.path.name}",
+        image_url=islands_html.display_png(image, *normalization(config)), iterations=iterations, masks=masks,
+        ground_truth=truth, masks_note=targets.note, scores=targets.scores)
+
+
 @torch.no_grad()
 def draw_islands_for_checkpoint(module, *, dataset: str, data_dir: str, split: str = "val", count: int = 8,
                                 images: list[str] | None = None, output_dir: str = "", exp_name: str = "islands",
-                                embeds_suffix: str = EMBEDS_SUFFIX, animate: bool = False) -> dict:
+                                embeds_suffix: str = EMBEDS_SUFFIX, animate: bool = False, html: bool = False,
+                                checkpoint: str = "") -> dict:
     """Draw and score the islands of ``module`` (an ``AgglomeratorLitModule``); returns the averaged scores.
 
-    With ``animate``, also writes each image's iterations as a GIF and a strip PNG (module docstring).
+    With ``animate``, also writes each image's iterations as a GIF and a strip PNG; with ``html``, the islands
+    explorer page (module docstring); ``checkpoint`` only names the model on that page.
     """
     from agglomerator.engine import make_run_dir
 
@@ -94,10 +146,13 @@ def draw_islands_for_checkpoint(module, *, dataset: str, data_dir: str, split: s
         records = spread(list_image_folder(root / split), count)
     else:
         raise InputError(f"--mode islands on {dataset}: pass image files with --islands_images (no image folder to pick from)")
+    if html and not records:
+        raise InputError(f"--islands_html: no images to show (--islands_count={count}, {root / split})")
     run_dir = make_run_dir(output_dir, exp_name, "islands")
     out_dir = run_dir / "islands"
     animations_dir = out_dir / "iterations"
-    against_masks, against_gt = [], []  # per image: per-state scores, the last state = the final levels
+    per_image_scores: dict[str, list] = {"stage1_masks": [], "ground_truth": []}  # per image: per-state scores
+    page_images = []
     animation_seconds = 0.0
     for record in records:
         image = transform(load_rgb_image(record.path))
@@ -117,24 +172,38 @@ def draw_islands_for_checkpoint(module, *, dataset: str, data_dir: str, split: s
                              animations_dir / f"{name}.gif")
             save_islands_figure(islands_strip_figure(image, iterations, title=title), animations_dir / f"{name}_strip.png")
             animation_seconds += time.perf_counter() - start
-        if images:
-            continue
-        masks_path = record.output_path(root / f"{split}{MASKS_SUFFIX}")
-        if masks_path.is_file():
-            masks = load_masks(masks_path)
-            if masks.shape[0] == levels.shape[0]:
-                against_masks.append(islands_scores_per_iteration(iterations, masks))
-            else:
-                log.warning("%s: %d mask points but %d columns: not scored", masks_path, masks.shape[0], levels.shape[0])
-        label_maps = ground_truth_label_maps(record.output_path(root / f"{split}{GT_SUFFIX}", suffix=".npz"))
-        if label_maps is not None:
-            against_gt.append(islands_scores_from_labels_per_iteration(iterations, label_maps))
+        targets = (ImageTargets(None, None, {}, "No stage-1 masks: an image given with --islands_images (masks are read "
+                                "only for the images of a split, from <root>/<split>_masks).")
+                   if images else score_image(record, root, split, iterations))
+        for key, scores in targets.scores.items():
+            per_image_scores[key].append(scores)
+        if html:
+            page_images.append(explorer_image(record, image, iterations, targets, config, root, split))
     result = {"images": len(records), "figures": str(out_dir), "iterations": model.config.num_iters}
     if animate:
         result["animations"] = str(animations_dir)
-    per_iteration = {}
-    for key, per_image, label in (("stage1_masks", against_masks, "stage-1 masks"),
-                                  ("ground_truth", against_gt, "ground-truth parts/objects")):
+    result.update(summarise_scores(per_image_scores))
+    atomic_write_json(out_dir / "scores.json", result)
+    print(f"islands: {len(records)} figures in {out_dir}")
+    if animate:
+        print(f"islands: {len(records)} GIFs and strips ({len(iterations)} states each) in {animations_dir}, "
+              f"{animation_seconds / max(1, len(records)):.1f} s per image")
+    if html:
+        page = run_dir / "islands.html"
+        source = "given images" if images else f"{dataset} {split}"
+        size = islands_html.write_islands_page(
+            page, page_images, heading=f"{checkpoint or 'checkpoint'}: {len(page_images)} images of {source}, "
+            f"{model.config.num_iters} iterations, {model.config.levels} levels")
+        result["html"] = str(page)
+        print(f"islands: explorer page {page} ({size / 1e6:.2f} MB, {len(page_images)} images)")
+    return result
+
+
+def summarise_scores(per_image_scores: dict[str, list]) -> dict:
+    """The scores of scores.json: per source, the final state's and every state's scores averaged over the images."""
+    result, per_iteration = {}, {}
+    for key, label in (("stage1_masks", "stage-1 masks"), ("ground_truth", "ground-truth parts/objects")):
+        per_image = per_image_scores[key]
         if not per_image:
             continue
         per_iteration[key] = average_per_iteration(per_image)
@@ -143,9 +212,4 @@ def draw_islands_for_checkpoint(module, *, dataset: str, data_dir: str, split: s
         print(format_iteration_scores(f"  over the iterations, vs {label}", per_iteration[key]))
     if per_iteration:
         result["per_iteration"] = per_iteration
-    atomic_write_json(out_dir / "scores.json", result)
-    print(f"islands: {len(records)} figures in {out_dir}")
-    if animate:
-        print(f"islands: {len(records)} GIFs and strips ({len(iterations)} states each) in {animations_dir}, "
-              f"{animation_seconds / max(1, len(records)):.1f} s per image")
     return result
