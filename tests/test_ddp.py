@@ -164,6 +164,10 @@ def test_sam_distill_on_two_processes_writes_once_what_one_process_tests(data_di
     alone = tmp_path / "test"
     ok(run_main(flags(data_dir, alone, "--mode=test", f"--load_checkpoint_dir={got['best']}")))
     assert_same_metrics(got["test"], results(alone)["test"])
+    split = tmp_path / "test2"
+    tested = ok(run_main(flags(data_dir, split, "--mode=test", "--num_processes=2", f"--load_checkpoint_dir={got['best']}")))
+    assert len(final_lines(tested, "test (sam_distill)")) == 1 and results(split)["processes"] == 2
+    assert_same_metrics(results(split)["test"], results(alone)["test"])
 
 
 def test_supcon_and_fine_tuning_train_on_two_processes(data_dir, tmp_path):
