@@ -232,15 +232,16 @@ def test_two_nodes_by_hand(data_dir, tmp_path):
 # --------------------------------------------------------------------------- faults
 
 
-def test_sigterm_to_the_launching_process_saves_and_stops_every_process(data_dir, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_a_stop_signal_to_the_launching_process_saves_and_stops_every_process(data_dir, tmp_path, signum):
     run = tmp_path / "stopped"
     proc = subprocess.Popen([sys.executable, str(MAIN), *flags(data_dir, run, "--num_processes=2", "--max_epochs=1000")],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for(run / "checkpoints" / "last.ckpt", proc)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
-    stops = [line for line in err.splitlines() if line.startswith("train: stopped by SIGTERM")]
+    assert proc.returncode == 128 + signum, err[-3000:]
+    stops = [line for line in err.splitlines() if line.startswith(f"train: stopped by {signal.Signals(signum).name}")]
     assert len(stops) == 1 and "saved" in stops[0] and "resume with:" in stops[0], err[-3000:]
     checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert checkpoint["global_step"] >= 2
