@@ -156,6 +156,9 @@ def set_rank_from_launcher() -> None:
     from pytorch_lightning.utilities import rank_zero_only
 
     if FLAGS.mode == "train" or FLAGS.mode == "test":
+        if FLAGS.num_nodes > 1 and not FLAGS.output_dir:
+            raise ValueError(f"--num_nodes={FLAGS.num_nodes} needs --output_dir: the same run folder, on a file system "
+                             f"every node reaches (the nodes cannot agree on a new time-stamped one)")
         rank_zero_only.rank = launcher_rank(devices_from_flags()[1] if FLAGS.num_nodes > 1 else 0)
 
 

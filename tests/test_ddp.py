@@ -284,3 +284,6 @@ def test_a_diverging_run_ends_with_the_divergence_line(data_dir, tmp_path, proce
 def test_bad_process_counts_are_one_line_errors(data_dir, tmp_path):
     proc = run_main(flags(data_dir, tmp_path / "bad", "--num_processes=0"))
     assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1] == "error: --num_processes=0: give 1 or more"
+    nodes = run_main([*TINY_FLAGS, f"--data_dir={data_dir}", "--num_nodes=2"])
+    assert nodes.returncode == 1 and nodes.stderr.strip().splitlines()[-1].startswith(
+        "error: --num_nodes=2 needs --output_dir"), nodes.stderr[-2000:]
