@@ -2,13 +2,18 @@
 
 One ``shared_step`` serves train / val / test for the three objectives:
 
-* ``sam_distill`` — pretraining: per-level MSE to the stage-2 SAM-mask embeddings (normalised and
-  optionally PCA-reduced by :class:`~agglomerator.targets.TargetSpace`); val/test also log
-  ``distill_r2``, how much of the targets the student predicts beyond their train-set mean;
+* ``sam_distill`` — pretraining: a level-weighted loss (``--distill_loss``: MSE, the reference's, smooth L1
+  or cosine) to the stage-2 SAM-mask embeddings (normalised and optionally PCA-reduced by
+  :class:`~agglomerator.targets.TargetSpace`); every stage also logs ``distill_r2``, how much of the
+  targets the student predicts beyond their train-set mean;
 * ``supcon`` — pretraining: supervised contrastive loss on two crops (baseline);
 * ``classify`` — fine-tuning: cross-entropy of the classification head on the top
   level; the backbone is frozen (no grad, BatchNorm statistics fixed) unless
   ``finetune_backbone``.
+
+Each objective trains only what its loss reads (:data:`OBJECTIVE_HEADS`): the other objectives' heads
+stay in the model, under the reference's names, but frozen, as DDP needs every trainable parameter to
+get a gradient in every step.
 
 ``save_hyperparameters()`` makes every checkpoint loadable without flags:
 ``AgglomeratorLitModule.load_from_checkpoint(path)``.
@@ -33,7 +38,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from agglomerator.model import Agglomerator, AgglomeratorConfig
+from agglomerator.model import HEAD_PREFIXES, Agglomerator, AgglomeratorConfig
 from agglomerator.objectives import DEFAULT_LEVEL_WEIGHTS, DISTILL_LOSSES, levels_distill_loss, supcon_loss
 from agglomerator.targets import DistillR2, TargetSpace
 
@@ -41,7 +46,6 @@ log = logging.getLogger(__name__)
 
 OBJECTIVES = ("sam_distill", "supcon", "classify")
 OPTIMIZERS = ("lion", "adamw")
-HEAD_PREFIXES = ("classification_head_from_last_level.", "contrastive_head.")
 # The optional parts of the model each objective's loss reads; the others get no gradient from it.
 OBJECTIVE_HEADS = {"sam_distill": "levels_encoder.", "supcon": "contrastive_head.",
                    "classify": "classification_head_from_last_level."}

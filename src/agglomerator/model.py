@@ -262,6 +262,9 @@ def flat_columns(n: int, d: int, dropout: float) -> list[nn.Module]:
     return [nn.LayerNorm(d), nn.Dropout(dropout), nn.Flatten(1), nn.LayerNorm(n * d), nn.Dropout(dropout)]
 
 
+HEAD_PREFIXES = ("classification_head_from_last_level.", "contrastive_head.")  # the heads' parameter names
+
+
 class Agglomerator(nn.Module):
     """Image -> tokens -> ``iters`` GLOM iterations over ``levels`` levels per column.
 
@@ -395,5 +398,4 @@ class Agglomerator(nn.Module):
 
     def backbone_parameters(self):
         """Parameters of everything but the heads (what fine-tuning freezes by default)."""
-        heads = ("classification_head_from_last_level.", "contrastive_head.")
-        return [p for name, p in self.named_parameters() if not name.startswith(heads)]
+        return [p for name, p in self.named_parameters() if not name.startswith(HEAD_PREFIXES)]
