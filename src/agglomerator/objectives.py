@@ -65,9 +65,3 @@ def supcon_loss(features: torch.Tensor, labels: torch.Tensor | None = None, temp
     positives = (labels[:, None] == labels[None, :]) & ~self_mask
     mean_log_prob_pos = log_prob.masked_fill(~positives, 0).sum(1) / positives.sum(1).clamp(min=1)
     return -(temperature / base_temperature) * mean_log_prob_pos.mean()
-
-
-def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Top-1 accuracy in [0, 1]."""
-    return (logits.argmax(dim=1) == labels).float().mean()
-

@@ -320,7 +320,7 @@ def embed_folder(cfg: EmbedFolderConfig, inputs: CheckedInputs, worker: WorkerCo
         if worker.world_size > 1 and "OMP_NUM_THREADS" not in os.environ:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // worker.world_size))
         if keep_freed_memory():
-            log.info("glibc malloc keeps freed memory (no per-batch page faults; see per_image_runner.keep_freed_memory)")
+            log.info("glibc malloc keeps freed memory (no per-batch page faults; see processes.keep_freed_memory)")
     if worker.is_main:
         for record in inputs.missing:
             record_failure(cfg.out_data_path, record.path, f"no mask file {cfg.mask_path(record)} (skipped: --skip_missing)")

@@ -211,7 +211,7 @@ def default_batch_size(device: torch.device) -> int:
     """``--batch_size`` default: masked images per forward pass, 256 on CUDA, 64 on CPU.
 
     On CPU, batch 64 is the fastest measured once malloc keeps freed memory
-    (``per_image_runner.keep_freed_memory``, which stage 2 sets on CPU); under
+    (``processes.keep_freed_memory``, which stage 2 sets on CPU); under
     glibc's defaults each pass would page-fault its large activations afresh and
     batch 8 would win (bench/RESULTS.md, stage 2).
     """
