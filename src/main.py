@@ -398,16 +398,13 @@ def peer_failure(exc: BaseException) -> bool:
 
 
 def peer_failure_message(exc: BaseException) -> str:
-    last = Path(run_dir_of_this_run()) / "checkpoints" / "last.ckpt" if run_dir_of_this_run() else None
+    from agglomerator.engine import RUN_DIR_ENV
+
+    run = os.environ.get(RUN_DIR_ENV)  # this run's folder (make_run_dir sets it)
+    last = Path(run) / "checkpoints" / "last.ckpt" if run else None
     kept = f"; resume from its last checkpoint: {resume_command(last.parent.parent, last)}" if last and last.is_file() else ""
     return (f"another process of this run died or stopped answering, so this one stopped too (it saw: "
             f"{one_line(exc)[:200]}){kept}")
-
-
-def run_dir_of_this_run() -> str:
-    from agglomerator.engine import RUN_DIR_ENV
-
-    return os.environ.get(RUN_DIR_ENV, "")
 
 
 def main(argv) -> None:

@@ -69,7 +69,7 @@ class PreemptionCheckpoint(Callback):
     # -- signals
     def _route_to_sigterm(self, signum: int, frame: Any) -> None:
         """SIGUSR1: record it and run the SIGTERM handler (Lightning's, which flags the trainer)."""
-        self._signum = self._signum or signum
+        self._note_signal(signum, frame)
         handler = signal.getsignal(signal.SIGTERM)
         if callable(handler):
             handler(signal.SIGTERM, frame)
