@@ -34,23 +34,21 @@ import numpy as np
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "src"))
 
-from hierarchical_masks.mask_io import save_embeddings  # noqa: E402
+from partwhole.common.mask_io import save_embeddings  # noqa: E402
 
 # The alternative to freezing: every head trainable, as before, and DDP's find_unused_parameters=True. A launcher
 # that imports main.py, changes both, then runs it: Lightning's DDP launcher re-runs this same file (sys.argv[0])
 # for the second process, so both processes get the change.
 FIND_UNUSED_LAUNCHER = """import sys
-sys.path.insert(0, {src!r})
 from datetime import timedelta
 
 from absl import app
 from pytorch_lightning.strategies import DDPStrategy
 
-import agglomerator.engine as engine
-import agglomerator.lit_module as lit_module
-import main
+import partwhole.agglomerator.engine as engine
+import partwhole.agglomerator.lit_module as lit_module
+import partwhole_cli.train as main
 
 engine.ddp_strategy = lambda timeout_s: DDPStrategy(timeout=timedelta(seconds=timeout_s), find_unused_parameters=True)
 lit_module.OBJECTIVE_HEADS = {{k: "" for k in lit_module.OBJECTIVE_HEADS}}  # every name starts with "": none frozen
@@ -104,7 +102,7 @@ def main() -> None:
         tmp = Path(tmp)
         make_folder(tmp / "data", args.images)
         launcher = tmp / "find_unused_main.py"
-        launcher.write_text(FIND_UNUSED_LAUNCHER.format(src=str(REPO / "src")))
+        launcher.write_text(FIND_UNUSED_LAUNCHER.format())
         common = ["--flagfile=config/config_TOY.cfg", "--dataset=IMAGENETTE", f"--data_dir={tmp / 'data'}", "--n_classes=2",
                   f"--max_epochs={args.epochs}", "--num_gpus=0", "--logger=csv", "--scheduler=constant"]
         half = [f"--batch_size={args.batch_size // 2}", "--num_processes=2"]

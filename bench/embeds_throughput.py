@@ -46,17 +46,18 @@ import numpy as np
 import timm
 import torch
 from PIL import Image
+from suite_table import save_rows  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from hierarchical_masks.embed_folder import (  # noqa: E402
+from partwhole.common.image_folders import list_image_folder, load_rgb_image  # noqa: E402
+from partwhole.common.mask_io import load_masks, save_masks  # noqa: E402
+from partwhole.common.processes import keep_freed_memory  # noqa: E402
+from partwhole.embeds.embed_folder import (  # noqa: E402
     EmbedFolderConfig,
     MaskedImageDataset,
     _default_num_workers,
     item_masks,
 )
-from hierarchical_masks.mask_embedding import (  # noqa: E402
+from partwhole.embeds.mask_embedding import (  # noqa: E402
     MaskedImageEncoder,
     build_encoder,
     default_batch_size,
@@ -64,10 +65,6 @@ from hierarchical_masks.mask_embedding import (  # noqa: E402
     masked_pil_image,
     reference_transform,
 )
-from hierarchical_masks.image_folders import list_image_folder, load_rgb_image  # noqa: E402
-from hierarchical_masks.mask_io import load_masks, save_masks  # noqa: E402
-from hierarchical_masks.processes import keep_freed_memory  # noqa: E402
-from suite_table import save_rows  # noqa: E402
 
 
 def sam_like_masks(rng: np.random.Generator, grid: int, size: int) -> np.ndarray:

@@ -12,17 +12,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
-from hierarchical_masks.sam_attention import set_attention  # noqa: E402
-from hierarchical_masks.devices import PRECISIONS  # noqa: E402
-from hierarchical_masks.teachers import SAM1, TEACHERS, build_teacher  # noqa: E402
+from partwhole.common.devices import PRECISIONS  # noqa: E402
+from partwhole.masks.sam_attention import set_attention  # noqa: E402
+from partwhole.masks.teachers import SAM1, TEACHERS, build_teacher  # noqa: E402
 
 
 def main() -> None:

@@ -26,8 +26,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SRC = REPO / "src"
-sys.path.insert(0, str(SRC))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from suite_table import save_rows  # noqa: E402
 
@@ -110,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
             f"--out_data_path={toy / (split + '_masks_embeds')}", f"--encoder_model_name={args.encoder}",
             f"--pretrained={args.pretrained}", "--img_height=64", "--img_width=64"]) for split in counts])
 
-        from hierarchical_masks.mask_io import load_embeddings
+        from partwhole.common.mask_io import load_embeddings
 
         dim = load_embeddings(next((toy / "train_masks_embeds").rglob("*.pkl"))).shape[-1]  # the teacher's D
         record("stage3", [run_step("stage 3 (sam_distill pretraining)", [

@@ -56,6 +56,8 @@ PY=${PYTHON:-python3}
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_suite.XXXXXX")
 START=$(date +%s)
 export PYTHONUNBUFFERED=1
+# the project itself: installed here by `pipenv sync`, not on the lent machines (no network to build it): import it from src/
+if ! "$PY" -c "import partwhole" 2>/dev/null; then export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"; fi
 : >"$WORK/expected.tsv"
 
 # segment_anything and sam2 are not on the lent machines: install the carried wheels where one is missing

@@ -22,18 +22,21 @@ photos' v1 files and on their v2 files, checks that the embeddings are identical
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
 import numpy as np
 from PIL import Image
 
-from hierarchical_masks.mask_io import MASK_FORMATS, load_embeddings, load_masks, read_distinct_masks, save_masks
-from hierarchical_masks.point_grid import patch_grid_points
+from partwhole.common.mask_io import (
+    MASK_FORMATS,
+    load_embeddings,
+    load_masks,
+    read_distinct_masks,
+    save_masks,
+)
+from partwhole.common.point_grid import patch_grid_points
 
 PHOTOS = ("astronaut", "camera", "chelsea", "coffee", "coins", "rocket")  # skimage.data's photos of real scenes
 
@@ -58,7 +61,7 @@ def photo_masks(name: str, img_size: int, patch_size: int, scales: list[float]) 
 
 def toy_masks(count: int, img_size: int, patch_size: int) -> list[np.ndarray]:
     """Oracle masks of ``count`` toy scenes (the toy dataset's stage-1 masks)."""
-    from agglomerator.toy_dataset import CLASS_NAMES, oracle_masks, render_scene
+    from partwhole.toy.dataset import CLASS_NAMES, oracle_masks, render_scene
 
     rng = np.random.default_rng(0)
     return [oracle_masks(render_scene(i % len(CLASS_NAMES), img_size, rng, 0.5), patch_size) for i in range(count)]
@@ -105,7 +108,11 @@ def summary(label: str, rows: list[dict]) -> str:
 
 def run_stage2(folder: Path, images: dict[str, Image.Image], img_size: int, model: str) -> None:
     """Stage 2 on the photos from their v1 files and from their v2 files: identical embeddings? how long?"""
-    from hierarchical_masks.embed_folder import EmbedFolderConfig, check_inputs, embed_folder
+    from partwhole.embeds.embed_folder import (
+        EmbedFolderConfig,
+        check_inputs,
+        embed_folder,
+    )
 
     image_root = folder / "photos"
     for name, image in images.items():

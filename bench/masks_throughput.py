@@ -40,25 +40,22 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 import numpy as np
 import torch
 from absl import app, flags
 from PIL import Image
 from segment_anything.utils.transforms import ResizeLongestSide
-
-from hierarchical_masks.image_folders import list_image_folder, load_rgb_image
-from hierarchical_masks.mask_io import load_masks
-from hierarchical_masks.devices import PRECISIONS
-from hierarchical_masks.patched_masks import write_patched_masks
-from hierarchical_masks.point_grid import patch_grid_points
-from hierarchical_masks.sam2_points import Sam2PointGridMasker
-from hierarchical_masks.sam_attention import ATTENTIONS, set_attention
-from hierarchical_masks.sam_points import PointGridMasker
-from hierarchical_masks.teachers import MODEL_TYPES, build_teacher, is_sam2_model
 from suite_table import save_rows
+
+from partwhole.common.devices import PRECISIONS
+from partwhole.common.image_folders import list_image_folder, load_rgb_image
+from partwhole.common.mask_io import load_masks
+from partwhole.common.point_grid import patch_grid_points
+from partwhole.masks.sam2_points import Sam2PointGridMasker
+from partwhole.masks.sam_attention import ATTENTIONS, set_attention
+from partwhole.masks.sam_points import PointGridMasker
+from partwhole.masks.teachers import MODEL_TYPES, build_teacher, is_sam2_model
+from partwhole_cli.masks import write_patched_masks
 
 flags.DEFINE_string("device", None, "torch device (default: cuda if visible, else cpu)")
 flags.DEFINE_enum("model_type", "vit_tiny", MODEL_TYPES, "SAM model (SAM 1 or SAM 2.1)")

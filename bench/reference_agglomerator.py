@@ -4,7 +4,7 @@ This restates, in our own code, how `distill-part-whole` (src/models.py) compute
 a forward pass: ``b n l d`` layout, ``Rearrange`` to ``b (l d) n`` around every
 column net, grouped ``Conv1d``, einsum consensus attention, flips, padding and a
 ``stack(...).sum`` per iteration, fp32 and eager. Parameter names equal
-:class:`agglomerator.model.Agglomerator`, so one state dict loads into both.
+:class:`partwhole.agglomerator.model.Agglomerator`, so one state dict loads into both.
 
 Used as the baseline of ``bench/train_throughput.py`` and by the test that shows
 our model computes the same function (``tests/test_model.py``).
@@ -18,7 +18,12 @@ from einops import rearrange, repeat
 from einops.layers.torch import Rearrange
 from torch import nn
 
-from agglomerator.model import TOKEN_ATTEND_SELF_VALUE, AgglomeratorConfig, ConvTokenizer, Sine
+from partwhole.agglomerator.model import (
+    TOKEN_ATTEND_SELF_VALUE,
+    AgglomeratorConfig,
+    ConvTokenizer,
+    Sine,
+)
 
 
 class ReferenceColumnNet(nn.Module):

@@ -14,7 +14,7 @@ start-up and target fitting included), epochs per minute, the ratio to dbf005d's
 Measures samples/s of forward + sam_distill loss + backward for
 * the baseline: the reference maths (``reference_agglomerator.py``: fp32, eager,
   einsum attention, ``b n l d`` layout with rearranges, grouped Conv1d), and
-* ours: ``agglomerator.model.Agglomerator`` in fp32 and in our default precision
+* ours: ``partwhole.agglomerator.model.Agglomerator`` in fp32 and in our default precision
   (``--precision auto``: bf16 autocast where the device computes bf16 natively),
   optionally ``torch.compile``-d,
 on the same weights and inputs, in the same run, and prints the ratios.
@@ -41,15 +41,12 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from hierarchical_masks.devices import bf16_native  # noqa: E402
-from suite_table import save_rows  # noqa: E402
-from agglomerator.model import Agglomerator, AgglomeratorConfig  # noqa: E402
-from agglomerator.objectives import levels_distill_loss  # noqa: E402
 from reference_agglomerator import ReferenceAgglomerator, reference_levels_loss  # noqa: E402
+from suite_table import save_rows  # noqa: E402
+
+from partwhole.agglomerator.model import Agglomerator, AgglomeratorConfig  # noqa: E402
+from partwhole.agglomerator.objectives import levels_distill_loss  # noqa: E402
+from partwhole.common.devices import bf16_native  # noqa: E402
 
 
 def time_steps(step, device: torch.device, warmup: int, iters: int) -> float:

@@ -79,7 +79,7 @@ def linear_probe(train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np
 
 @torch.no_grad()
 def agglomerator_features(model: torch.nn.Module, batches: Iterable[dict]) -> dict[str, np.ndarray]:
-    """Frozen features of an :class:`~agglomerator.model.Agglomerator` over ``batches`` (eval transforms).
+    """Frozen features of an :class:`~partwhole.agglomerator.model.Agglomerator` over ``batches`` (eval transforms).
 
     Returns ``levels`` ``(N, n, l, d)`` (the columns' final levels), ``encoded_mean``
     ``(N, l, D)`` (the regressed outputs, mean over columns) and ``labels`` ``(N,)``.

@@ -20,10 +20,10 @@ import json
 from pathlib import Path
 
 import numpy as np
-
-from hierarchical_masks.errors import InputError
-from hierarchical_masks.safe_files import atomic_write_bytes
 from seed_stats import format_mean_std
+
+from partwhole.common.errors import InputError
+from partwhole.common.safe_files import atomic_write_bytes
 
 PART_WHOLE = "part_whole"
 TEACHER_OF_METHOD = {"sam_distill": "pretrained", "sam_distill_random": "random"}  # the sam_distill arms' stage-2 teachers

@@ -23,9 +23,8 @@ import numpy as np
 import torch
 from absl import app, flags
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from hierarchical_masks.errors import InputError  # noqa: E402
-from hierarchical_masks.image_folders import list_image_folder, load_rgb_image  # noqa: E402
+from partwhole.common.errors import InputError  # noqa: E402
+from partwhole.common.image_folders import list_image_folder, load_rgb_image  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("test_dir", "datasets/toy/val", "The test split, an image folder <root>/<class>/<image>.")

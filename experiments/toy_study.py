@@ -69,24 +69,31 @@ import sys
 import time
 from pathlib import Path
 
-SRC = Path(__file__).resolve().parents[1] / "src"
-sys.path.insert(0, str(SRC))
 
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
-
-from agglomerator.data import held_out_count  # noqa: E402
-from agglomerator.toy_dataset import CLASS_NAMES, TOY_IMAGE_SIZE, TOY_PATCH_SIZE  # noqa: E402
-from hierarchical_masks.box_sizes import matched_box_sizes  # noqa: E402
-from hierarchical_masks.encoder_weights import OFFLINE_TEACHER_MODEL  # noqa: E402
-from hierarchical_masks.errors import InputError  # noqa: E402
-from hierarchical_masks.image_folders import EMBEDS_SUFFIX, MASKS_SUFFIX  # noqa: E402
-from hierarchical_masks.mask_io import read_mask_record  # noqa: E402
-from hierarchical_masks.safe_files import atomic_write_bytes, atomic_write_json  # noqa: E402
 from mask_comparison import TEACHER_OF_METHOD, comparison_report, read_ledgers  # noqa: E402
 from seed_stats import format_mean_std, mean_std  # noqa: E402
-from toy_pipeline import (ISLANDS_REFERENCES, REPO, TOY_CONFIG, embed_toy_images, make_toy_data, run_step,  # noqa: E402
-                          teacher_embeds_suffix, toy_config_value, train_once)
+
+from partwhole.agglomerator.data import held_out_count  # noqa: E402
+from partwhole.common.errors import InputError  # noqa: E402
+from partwhole.common.image_folders import EMBEDS_SUFFIX, MASKS_SUFFIX  # noqa: E402
+from partwhole.common.mask_io import read_mask_record  # noqa: E402
+from partwhole.common.safe_files import atomic_write_bytes, atomic_write_json  # noqa: E402
+from partwhole.embeds.encoder_weights import OFFLINE_TEACHER_MODEL  # noqa: E402
+from partwhole.masks.box_sizes import matched_box_sizes  # noqa: E402
+from partwhole.toy.dataset import CLASS_NAMES, TOY_IMAGE_SIZE, TOY_PATCH_SIZE  # noqa: E402
+from partwhole.toy.pipeline import (  # noqa: E402
+    ISLANDS_REFERENCES,
+    REPO,
+    TOY_CONFIG,
+    embed_toy_images,
+    make_toy_data,
+    run_step,
+    teacher_embeds_suffix,
+    toy_config_value,
+    train_once,
+)
 
 FLAGS = flags.FLAGS
 METHODS = ("sam_distill", "sam_distill_random", "supcon", "random_init", "supervised")
@@ -190,7 +197,7 @@ def write_stage1_masks(folders: list[Path], toy: Path) -> None:
     for folder in folders:
         out = folder.with_name(folder.name + masks_suffix())
         run_step(f"stage 1 ({FLAGS.masks}) on {folder}", [
-            str(SRC / "hierarchical_masks" / "patched_masks.py"), "--device=cpu", f"--mask_source={FLAGS.masks}", *sides,
+            "partwhole-masks", "--device=cpu", f"--mask_source={FLAGS.masks}", *sides,
             f"--in_data_path={folder}", f"--out_data_path={out}", f"--img_size={TOY_IMAGE_SIZE}", f"--patch_size={TOY_PATCH_SIZE}",
             *(["--overwrite"] if FLAGS.overwrite else [])], quiet=True)
         meta = read_mask_record(next(out.glob("*/*.pkl")))[1]
@@ -288,7 +295,7 @@ def run_budget(folder: Path, method: str, seed: int, budget: int) -> dict | None
         checkpoint = pretrain_to(folder, method, seed, budget) if budget else None
         if distill and (not (tested / "results.json").is_file() or FLAGS.overwrite):
             run_step(f"{method} seed {seed}: test the distillation at epoch {budget}",
-                     ["src/main.py", *common, "--mode=test", f"--load_checkpoint_dir={checkpoint}", f"--output_dir={tested}"], quiet=True)
+                     ["partwhole-train", *common, "--mode=test", f"--load_checkpoint_dir={checkpoint}", f"--output_dir={tested}"], quiet=True)
         resume = ["--resume_training", f"--load_checkpoint_dir={checkpoint}"] if checkpoint else []
         architecture = [f for f in FLAGS.pretrain_flags if not f.startswith(PRETRAIN_ONLY)] if checkpoint else []
         train_once(f"{method} seed {seed}: fine-tune after {budget} pretraining epochs", fine,
@@ -326,7 +333,7 @@ def final_extras(folder: Path, method: str, seed: int, budget: int) -> dict:
         return extras
     if FLAGS.islands:
         if not (islands / "islands" / "scores.json").is_file() or FLAGS.overwrite:
-            run_step(f"{method} seed {seed}: islands", ["src/main.py", *common, "--mode=islands", f"--load_checkpoint_dir={checkpoint}",
+            run_step(f"{method} seed {seed}: islands", ["partwhole-train", *common, "--mode=islands", f"--load_checkpoint_dir={checkpoint}",
                                                          f"--islands_count={FLAGS.islands_count}", f"--output_dir={islands}"], quiet=True)
         extras["islands"] = json.loads((islands / "islands" / "scores.json").read_text())
     if FLAGS.probes:
@@ -446,7 +453,7 @@ class Ledger:
 
 
 def split_datamodule(seed: int):
-    from agglomerator.data import DataConfig, PartWholeDataModule
+    from partwhole.agglomerator.data import DataConfig, PartWholeDataModule
 
     config = DataConfig(dataset="TOY", data_dir=FLAGS.data_dir, image_size=TOY_IMAGE_SIZE, batch_size=128, objective="classify",
                         seed=seed, val_from_train=FLAGS.val_from_train)
@@ -458,10 +465,10 @@ def split_datamodule(seed: int):
 def student_probes(checkpoint: Path, seed: int) -> dict:
     """Linear probes of each level (columns flattened) and of the regressed outputs (mean over columns)."""
     import torch
-
-    from agglomerator.checkpoints import read_checkpoint
-    from agglomerator.lit_module import AgglomeratorLitModule
     from linear_probes import agglomerator_features, linear_probe
+
+    from partwhole.agglomerator.checkpoints import read_checkpoint
+    from partwhole.agglomerator.lit_module import AgglomeratorLitModule
 
     state = read_checkpoint(checkpoint)
     module = AgglomeratorLitModule(**state["hyper_parameters"])
@@ -485,7 +492,8 @@ def student_probes(checkpoint: Path, seed: int) -> dict:
 def teacher_probes(suffix: str, seed: int) -> dict:
     """Linear probes of the teacher's own embeddings, per level, mean over points: the ceiling for distillation."""
     from linear_probes import linear_probe
-    from hierarchical_masks.mask_io import load_embeddings
+
+    from partwhole.common.mask_io import load_embeddings
 
     datamodule = split_datamodule(seed)
     root = datamodule.config.root

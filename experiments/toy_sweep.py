@@ -32,11 +32,11 @@ import numpy as np
 from absl import app, flags
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "src"))
 
-from agglomerator.data import held_out_count  # noqa: E402
-from agglomerator.toy_dataset import CLASS_NAMES  # noqa: E402
 from seed_stats import format_mean_std  # noqa: E402
+
+from partwhole.agglomerator.data import held_out_count  # noqa: E402
+from partwhole.toy.dataset import CLASS_NAMES  # noqa: E402
 
 FLAGS = flags.FLAGS
 

@@ -1,13 +1,9 @@
-"""Test set-up: make ``src/`` importable and keep runs on CPU, quiet and small."""
+"""Test set-up: keep runs on CPU, quiet and small (the project is installed: ``pipenv sync --dev``)."""
 
 import os
-import sys
-from pathlib import Path
 
 import pytest
 
-SRC = Path(__file__).resolve().parents[1] / "src"
-sys.path.insert(0, str(SRC))
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 # Tiny tensors: one thread each avoids OpenMP spin-waits stalling when processes share the 2 cores.
 os.environ.setdefault("OMP_NUM_THREADS", "1")

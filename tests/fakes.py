@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from hierarchical_masks.mask_io import save_embeddings
+from partwhole.common.mask_io import save_embeddings
 
 TINY_FLAGS = [
     "--dataset=IMAGENETTE", "--image_size=32", "--conv_image_size=8", "--patch_size=4", "--patch_dim=32",

@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from fakes import TINY_FLAGS, make_image_folder
-from hierarchical_masks.mask_io import save_masks
+
+from partwhole.common.mask_io import save_masks
 
 ROOT = Path(__file__).resolve().parents[1]
 MAIN = ROOT / "src" / "main.py"
@@ -124,7 +124,7 @@ def free_port() -> int:
 def test_every_parameter_an_objective_trains_gets_a_gradient(objective, finetune_backbone):
     """DDP (without find_unused_parameters) fails at the second step when a trainable parameter got no gradient:
     the heads of the other objectives must be frozen, the model keeping them (and the reference's names)."""
-    from agglomerator.lit_module import AgglomeratorLitModule
+    from partwhole.agglomerator.lit_module import AgglomeratorLitModule
 
     model = dict(image_size=32, conv_image_size=8, patch_size=4, patch_dim=32, levels=3, n_classes=2,
                  levels_encoder=True, levels_encoder_dim=32, contrastive_head=True, contr_dim=8)

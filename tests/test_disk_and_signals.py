@@ -11,7 +11,6 @@ import contextlib
 import csv
 import os
 import re
-import runpy
 import shlex
 import signal
 import socket
@@ -23,11 +22,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from fakes import TINY_FLAGS, make_image_folder
-from hierarchical_masks.errors import OutputWriteError
-from hierarchical_masks.mask_io import load_embeddings, load_masks
-from hierarchical_masks.safe_files import atomic_write_bytes, is_stale_temporary, remove_stale_temporaries
+
+from partwhole.common.errors import OutputWriteError
+from partwhole.common.mask_io import load_embeddings, load_masks
+from partwhole.common.safe_files import (
+    atomic_write_bytes,
+    is_stale_temporary,
+    remove_stale_temporaries,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 MAIN = REPO / "src" / "main.py"
@@ -174,8 +177,7 @@ def test_stage1_sigterm_finishes_the_file_in_hand_and_a_rerun_completes(tmp_path
     os.utime(out / ".img9.pkl.partwhole-nohost-1-abcd1234.tmp", (time.time() - 7200,) * 2)
     driver = (
         "import os, runpy, signal, sys\n"
-        f"sys.path.insert(0, {str(REPO / 'src')!r})\n"
-        f"from hierarchical_masks.{module} import {masker} as Masker\n"
+        f"from partwhole.masks.{module} import {masker} as Masker\n"
         "real, calls = Masker.predict_model_inputs, []\n"
         "def predict(self, inputs):\n"
         "    calls.append(1)\n"
@@ -195,7 +197,7 @@ def test_stage1_sigterm_finishes_the_file_in_hand_and_a_rerun_completes(tmp_path
     assert len(written) == 2 and not list(out.rglob("*.tmp"))  # the image in hand was finished; the leftover removed
     for path in written:
         assert load_masks(path).shape == (16, 3, 64, 64)
-    from hierarchical_masks import patched_masks
+    from partwhole_cli import masks as patched_masks
 
     rerun = patched_masks.run(in_data_path=str(images), out_data_path=str(out), sam_model_type=model_type,
                               sam_checkpoint=None, img_size=64, batch_size=2, show_progress=False)
@@ -208,7 +210,7 @@ def test_stage1_sigterm_finishes_the_file_in_hand_and_a_rerun_completes(tmp_path
 def stage2_inputs(root: Path, count: int) -> tuple[Path, Path]:
     from PIL import Image
 
-    from hierarchical_masks.mask_io import save_masks
+    from partwhole.common.mask_io import save_masks
 
     images, masks = root / "images", root / "masks"
     rng = np.random.default_rng(1)
@@ -248,8 +250,8 @@ def test_stage2_full_disk_is_one_line_and_a_rerun_finishes(tmp_path):
 
 
 def test_stage2_sigterm_finishes_the_image_in_hand_and_a_rerun_completes(tmp_path, monkeypatch):
-    from hierarchical_masks import embed_folder as ef
-    from hierarchical_masks.per_image_runner import Interrupted
+    from partwhole.common.per_image_runner import Interrupted
+    from partwhole.embeds import embed_folder as ef
 
     images, masks = stage2_inputs(tmp_path, 6)
     out = tmp_path / "embeds"
@@ -378,9 +380,8 @@ def processes_of_group(pgid: int, wait: float = 5.0) -> list[str]:
 
 LOADER_SCRIPT = """
 import sys, time, torch
-sys.path.insert(0, {src!r})
 from torch.utils.data import DataLoader, Dataset
-from hierarchical_masks.processes import end_loader_workers_at_exit, ignore_stop_signals
+from partwhole.common.processes import end_loader_workers_at_exit, ignore_stop_signals
 
 class Items(Dataset):
     def __len__(self):
@@ -405,7 +406,7 @@ print("workers", *[w.pid for w in iterator._workers], flush=True)
 
 
 def run_loader_script(then: str, workers: int, stall: bool = False, init_delay: float = 0.0) -> subprocess.Popen:
-    script = LOADER_SCRIPT.format(src=str(REPO / "src"), then=then, workers=workers, stall=stall, init_delay=init_delay)
+    script = LOADER_SCRIPT.format(then=then, workers=workers, stall=stall, init_delay=init_delay)
     return subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=ENV, start_new_session=True)
 
@@ -484,7 +485,7 @@ class TinyRegression:
 def tiny_trainer(folder: Path, callback):
     import pytorch_lightning as pl
 
-    from agglomerator.checkpoint_io import AtomicCheckpointIO
+    from partwhole.agglomerator.checkpoint_io import AtomicCheckpointIO
 
     return pl.Trainer(default_root_dir=folder, max_epochs=3, accelerator="cpu", logger=False, enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False, callbacks=[callback],
@@ -495,7 +496,7 @@ def tiny_trainer(folder: Path, callback):
 def test_preemption_checkpoint_saves_at_the_step_boundary_and_resumes_there(tmp_path, signum):
     from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-    from agglomerator.preemption import PreemptionCheckpoint
+    from partwhole.agglomerator.preemption import PreemptionCheckpoint
 
     path = tmp_path / "checkpoints" / "last.ckpt"
     callback = PreemptionCheckpoint(path)
@@ -514,7 +515,7 @@ def test_preemption_checkpoint_saves_at_the_step_boundary_and_resumes_there(tmp_
 
 
 def test_atomic_checkpoint_io_on_a_full_disk_keeps_the_previous_checkpoint(tmp_path):
-    from agglomerator.checkpoint_io import AtomicCheckpointIO
+    from partwhole.agglomerator.checkpoint_io import AtomicCheckpointIO
 
     io_plugin = AtomicCheckpointIO()
     with small_filesystem(tmp_path / "fs", "1m") as fs:
@@ -530,7 +531,7 @@ def test_atomic_checkpoint_io_on_a_full_disk_keeps_the_previous_checkpoint(tmp_p
 def test_slurm_auto_requeue_is_off_under_slurm(monkeypatch):
     from lightning_fabric.plugins.environments import SLURMEnvironment
 
-    from agglomerator.preemption import cluster_plugins
+    from partwhole.agglomerator.preemption import cluster_plugins
 
     monkeypatch.delenv("SLURM_NTASKS", raising=False)
     assert cluster_plugins() == []

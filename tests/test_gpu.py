@@ -15,8 +15,8 @@ pytestmark = [
 
 
 def test_agglomerator_bf16_on_gpu_matches_fp32_cpu():
-    from agglomerator.model import Agglomerator, AgglomeratorConfig
-    from agglomerator.objectives import levels_distill_loss
+    from partwhole.agglomerator.model import Agglomerator, AgglomeratorConfig
+    from partwhole.agglomerator.objectives import levels_distill_loss
 
     torch.manual_seed(0)
     config = AgglomeratorConfig(image_size=32, conv_image_size=8, patch_size=2, patch_dim=16, levels=3, iters=2)
@@ -37,8 +37,8 @@ def test_agglomerator_bf16_on_gpu_matches_fp32_cpu():
 
 
 def test_stage1_masks_on_gpu_match_cpu():
-    from hierarchical_masks.sam_points import PointGridMasker
-    from hierarchical_masks.teachers import build_teacher
+    from partwhole.masks.sam_points import PointGridMasker
+    from partwhole.masks.teachers import build_teacher
 
     image = (np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8)
     masks = {}
@@ -55,7 +55,7 @@ def test_stage1_masks_on_gpu_match_cpu():
 def test_stage2_fast_path_on_gpu_matches_cpu():
     import timm
 
-    from hierarchical_masks.mask_embedding import MaskedImageEncoder
+    from partwhole.embeds.mask_embedding import MaskedImageEncoder
 
     torch.manual_seed(0)
     model = timm.create_model("test_convnext", pretrained=False, num_classes=0).eval()
@@ -85,9 +85,9 @@ def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def test_stage1_sdpa_and_bf16_on_gpu_match_the_reference_attention_vit_b():
     """SAM ViT-B at its real size on the GPU: SDPA fp32 gives the reference's masks; bf16 + SDPA keeps mean IoU >= 0.97."""
-    from hierarchical_masks.sam_attention import set_attention
-    from hierarchical_masks.sam_points import PointGridMasker
-    from hierarchical_masks.teachers import build_teacher
+    from partwhole.masks.sam_attention import set_attention
+    from partwhole.masks.sam_points import PointGridMasker
+    from partwhole.masks.teachers import build_teacher
 
     rng = np.random.default_rng(0)
     images = (rng.random((2, 8, 8, 3)) * 255).astype(np.uint8).repeat(28, axis=1).repeat(28, axis=2)  # 224 px blocks
@@ -102,8 +102,8 @@ def test_stage1_sdpa_and_bf16_on_gpu_match_the_reference_attention_vit_b():
 
 
 def test_stage1_inductor_compiled_encoder_on_gpu_gives_the_eager_masks():
-    from hierarchical_masks.sam_points import PointGridMasker
-    from hierarchical_masks.teachers import build_teacher
+    from partwhole.masks.sam_points import PointGridMasker
+    from partwhole.masks.teachers import build_teacher
 
     images = (np.random.default_rng(1).random((3, 64, 64, 3)) * 255).astype(np.uint8)
     sam = _random_rel_pos(build_teacher("vit_tiny")).cuda()

@@ -7,7 +7,7 @@ import torch
 from PIL import Image, ImageSequence
 from torchmetrics.functional.clustering import adjusted_rand_score
 
-from agglomerator.islands import (
+from partwhole.islands.scores import (
     PcaColours,
     adjusted_rand_index,
     average_linkage_clusters,
@@ -26,7 +26,7 @@ from agglomerator.islands import (
     save_islands_figure,
     save_islands_gif,
 )
-from agglomerator.toy_dataset import oracle_masks, patch_grid_points, render_scene
+from partwhole.toy.dataset import oracle_masks, patch_grid_points, render_scene
 
 GRID, PATCH = 8, 8
 SIZE = GRID * PATCH

@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
+from fakes import make_image_folder
 from pytorch_lightning.loggers import Logger
 
-from agglomerator.data import DataConfig, PartWholeDataModule
-from agglomerator.islands import islands_scores
-from agglomerator.islands_callback import IslandsCallback
-from agglomerator.lit_module import AgglomeratorLitModule
-from fakes import make_image_folder
-from hierarchical_masks.mask_io import save_masks
+from partwhole.agglomerator.data import DataConfig, PartWholeDataModule
+from partwhole.agglomerator.islands_callback import IslandsCallback
+from partwhole.agglomerator.lit_module import AgglomeratorLitModule
+from partwhole.common.mask_io import save_masks
+from partwhole.islands.scores import islands_scores
 
 TINY_MODEL = dict(image_size=32, conv_image_size=8, patch_size=4, patch_dim=32, levels=3, n_classes=2)  # 2x2 columns
 

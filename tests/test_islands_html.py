@@ -11,13 +11,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from agglomerator.islands import cosine_similarity_matrix, label_points
-from agglomerator.islands_html import ground_truth_mask_set, render_islands_page, similarity_data, stage1_mask_set
-from agglomerator.toy_dataset import generate_toy_dataset, oracle_masks, render_scene
 from browser import headless_chromium, wait_for
-from hierarchical_masks.mask_io import read_distinct_masks, save_masks, unpack_mask_rows
 from test_main import run_main
+
+from partwhole.common.mask_io import read_distinct_masks, save_masks, unpack_mask_rows
+from partwhole.islands.html import (
+    ground_truth_mask_set,
+    render_islands_page,
+    similarity_data,
+    stage1_mask_set,
+)
+from partwhole.islands.scores import cosine_similarity_matrix, label_points
+from partwhole.toy.dataset import generate_toy_dataset, oracle_masks, render_scene
 
 GRID = 8  # the toy set's 64 px images in 8 px patches; the model's 16 x 16 tokens in 2 x 2 patches: 8 x 8 columns
 STATES = 7  # the initial state and iters = 2 * levels
@@ -102,7 +107,7 @@ def test_page_is_self_contained_and_escapes_titles():
 def untrained_checkpoint(folder: Path, patch_dim: int) -> Path:
     """An untrained model of the toy set's geometry (8 x 8 columns, 3 levels) as a checkpoint file. ``patch_dim``
     picks the page's encoding: 32 (2,048 int8 values per map as vectors, 2,080 as a triangle) vectors, 64 the triangle."""
-    from agglomerator.lit_module import AgglomeratorLitModule
+    from partwhole.agglomerator.lit_module import AgglomeratorLitModule
 
     torch.manual_seed(0)
     model = dict(image_size=64, conv_image_size=16, patch_size=2, patch_dim=patch_dim, levels=3, n_classes=10)

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from fakes import TINY_FLAGS, make_image_folder
-from hierarchical_masks.errors import InputError
-from hierarchical_masks.mask_io import save_embeddings
+
+from partwhole.common.errors import InputError
+from partwhole.common.mask_io import save_embeddings
 
 ROOT = Path(__file__).resolve().parents[1]
 MAIN = ROOT / "src" / "main.py"
@@ -94,7 +94,7 @@ def test_last_checkpoint_is_the_final_step_when_the_monitor_stops_improving(data
 
 
 def test_val_from_train_holds_out_part_of_train_and_tests_on_the_val_folder(data_dir):
-    from agglomerator.data import DataConfig, PartWholeDataModule
+    from partwhole.agglomerator.data import DataConfig, PartWholeDataModule
 
     config = DataConfig(dataset="IMAGENETTE", data_dir=str(data_dir), image_size=32, val_from_train=0.25, seed=3)
     datamodule = PartWholeDataModule(config, expected_embed_shape=(4, 3, 32))
@@ -112,8 +112,12 @@ def test_val_from_train_holds_out_part_of_train_and_tests_on_the_val_folder(data
 
 
 def test_unlabelled_dir_adds_images_to_the_sam_distill_training_split_only(data_dir, tmp_path):
-    from agglomerator.data import DataConfig, PartWholeDataModule, WithUnlabelled
-    from agglomerator.targets import TargetSpace
+    from partwhole.agglomerator.data import (
+        DataConfig,
+        PartWholeDataModule,
+        WithUnlabelled,
+    )
+    from partwhole.agglomerator.targets import TargetSpace
 
     extra = make_image_folder(tmp_path, classes=("x", "y", "z"), per_class=2, splits=("more",), seed=5) / "more"
     config = DataConfig(dataset="IMAGENETTE", data_dir=str(data_dir), image_size=32, val_from_train=0.25, seed=3,
@@ -152,8 +156,8 @@ def test_pretraining_with_unlabelled_images_and_train_r2_from_the_cli(data_dir, 
 
 def test_teacher_stats_floor_a_nearly_dead_feature(tmp_path):
     """--teacher_norm=dataset: a feature that is almost always 0 is not divided by its tiny std."""
-    from agglomerator.data import ImageFolderWithEmbeddings
-    from agglomerator.targets import TargetSpace
+    from partwhole.agglomerator.data import ImageFolderWithEmbeddings
+    from partwhole.agglomerator.targets import TargetSpace
 
     base = make_image_folder(tmp_path, per_class=3, dim=8)
     for path in sorted((base / "train_masks_embeds").rglob("*.pkl")):
@@ -233,7 +237,7 @@ def test_flagfiles_parse_and_build_the_model(flagfile):
     """Every reference flagfile (and ours) parses unchanged; ours all give a consistent model."""
     from absl import flags
 
-    import main
+    import partwhole_cli.train as main
 
     values = flags.FLAGS
     values.unparse_flags()
@@ -250,7 +254,7 @@ def test_flagfiles_parse_and_build_the_model(flagfile):
 
 
 def test_more_gpus_than_present_falls_back_with_a_warning(caplog):
-    from agglomerator.engine import resolve_devices
+    from partwhole.agglomerator.engine import resolve_devices
 
     with caplog.at_level("WARNING"):
         assert resolve_devices(2) == ("cpu", 1)
@@ -260,8 +264,8 @@ def test_more_gpus_than_present_falls_back_with_a_warning(caplog):
 
 def test_teacher_norm_dataset_stores_the_train_statistics(data_dir, tmp_path):
     """--teacher_norm=dataset z-scores the targets with train-set statistics kept in the checkpoint."""
-    from agglomerator.data import DataConfig, PartWholeDataModule
-    from agglomerator.targets import dataset_std
+    from partwhole.agglomerator.data import DataConfig, PartWholeDataModule
+    from partwhole.agglomerator.targets import dataset_std
 
     run_main(*TINY_FLAGS, f"--data_dir={data_dir}", "--teacher_norm=dataset", "--max_epochs=1", f"--output_dir={tmp_path}")
     state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
@@ -281,8 +285,8 @@ def test_islands_mode_animates_the_iterations(tmp_path):
 
     from PIL import Image
 
-    from agglomerator.lit_module import AgglomeratorLitModule
-    from hierarchical_masks.mask_io import save_masks
+    from partwhole.agglomerator.lit_module import AgglomeratorLitModule
+    from partwhole.common.mask_io import save_masks
 
     torch.manual_seed(0)
     model = dict(image_size=32, conv_image_size=8, patch_size=4, patch_dim=32, levels=3, n_classes=2)  # TINY_FLAGS

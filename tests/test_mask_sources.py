@@ -10,13 +10,13 @@ import pytest
 from PIL import Image
 from skimage import data as skimage_data
 
-from hierarchical_masks import embed_folder as ef
-from hierarchical_masks import patched_masks
-from hierarchical_masks.box_sizes import matched_box_sizes, mean_clipped_areas
-from hierarchical_masks.errors import InputError
-from hierarchical_masks.mask_io import load_embeddings, read_mask_record
-from hierarchical_masks.mask_sources import BoxMasker
-from hierarchical_masks.point_grid import patch_grid_points
+from partwhole.common.errors import InputError
+from partwhole.common.mask_io import load_embeddings, read_mask_record
+from partwhole.common.point_grid import patch_grid_points
+from partwhole.embeds import embed_folder as ef
+from partwhole.masks.box_sizes import matched_box_sizes, mean_clipped_areas
+from partwhole.masks.mask_sources import BoxMasker
+from partwhole_cli import masks as patched_masks
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}

@@ -22,9 +22,13 @@ import timm
 import torch
 from PIL import Image
 
-from hierarchical_masks import embed_folder as ef
-from hierarchical_masks.eval_transform import BatchedEvalTransform
-from hierarchical_masks.mask_embedding import (
+from partwhole.common.errors import InputError
+from partwhole.common.image_folders import load_rgb_image
+from partwhole.common.mask_io import load_embeddings, read_distinct_masks, save_masks
+from partwhole.common.safe_files import safe_pickle_load
+from partwhole.embeds import embed_folder as ef
+from partwhole.embeds.eval_transform import BatchedEvalTransform
+from partwhole.embeds.mask_embedding import (
     MaskedImageEncoder,
     build_encoder,
     distinct_masks,
@@ -33,10 +37,6 @@ from hierarchical_masks.mask_embedding import (
     reference_transform,
     unpack_masks,
 )
-from hierarchical_masks.errors import InputError
-from hierarchical_masks.image_folders import load_rgb_image
-from hierarchical_masks.mask_io import load_embeddings, read_distinct_masks, save_masks
-from hierarchical_masks.safe_files import safe_pickle_load
 
 REPO = Path(__file__).resolve().parents[1]
 CLI = REPO / "src" / "hierarchical_masks" / "masks_to_embeds.py"
@@ -455,7 +455,7 @@ def test_shared_masks_are_embedded_once_and_scattered_back():
     """Points with the same mask (a whole object, the background) get the same embedding, computed once."""
     import timm
 
-    from hierarchical_masks.mask_embedding import MaskedImageEncoder
+    from partwhole.embeds.mask_embedding import MaskedImageEncoder
 
     torch.manual_seed(0)
     model = timm.create_model("test_convnext", pretrained=False, num_classes=0).eval()
@@ -480,9 +480,8 @@ def test_shared_masks_are_embedded_once_and_scattered_back():
 
 ALLOCATION_PROBE = """
 import resource, sys
-sys.path.insert(0, {src!r})
 import numpy as np
-from hierarchical_masks.processes import keep_freed_memory
+from partwhole.common.processes import keep_freed_memory
 if {keep}:
     assert keep_freed_memory(), "mallopt refused"
 def faults_of_one_allocation():
@@ -500,7 +499,7 @@ def test_keep_freed_memory_reuses_large_blocks_without_page_faults():
     env["NUMPY_MADVISE_HUGEPAGE"] = "0"  # 4 KB pages: the faults count what malloc does
 
     def faults(keep: bool) -> int:
-        code = ALLOCATION_PROBE.format(src=str(REPO / "src"), keep=keep)
+        code = ALLOCATION_PROBE.format(keep=keep)
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
         assert done.returncode == 0, done.stderr
         return int(done.stdout.split()[-1])

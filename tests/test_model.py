@@ -1,18 +1,19 @@
 """The Agglomerator: reference state-dict compatibility, same maths as the reference, objectives learn."""
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-
-from agglomerator.lit_module import AgglomeratorLitModule, load_backbone_weights, one_cycle_factor
-from agglomerator.model import Agglomerator, AgglomeratorConfig
-from agglomerator.objectives import levels_distill_loss, supcon_loss
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from reference_agglomerator import ReferenceAgglomerator, reference_levels_loss  # noqa: E402
+
+from partwhole.agglomerator.lit_module import (
+    AgglomeratorLitModule,
+    load_backbone_weights,
+    one_cycle_factor,
+)
+from partwhole.agglomerator.model import Agglomerator, AgglomeratorConfig
+from partwhole.agglomerator.objectives import levels_distill_loss, supcon_loss
 
 REFERENCE_JSON = Path(__file__).resolve().parents[2] / "shared" / "reference" / "reference_state_dict_IMAGENETTE.json"
 TINY = dict(image_size=32, conv_image_size=8, patch_size=2, patch_dim=16, levels=3, n_classes=4)
@@ -182,7 +183,7 @@ def test_one_cycle_schedule_warms_up_then_anneals():
 def test_levels_encoder_norm_over_columns_erases_what_an_image_s_columns_share():
     """LayerNorm over the columns (the reference) makes the column-mean of the encoder's output the same for
     every image; over the features it is not (what the toy study found the distillation losing)."""
-    from agglomerator.model import Agglomerator, AgglomeratorConfig
+    from partwhole.agglomerator.model import Agglomerator, AgglomeratorConfig
 
     torch.manual_seed(0)
     images = torch.randn(4, 3, 32, 32)
@@ -200,7 +201,7 @@ def test_levels_encoder_norm_over_columns_erases_what_an_image_s_columns_share()
 @pytest.mark.parametrize("reverse_groups", [False, True])
 def test_features_norm_layout_computes_the_per_column_layer_norm_net(reverse_groups):
     """ColumnNet(norm="features") in its (g, b*n, d) layout equals the per-column maths written out directly."""
-    from agglomerator.model import ColumnNet
+    from partwhole.agglomerator.model import ColumnNet
 
     torch.manual_seed(0)
     net = ColumnNet(8, 3, 5, hidden_layers=2, out_dim=6, norm="features")

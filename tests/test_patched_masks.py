@@ -20,15 +20,20 @@ import torch
 from PIL import Image
 from segment_anything import SamPredictor
 
-from hierarchical_masks import patched_masks
-from hierarchical_masks.errors import InputError
-from hierarchical_masks.image_folders import list_image_folder
-from hierarchical_masks.mask_io import load_masks, read_distinct_masks, read_mask_record, save_masks
-from hierarchical_masks.safe_files import safe_pickle_load
-from hierarchical_masks.point_grid import patch_grid_points
-from hierarchical_masks.sam2_points import Sam2PointGridMasker
-from hierarchical_masks.sam_points import PointGridMasker
-from hierarchical_masks.teachers import build_teacher, load_teacher_checkpoint
+from partwhole.common.errors import InputError
+from partwhole.common.image_folders import list_image_folder
+from partwhole.common.mask_io import (
+    load_masks,
+    read_distinct_masks,
+    read_mask_record,
+    save_masks,
+)
+from partwhole.common.point_grid import patch_grid_points
+from partwhole.common.safe_files import safe_pickle_load
+from partwhole.masks.sam2_points import Sam2PointGridMasker
+from partwhole.masks.sam_points import PointGridMasker
+from partwhole.masks.teachers import build_teacher, load_teacher_checkpoint
+from partwhole_cli import masks as patched_masks
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "src" / "hierarchical_masks" / "patched_masks.py"

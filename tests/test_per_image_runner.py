@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from hierarchical_masks.errors import InputError, OutputWriteError
-from hierarchical_masks.image_folders import ImageRecord
-from hierarchical_masks.per_image_runner import (
+from partwhole.common.errors import InputError, OutputWriteError
+from partwhole.common.image_folders import ImageRecord
+from partwhole.common.per_image_runner import (
     Interrupted,
     PerImageStage,
     ReadFailure,
@@ -25,7 +25,7 @@ from hierarchical_masks.per_image_runner import (
     batched,
     run_per_image,
 )
-from hierarchical_masks.safe_files import format_bytes
+from partwhole.common.safe_files import format_bytes
 
 
 class TextStage(PerImageStage):

@@ -11,10 +11,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from fakes import TINY_FLAGS, make_image_folder
-from hierarchical_masks.errors import InputError
-from hierarchical_masks.mask_io import load_embeddings, load_masks, read_distinct_masks, save_embeddings
+
+from partwhole.common.errors import InputError
+from partwhole.common.mask_io import (
+    load_embeddings,
+    load_masks,
+    read_distinct_masks,
+    save_embeddings,
+)
 
 MAIN = Path(__file__).resolve().parents[1] / "src" / "main.py"
 
@@ -114,7 +119,7 @@ def test_stage2_refuses_a_malicious_mask_file(tmp_path):
     """A planted pickle among the stage-1 masks: stage 2 stops with an error naming it, and no code runs."""
     from PIL import Image
 
-    from hierarchical_masks.mask_io import save_masks
+    from partwhole.common.mask_io import save_masks
 
     images, masks_root, marker = tmp_path / "images", tmp_path / "masks", tmp_path / "pwned"
     for i in range(2):

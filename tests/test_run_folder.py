@@ -12,10 +12,14 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
-
-from agglomerator.engine import DivergedError, StopOnNonFinite, checkpoint_callbacks
 from fakes import TINY_FLAGS, make_image_folder
-from hierarchical_masks.safe_files import atomic_write_json
+
+from partwhole.agglomerator.engine import (
+    DivergedError,
+    StopOnNonFinite,
+    checkpoint_callbacks,
+)
+from partwhole.common.safe_files import atomic_write_json
 
 MAIN = Path(__file__).resolve().parents[1] / "src" / "main.py"
 

@@ -13,13 +13,12 @@ import torch
 from segment_anything.modeling import ImageEncoderViT
 from segment_anything.modeling.image_encoder import Attention
 
-from hierarchical_masks import patched_masks
-from hierarchical_masks.errors import InputError
-from hierarchical_masks.mask_io import load_masks
-from hierarchical_masks.sam_attention import SDPAAttention, attention_of, set_attention
-from hierarchical_masks.sam_points import PointGridMasker
-from hierarchical_masks.teachers import build_teacher
-
+from partwhole.common.errors import InputError
+from partwhole.common.mask_io import load_masks
+from partwhole.masks.sam_attention import SDPAAttention, attention_of, set_attention
+from partwhole.masks.sam_points import PointGridMasker
+from partwhole.masks.teachers import build_teacher
+from partwhole_cli import masks as patched_masks
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

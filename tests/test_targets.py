@@ -5,10 +5,10 @@ import json
 import numpy as np
 import pytest
 import torch
-
-from agglomerator.targets import DistillR2, TargetSpace
 from fakes import TINY_FLAGS
 from test_main import data_dir, run_main  # noqa: F401  (fixture)
+
+from partwhole.agglomerator.targets import DistillR2, TargetSpace
 
 WEIGHTS = (0.1, 0.2, 0.7)
 
@@ -97,7 +97,7 @@ def test_bad_target_dim_is_refused():
 
 def test_old_checkpoints_without_the_mean_predictor_still_load():
     """Checkpoints of dbf005d kept teacher_mean/teacher_std and no mean predictor: they load, with no R² logged."""
-    from agglomerator.lit_module import AgglomeratorLitModule
+    from partwhole.agglomerator.lit_module import AgglomeratorLitModule
 
     model = dict(image_size=32, conv_image_size=8, patch_size=4, patch_dim=32, levels=3)
     new = AgglomeratorLitModule(model=model, teacher_norm="dataset")

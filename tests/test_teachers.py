@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from hierarchical_masks import teachers
-from hierarchical_masks.errors import InputError
-from hierarchical_masks.sam2_points import Sam2PointGridMasker
-from hierarchical_masks.sam_attention import attention_of
-from hierarchical_masks.sam_points import PointGridMasker
+from partwhole.common.errors import InputError
+from partwhole.masks import teachers
+from partwhole.masks.sam2_points import Sam2PointGridMasker
+from partwhole.masks.sam_attention import attention_of
+from partwhole.masks.sam_points import PointGridMasker
 
 REPO = Path(__file__).resolve().parents[1]
 SRC = REPO / "src"
@@ -67,7 +67,7 @@ def local_imports(path: Path) -> set[str]:
 def test_src_has_no_import_cycle_and_stage_3_never_imports_a_stage_runner():
     modules = {".".join(p.relative_to(SRC).with_suffix("").parts): p for p in SRC.rglob("*.py") if p.name != "__init__.py"}
     graph = {name: local_imports(path) for name, path in modules.items()}
-    assert "hierarchical_masks.teachers" in graph["hierarchical_masks.patched_masks"]
+    assert "partwhole.masks.teachers" in graph["partwhole_cli.masks"]
     state: dict[str, str] = {}
 
     def visit(name: str, stack: list[str]) -> None:
@@ -81,7 +81,7 @@ def test_src_has_no_import_cycle_and_stage_3_never_imports_a_stage_runner():
     for name in graph:
         if name not in state:
             visit(name, [])
-    runners = {"hierarchical_masks.per_image_runner", "hierarchical_masks.patched_masks", "hierarchical_masks.embed_folder"}
+    runners = {"partwhole.common.per_image_runner", "partwhole_cli.masks", "partwhole.embeds.embed_folder"}
     for name, deps in graph.items():
-        if name.startswith("agglomerator."):
+        if name.startswith("partwhole.agglomerator."):
             assert not deps & runners, f"{name} imports {deps & runners}"

@@ -8,7 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agglomerator.toy_dataset import (
+from partwhole.common.errors import InputError
+from partwhole.common.image_folders import (
+    list_classes,
+    list_image_folder,
+    load_rgb_image,
+)
+from partwhole.common.mask_io import load_masks, read_mask_record
+from partwhole.toy.dataset import (
     CLASS_NAMES,
     generate_toy_dataset,
     load_toy_ground_truth,
@@ -16,9 +23,6 @@ from agglomerator.toy_dataset import (
     patch_grid_points,
     render_scene,
 )
-from hierarchical_masks.errors import InputError
-from hierarchical_masks.image_folders import list_classes, list_image_folder, load_rgb_image
-from hierarchical_masks.mask_io import load_masks, read_mask_record
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 

@@ -1,9 +1,8 @@
 """The leak check finds a test image copied (and re-encoded with noise) into a pool, and nothing in a clean pool."""
 
 import numpy as np
-from PIL import Image
-
 from near_duplicates import report
+from PIL import Image
 
 
 def write(root, name, pixels):
@@ -31,7 +30,8 @@ def test_a_copied_test_image_is_found_and_a_clean_pool_is_not(tmp_path):
 
 def test_an_empty_pool_is_named_in_one_line(tmp_path):
     import pytest
-    from hierarchical_masks.errors import InputError
+
+    from partwhole.common.errors import InputError
 
     write(tmp_path / "test", "0.png", np.zeros((8, 8, 3), np.uint8))
     (tmp_path / "empty" / "a").mkdir(parents=True)

@@ -1,12 +1,11 @@
 """Linear probes (experiments/linear_probes.py): they find a class that is there and not one that is not,
 and the scikit-learn fit gives what the hand-written torch L-BFGS fit it replaced gave."""
 
+import linear_probes
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
-import linear_probes
 from linear_probes import WEIGHT_DECAYS, ProbeResult, linear_probe
 
 

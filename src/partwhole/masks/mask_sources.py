@@ -1,0 +1,118 @@
+"""Stage-1 mask sources that need no SAM: the controls of "do the part-whole masks matter?".
+
+``patched_masks.py --mask_source=boxes|full_image`` writes files of the same format as SAM's
+(``(N, 3, H, W)`` bool, three nested masks per patch-centre point, the point grid of
+``point_grid.patch_grid_points``), so stages 2 and 3 run on them unchanged:
+
+* ``full_image``: every level of every point is the whole image. Stage 2 then embeds the whole
+  image three times per point, and ``sam_distill`` becomes image-level feature distillation.
+* ``boxes``: three nested squares centred on each point (sides ``box_sizes``, level 0 the
+  smallest), clipped to the image: masks of chosen sizes that know nothing of the image's
+  parts. ``box_sizes.py`` derives sides whose clipped areas match another folder's masks.
+
+A masker here has the interface :class:`patched_masks.MaskStage` uses of the SAM maskers
+(``img_size``, ``device``, ``model_input``, ``predict_model_inputs``); it runs on the CPU in
+milliseconds per image.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from partwhole.common.errors import InputError
+from partwhole.common.image_folders import checked_square_image
+from partwhole.common.point_grid import patch_grid_points
+
+MASK_SOURCES = ("sam", "boxes", "full_image")  # --mask_source; sam: the SAM 1 / SAM 2.1 maskers of teachers.py
+LEVELS = 3
+
+
+def parse_box_sizes(values: Sequence[str | int]) -> tuple[int, int, int]:
+    """``--box_sizes`` as three positive, strictly increasing ints (level 0 = sub-part, 2 = whole), or a one-line error."""
+    text = ",".join(str(v) for v in values)
+    try:
+        sizes = tuple(int(v) for v in values)
+    except ValueError:
+        sizes = ()
+    if len(sizes) != LEVELS or sizes[0] < 1 or any(b <= a for a, b in zip(sizes, sizes[1:])):
+        raise InputError(f"--box_sizes={text}: give three positive, increasing box sides in pixels of the resized image "
+                         f"(level 0 = smallest), e.g. --box_sizes=32,96,192; box_sizes.py --masks_path=<masks> derives them")
+    return sizes  # type: ignore[return-value]
+
+
+def box_spans(centres: np.ndarray, side: int, img_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel spans ``[start, end)`` of boxes of ``side`` centred on ``centres`` (pixel coordinates), clipped to the image.
+
+    A box starts ``side // 2`` pixels before the pixel holding the centre and is ``side`` long, so it always holds
+    that pixel, and a longer side gives a span that contains the shorter one (nested levels).
+    """
+    start = np.floor(centres).astype(np.int64) - side // 2
+    return np.clip(start, 0, img_size), np.clip(start + side, 0, img_size)
+
+
+class PromptFreeMasker:
+    """What the maskers without a model share: the point grid, the image check, the call.
+
+    A subclass implements :meth:`masks_of_image` (``(k, 3, H, W)`` bool for one image).
+    """
+
+    device = torch.device("cpu")
+
+    def __init__(self, img_size: int, patch_size: int):
+        self.img_size = img_size
+        self.points = patch_grid_points(img_size, patch_size)  # (k, 2) x, y
+
+    @property
+    def num_points(self) -> int:
+        return len(self.points)
+
+    def model_input(self, image: np.ndarray) -> np.ndarray:
+        return checked_square_image(image, self.img_size)
+
+    def masks_of_image(self, image: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def predict_model_inputs(self, inputs: np.ndarray) -> torch.Tensor:
+        """Masks ``(b, k, 3, H, W)`` bool for ``(b, H, W, 3)`` uint8 images (what :meth:`model_input` returns)."""
+        return torch.from_numpy(np.stack([self.masks_of_image(image) for image in inputs]))
+
+    def __call__(self, images: np.ndarray | Sequence[np.ndarray]) -> torch.Tensor:
+        return self.predict_model_inputs(np.stack([self.model_input(image) for image in images]))
+
+
+class FullImageMasker(PromptFreeMasker):
+    """Every level of every point: the whole image."""
+
+    def masks_of_image(self, image: np.ndarray) -> np.ndarray:
+        return np.ones((self.num_points, LEVELS, self.img_size, self.img_size), dtype=bool)
+
+
+class BoxMasker(PromptFreeMasker):
+    """Three nested squares of sides ``box_sizes`` centred on each point, clipped to the image (see :func:`box_spans`)."""
+
+    def __init__(self, img_size: int, patch_size: int, box_sizes: Sequence[int]):
+        super().__init__(img_size, patch_size)
+        self.box_sizes = parse_box_sizes(box_sizes)
+        k = self.num_points
+        masks = np.zeros((k, LEVELS, img_size, img_size), dtype=bool)
+        for level, side in enumerate(self.box_sizes):
+            (x0, x1), (y0, y1) = box_spans(self.points[:, 0], side, img_size), box_spans(self.points[:, 1], side, img_size)
+            for i in range(k):
+                masks[i, level, y0[i]:y1[i], x0[i]:x1[i]] = True
+        self.masks = masks  # the same for every image
+
+    def masks_of_image(self, image: np.ndarray) -> np.ndarray:
+        return self.masks
+
+
+def build_prompt_free_masker(mask_source: str, *, img_size: int, patch_size: int,
+                             box_sizes: Sequence[int] = ()) -> PromptFreeMasker:
+    """The masker of ``--mask_source`` (not ``sam``: that one is ``teachers.build_masker``)."""
+    if mask_source == "full_image":
+        return FullImageMasker(img_size, patch_size)
+    if mask_source == "boxes":
+        return BoxMasker(img_size, patch_size, box_sizes)
+    raise InputError(f"--mask_source={mask_source!r} needs no SAM only for boxes and full_image")
