@@ -1,0 +1,2 @@
+"""Islands of agreement: scores against masks, figures, animations and the explorer page.
+"""
