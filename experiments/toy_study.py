@@ -69,7 +69,6 @@ import sys
 import time
 from pathlib import Path
 
-
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from mask_comparison import TEACHER_OF_METHOD, comparison_report, read_ledgers  # noqa: E402
@@ -83,7 +82,7 @@ from partwhole.common.safe_files import atomic_write_bytes, atomic_write_json  #
 from partwhole.embeds.encoder_weights import OFFLINE_TEACHER_MODEL  # noqa: E402
 from partwhole.masks.box_sizes import matched_box_sizes  # noqa: E402
 from partwhole.toy.dataset import CLASS_NAMES, TOY_IMAGE_SIZE, TOY_PATCH_SIZE  # noqa: E402
-from partwhole.toy.pipeline import (  # noqa: E402
+from partwhole_cli.toy_pipeline import (  # noqa: E402
     ISLANDS_REFERENCES,
     REPO,
     TOY_CONFIG,

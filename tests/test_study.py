@@ -11,7 +11,7 @@ from fakes import TINY_FLAGS, make_image_folder
 
 from partwhole.common.mask_io import read_mask_record
 from partwhole.masks.box_sizes import matched_box_sizes
-from partwhole.toy.pipeline import train_once
+from partwhole_cli.toy_pipeline import train_once
 
 ROOT = Path(__file__).resolve().parents[1]
 

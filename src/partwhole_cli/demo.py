@@ -30,7 +30,8 @@ from partwhole.embeds.encoder_weights import (
     OFFLINE_TEACHER_PACKAGE,
 )
 from partwhole.toy.dataset import TOY_IMAGE_SIZE, TOY_PATCH_SIZE
-from partwhole.toy.pipeline import (
+from partwhole_cli import run_cli
+from partwhole_cli.toy_pipeline import (
     ISLANDS_REFERENCES,
     TEACHER_WEIGHTS,
     TOY_CONFIG,
@@ -41,7 +42,6 @@ from partwhole.toy.pipeline import (
     toy_config_value,
     train_once,
 )
-from partwhole_cli import run_cli
 
 FLAGS = flags.FLAGS
 ISLANDS_IMAGES = 12  # val images whose islands the demo draws, scores and puts on the explorer page

@@ -1,15 +1,33 @@
 """The project's exceptions for what a user can fix: every stage turns them into one ``error:`` line.
 
-* :class:`InputError`: bad input (a file, folder or flag); the message names it and the fix.
+* :class:`InputError`: bad input (a file, folder or setting); the message names it and the fix.
+* :class:`SettingError`: a setting (a field of a stage's config dataclass) with a bad value. The library names
+  the field; a command line names its flag instead (``partwhole_cli.user_error``), so the library needs no
+  command-line vocabulary and the user still reads the flag they typed.
 * :class:`OutputWriteError`: a file could not be written (disk full, quota, read-only folder).
-* :func:`check_choice`: the one-line error for a flag value that is not one of its choices.
+* :func:`check_choice`: the error for a setting whose value is not one of its choices.
 """
 
 from __future__ import annotations
 
 
 class InputError(ValueError):
-    """Bad user input (file, folder or flag). The message names it and the fix."""
+    """Bad user input (file, folder or setting). The message names it and the fix."""
+
+
+class SettingError(InputError):
+    """``setting`` (a config field's name) has a bad ``value``; ``reason`` says why and what to do.
+
+    ``str()`` reads ``setting=value: reason``; :meth:`for_flag` reads ``--flag=value: reason`` for a command line.
+    """
+
+    def __init__(self, setting: str, value, reason: str):
+        self.setting, self.value, self.reason = setting, value, reason
+        super().__init__(f"{setting}={value!r}: {reason}")
+
+    def for_flag(self, flag: str | None = None) -> str:
+        """The message with the command line's flag (default: the flag of the same name as the setting)."""
+        return f"--{flag or self.setting}={self.value}: {self.reason}"
 
 
 class OutputWriteError(InputError):
@@ -23,7 +41,7 @@ class OutputWriteError(InputError):
         self.size = size
 
 
-def check_choice(flag: str, value: str, choices) -> None:
-    """Raise :class:`InputError` naming ``--flag`` when ``value`` is not one of ``choices``."""
+def check_choice(setting: str, value: str, choices) -> None:
+    """Raise :class:`SettingError` naming ``setting`` when ``value`` is not one of ``choices``."""
     if value not in choices:
-        raise InputError(f"--{flag}={value!r} is unknown; choose one of {', '.join(sorted(choices))}")
+        raise SettingError(setting, value, f"unknown; choose one of {', '.join(sorted(choices))}")

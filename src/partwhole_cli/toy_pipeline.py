@@ -22,7 +22,7 @@ from partwhole.common.image_folders import EMBEDS_SUFFIX, MASKS_SUFFIX
 from partwhole.embeds.encoder_weights import OFFLINE_TEACHER_PACKAGE
 from partwhole.toy.dataset import TOY_IMAGE_SIZE
 
-REPO = Path(__file__).resolve().parents[3]  # the checkout (src/partwhole/toy/pipeline.py): the demo and the study run in it
+REPO = Path(__file__).resolve().parents[2]  # the checkout (src/partwhole_cli/toy_pipeline.py): the demo and the study run in it
 CLI_MODULES = {  # the console scripts (pyproject.toml) that steps run, each as ``python -m <module>`` (no PATH needed)
     "partwhole-toy": "partwhole_cli.make_toy", "partwhole-masks": "partwhole_cli.masks", "partwhole-embeds": "partwhole_cli.embeds",
     "partwhole-train": "partwhole_cli.train",
