@@ -73,23 +73,21 @@ def check_teacher() -> None:
                              f"use --teacher=hub (download) or --teacher=random for {FLAGS.encoder}")
 
 
-def main(argv) -> None:
-    del argv
-    start = time.perf_counter()
-    out = Path(FLAGS.out_dir)
-    toy = Path(FLAGS.data_dir) / "toy"
-    check_teacher()
-    weights_note = TEACHER_WEIGHTS[FLAGS.teacher][1]
-    teacher = f"{FLAGS.encoder} ({FLAGS.teacher})"
-    embeds_suffix = teacher_embeds_suffix(FLAGS.teacher, FLAGS.encoder)
-    stamp = out / "demo.json"  # which teacher the reusable training steps in out_dir were trained on
+def claim_out_dir(out: Path, teacher: str) -> None:
+    """Record which teacher ``out``'s reusable training steps are trained on; refuse to mix two."""
+    stamp = out / "demo.json"
     if stamp.is_file() and json.loads(stamp.read_text()).get("teacher") != teacher and not FLAGS.overwrite:
         raise app.UsageError(f"{out} holds a demo run with teacher {json.loads(stamp.read_text())['teacher']}; "
                              f"pass another --out_dir or --overwrite for teacher {teacher}")
     atomic_write_bytes(stamp, (json.dumps({"teacher": teacher}) + "\n").encode())
 
-    make_toy_data("generate the toy dataset", toy, FLAGS.train_per_class, FLAGS.val_per_class)
-    masks_suffix = MASKS_SUFFIX
+
+def stages_1_and_2(toy: Path) -> tuple[str, str, int]:
+    """Stage-1 masks (oracle, or SAM with ``--sam_checkpoint``) and the teacher's stage-2 embeddings of the toy set.
+
+    Returns the masks' description, the embeddings' folder suffix and the teacher's D.
+    """
+    masks_suffix, embeds_suffix = MASKS_SUFFIX, teacher_embeds_suffix(FLAGS.teacher, FLAGS.encoder)
     if FLAGS.sam_checkpoint:
         masks_suffix = f"{MASKS_SUFFIX}_sam"
         embeds_suffix += "_sam"
@@ -103,17 +101,19 @@ def main(argv) -> None:
     else:
         mask_note = "oracle masks (toy ground truth in the stage-1 format; pass --sam_checkpoint to run SAM)"
 
-    print(f"\nstage-2 teacher {FLAGS.encoder}: {weights_note}", flush=True)
+    print(f"\nstage-2 teacher {FLAGS.encoder}: {TEACHER_WEIGHTS[FLAGS.teacher][1]}", flush=True)
     for split in ("train", "val"):
         embed_toy_images(f"stage 2 embeddings on {split}", toy / split, FLAGS.teacher, FLAGS.encoder, embeds_suffix, masks_suffix,
                          device=FLAGS.device)
     first = list_image_folder(toy / "train")[0].output_path(toy / f"train{embeds_suffix}")
-    dim = load_embeddings(first).shape[-1]  # the teacher's D: the student regresses its leading principal axes
-    # config_TOY.cfg regresses 64 of them (--target_dim, the levels encoder's output); a teacher with fewer, all.
-    fewer = [f"--target_dim={dim}", f"--levels_encoder_dim={dim}"] if dim < int(toy_config_value("target_dim")) else []
-    config = [f"--flagfile={TOY_CONFIG}", f"--data_dir={FLAGS.data_dir}", f"--embeds_suffix={embeds_suffix}",
-              *fewer, *FLAGS.extra_main_flags]
+    return mask_note, embeds_suffix, load_embeddings(first).shape[-1]
 
+
+def pretrain_and_fine_tune(out: Path, config: list[str]) -> tuple[dict, dict, dict]:
+    """sam_distill and supcon pretraining, then a frozen-backbone classifier on each and on a random init.
+
+    Returns the pretrained checkpoints, sam_distill's test metrics and each backbone's test accuracy.
+    """
     runs = {}
     epochs = {"sam_distill": FLAGS.pretrain_epochs, "supcon": FLAGS.supcon_epochs}
     for objective in ("sam_distill", "supcon"):
@@ -128,7 +128,12 @@ def main(argv) -> None:
         train_once(f"fine-tune on {name}", folder, [*config, "--supervise", *resume, f"--max_epochs={FLAGS.finetune_epochs}"],
                    FLAGS.overwrite)
         accuracy[name] = json.loads((folder / "results.json").read_text())["test"].get("test/accuracy", float("nan"))
+    return runs, distill, accuracy
 
+
+def draw_islands(out: Path, config: list[str], runs: dict) -> tuple[dict, Path]:
+    """Islands figures and scores of both pretrainings (and sam_distill's explorer page), sam_distill's over the
+    iterations; copies the figures for the README with ``--readme_figure``. Returns the scores and the animation's folder."""
     scores = {}
     for name, checkpoint in (("sam_distill", runs["sam_distill"]), ("supcon", runs["supcon"])):
         folder = out / f"islands_{name}"
@@ -149,9 +154,14 @@ def main(argv) -> None:
                              (next((animated / "islands" / "iterations").glob("*.gif"), None), f"{target.stem}.gif")):
             if source is not None:
                 shutil.copyfile(source, target.with_name(name))
+    return scores, animated
 
+
+def summary_lines(mask_note: str, dim: int, accuracy: dict, distill: dict, scores: dict) -> list[str]:
+    """The summary's tables: test accuracy per backbone, what sam_distill learned, the islands scores."""
+    epochs = {"sam_distill": FLAGS.pretrain_epochs, "supcon": FLAGS.supcon_epochs}
     lines = [f"Toy demo: {FLAGS.train_per_class * 10} train / {FLAGS.val_per_class * 10} test images, 10 classes; "
-             f"stage 1: {mask_note}; stage 2 (the teacher): {FLAGS.encoder}, {weights_note}, D = {dim}.", "",
+             f"stage 1: {mask_note}; stage 2 (the teacher): {FLAGS.encoder}, {TEACHER_WEIGHTS[FLAGS.teacher][1]}, D = {dim}.", "",
              "| backbone (frozen) | pretraining epochs | test accuracy |", "| --- | --- | --- |"]
     lines += [f"| {name} | {epochs.get(name, 0)} | {100 * acc:.1f} % |" for name, acc in accuracy.items()]
     if "test/distill_r2" in distill:
@@ -166,6 +176,26 @@ def main(argv) -> None:
             if key in result:
                 cells = [f"{result[key][str(i)]['pair_corr']:.2f} / {result[key][str(i)]['ari']:.2f}" for i in range(3)]
                 lines.append(f"| {name} | {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def main(argv) -> None:
+    del argv
+    start = time.perf_counter()
+    out = Path(FLAGS.out_dir)
+    toy = Path(FLAGS.data_dir) / "toy"
+    check_teacher()
+    claim_out_dir(out, f"{FLAGS.encoder} ({FLAGS.teacher})")
+    make_toy_data("generate the toy dataset", toy, FLAGS.train_per_class, FLAGS.val_per_class)
+    mask_note, embeds_suffix, dim = stages_1_and_2(toy)
+    # config_TOY.cfg regresses the teacher's 64 leading principal axes (--target_dim, the levels encoder's output); a
+    # teacher with fewer dimensions, all of them.
+    fewer = [f"--target_dim={dim}", f"--levels_encoder_dim={dim}"] if dim < int(toy_config_value("target_dim")) else []
+    config = [f"--flagfile={TOY_CONFIG}", f"--data_dir={FLAGS.data_dir}", f"--embeds_suffix={embeds_suffix}",
+              *fewer, *FLAGS.extra_main_flags]
+    runs, distill, accuracy = pretrain_and_fine_tune(out, config)
+    scores, animated = draw_islands(out, config, runs)
+    lines = summary_lines(mask_note, dim, accuracy, distill, scores)
     page = out / "islands_sam_distill" / "islands.html"
     lines += ["", f"Islands explorer (open it in a browser, click a column: its island at every level and iteration, its "
               f"masks, the scores): {page} ({page.stat().st_size / 1e6:.1f} MB, {scores['sam_distill']['images']} images).",
