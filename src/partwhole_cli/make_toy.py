@@ -14,7 +14,7 @@ from absl import flags
 
 from partwhole.common.errors import InputError
 from partwhole.toy.dataset import TOY_IMAGE_SIZE, TOY_PATCH_SIZE, generate_toy_dataset
-from partwhole_cli import run_cli
+from partwhole_cli import run_cli, user_error
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out_dir", "datasets/toy", "Dataset root: writes {train,val}/, {train,val}_gt/, {train,val}_masks/.")
@@ -41,7 +41,7 @@ def main(argv: list[str]) -> None:
             overwrite=FLAGS.overwrite,
         )
     except InputError as exc:
-        sys.exit(f"error: {exc}")
+        sys.exit(f"error: {user_error(exc)}")
 
 
 def cli() -> None:

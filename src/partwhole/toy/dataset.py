@@ -47,7 +47,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from partwhole.common.errors import InputError
+from partwhole.common.errors import InputError, SettingError
 from partwhole.common.image_folders import GT_SUFFIX, MASKS_SUFFIX
 from partwhole.common.mask_io import save_masks
 from partwhole.common.point_grid import patch_grid_points
@@ -58,7 +58,7 @@ log = logging.getLogger(__name__)
 GENERATOR_VERSION = 1
 SPLITS = ("train", "val")
 LEVELS = 3
-TOY_IMAGE_SIZE = 64  # the toy set's image side (config_TOY.cfg's --image_size) ...
+TOY_IMAGE_SIZE = 64  # the toy set's image side (config_TOY.cfg's image_size) ...
 TOY_PATCH_SIZE = 8  # ... and its stage-1 patch: an 8 x 8 point grid
 
 
@@ -345,14 +345,12 @@ def _check_params(out_dir: Path, params: dict, overwrite: bool) -> None:
         try:
             old = json.loads(record.read_text())
         except (OSError, ValueError) as exc:
-            raise InputError(f"{record}: unreadable ({exc}); delete it or pass --overwrite") from None
+            raise InputError(f"{record}: unreadable ({exc}); delete it or set overwrite") from None
         keys = ("version", "seed", "image_size", "patch_size", "distractor_prob")
         diff = {k: (old.get(k), params[k]) for k in keys if old.get(k) != params[k]}
         if diff:
-            raise InputError(
-                f"{out_dir} holds a toy dataset made with other settings {diff} (old, new); "
-                "pass --overwrite or pick another --out_dir"
-            )
+            raise SettingError("out_dir", out_dir, f"holds a toy dataset made with other settings {diff} (old, new); "
+                               "set overwrite or pick another out_dir")
     atomic_write_bytes(record, (json.dumps(params, indent=1, sort_keys=True) + "\n").encode())
 
 
