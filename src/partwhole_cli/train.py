@@ -384,15 +384,24 @@ def run_freeze() -> None:
 
 
 def run_islands() -> None:
-    from partwhole_cli.islands import draw_islands_for_checkpoint
+    from partwhole.agglomerator.engine import make_run_dir
+    from partwhole.common.errors import InputError, SettingError
+    from partwhole.islands.checkpoint import draw_islands_for_checkpoint, pick_images
+    from partwhole_cli import user_error
+    from partwhole_cli.islands import ISLANDS_FLAGS
 
     module = module_from_checkpoint(FLAGS.load_checkpoint_dir, objective_from_flags())
-    draw_islands_for_checkpoint(
-        module, dataset=FLAGS.dataset, data_dir=FLAGS.data_dir, split=FLAGS.islands_split,
-        count=FLAGS.islands_count, images=FLAGS.islands_images, output_dir=FLAGS.output_dir, exp_name=FLAGS.exp_name,
-        embeds_suffix=FLAGS.embeds_suffix, animate=FLAGS.islands_animate, html=FLAGS.islands_html,
-        checkpoint=FLAGS.load_checkpoint_dir,
-    )
+    try:
+        records = pick_images(dataset=FLAGS.dataset, data_dir=FLAGS.data_dir, split=FLAGS.islands_split,
+                              count=FLAGS.islands_count, images=FLAGS.islands_images, html=FLAGS.islands_html)
+    except SettingError as exc:
+        raise InputError(user_error(exc, ISLANDS_FLAGS)) from None
+    run_dir = make_run_dir(FLAGS.output_dir, FLAGS.exp_name, "islands")
+    drawn = draw_islands_for_checkpoint(
+        module, records, run_dir, dataset=FLAGS.dataset, data_dir=FLAGS.data_dir, split=FLAGS.islands_split,
+        given=bool(FLAGS.islands_images), embeds_suffix=FLAGS.embeds_suffix, animate=FLAGS.islands_animate,
+        html=FLAGS.islands_html, checkpoint=FLAGS.load_checkpoint_dir)
+    print("\n".join(drawn.summary))
 
 
 def one_line(exc: BaseException) -> str:
