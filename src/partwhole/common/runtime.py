@@ -131,7 +131,7 @@ def prepare_output_folder(folder: str | os.PathLike, setting: str = "out_data_pa
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as exc:
-        raise SettingError(setting, folder, f"cannot write there ({exc.strerror}); choose a writable folder") from None
+        raise SettingError(setting, str(folder), f"cannot write there ({exc.strerror}); choose a writable folder") from None
     removed = remove_stale_temporaries(folder) if clean else []
     if removed:
         log.info("removed %d temporary file(s) left by an interrupted run under %s", len(removed), folder)
