@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from partwhole.common.devices import PRECISIONS  # noqa: E402
+from partwhole.common.runtime import PRECISIONS  # noqa: E402
 from partwhole.masks.sam_attention import set_attention  # noqa: E402
 from partwhole.masks.teachers import SAM1, TEACHERS, build_teacher  # noqa: E402
 

@@ -47,10 +47,10 @@ from PIL import Image
 from segment_anything.utils.transforms import ResizeLongestSide
 from suite_table import save_rows
 
-from partwhole.common.devices import PRECISIONS
 from partwhole.common.image_folders import list_image_folder, load_rgb_image
 from partwhole.common.mask_io import load_masks
 from partwhole.common.point_grid import patch_grid_points
+from partwhole.common.runtime import PRECISIONS
 from partwhole.masks.sam2_points import Sam2PointGridMasker
 from partwhole.masks.sam_attention import ATTENTIONS, set_attention
 from partwhole.masks.sam_points import PointGridMasker

@@ -46,7 +46,7 @@ from suite_table import save_rows  # noqa: E402
 
 from partwhole.agglomerator.model import Agglomerator, AgglomeratorConfig  # noqa: E402
 from partwhole.agglomerator.objectives import levels_distill_loss  # noqa: E402
-from partwhole.common.devices import bf16_native  # noqa: E402
+from partwhole.common.runtime import bf16_native  # noqa: E402
 
 
 def time_steps(step, device: torch.device, warmup: int, iters: int) -> float:

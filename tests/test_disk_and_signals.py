@@ -325,7 +325,7 @@ def test_training_into_a_read_only_folder_is_one_line(tmp_path):
         result = subprocess.run(train_args(tmp_path, ro / "run", "--max_epochs=1"), capture_output=True, text=True,
                                 env=ENV, timeout=300)
     assert result.returncode == 1
-    assert last_line(result.stderr) == f"error: cannot write run in {ro} (Read-only file system); choose a writable folder"
+    assert last_line(result.stderr) == f"error: --output_dir={ro / 'run'}: cannot write there (Read-only file system); choose a writable folder"
 
 
 @pytest.mark.slow

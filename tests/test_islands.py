@@ -7,24 +7,25 @@ import torch
 from PIL import Image, ImageSequence
 from torchmetrics.functional.clustering import adjusted_rand_score
 
-from partwhole.islands.scores import (
+from partwhole.islands.figures import (
     PcaColours,
+    islands_figure,
+    islands_strip_figure,
+    iteration_colours,
+    pca_rgb,
+    save_islands_figure,
+)
+from partwhole.islands.gif import islands_iteration_frames, save_islands_gif
+from partwhole.islands.scores import (
     adjusted_rand_index,
     average_linkage_clusters,
     connected_segments,
-    islands_figure,
-    islands_iteration_frames,
     islands_scores,
     islands_scores_batch,
     islands_scores_from_labels,
     islands_scores_from_labels_per_iteration,
     islands_scores_per_iteration,
-    islands_strip_figure,
-    iteration_colours,
     mask_iou_matrix,
-    pca_rgb,
-    save_islands_figure,
-    save_islands_gif,
 )
 from partwhole.toy.dataset import oracle_masks, patch_grid_points, render_scene
 

@@ -254,12 +254,12 @@ def test_flagfiles_parse_and_build_the_model(flagfile):
 
 
 def test_more_gpus_than_present_falls_back_with_a_warning(caplog):
-    from partwhole.agglomerator.engine import resolve_devices
+    from partwhole.common.runtime import lightning_devices
 
     with caplog.at_level("WARNING"):
-        assert resolve_devices(2) == ("cpu", 1)
+        assert lightning_devices(2) == ("cpu", 1)
     assert "no CUDA GPU" in caplog.text
-    assert resolve_devices(0) == ("cpu", 1)
+    assert lightning_devices(0) == ("cpu", 1)
 
 
 def test_teacher_norm_dataset_stores_the_train_statistics(data_dir, tmp_path):

@@ -462,7 +462,7 @@ def test_sam2_checkpoint_loads_and_mismatches_are_explained(tmp_path, tiny_sam, 
         ("sam2_reference_labels", "--point_labels=reference reproduces the reference's SAM 1 prompts; SAM 2.1 takes"),
         ("mismatched_checkpoint", "does not fit --sam_model_type=vit_b"),
         ("no_class_folders", "no class folders found"),
-        ("unwritable_output", "--out_data_path=.*cannot write there"),
+        ("unwritable_output", "out_data_path=.*cannot write there"),
         ("mask_format", "--mask_format='v3' is unknown; choose one of v1, v2"),
     ],
 )

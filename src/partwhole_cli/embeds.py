@@ -32,7 +32,7 @@ from partwhole.embeds.embed_folder import (
     embed_folder,
 )
 from partwhole.embeds.mask_embedding import DEFAULT_ENCODER, EMBED_PRECISIONS
-from partwhole_cli import run_cli
+from partwhole_cli import run_cli, user_error
 
 FLAGS = flags.FLAGS
 
@@ -66,14 +66,6 @@ flags.DEFINE_integer("num_workers", None, "DataLoader processes reading images a
 flags.DEFINE_bool("progress", True, "Show a progress bar.")
 
 
-def _device(name: str) -> str:
-    if name != "auto":
-        return name
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         _fail(f"unexpected arguments {argv[1:]}; every option is a --flag (see --helpshort)")
@@ -102,13 +94,10 @@ def main(argv: list[str]) -> None:
         inputs = check_inputs(cfg)  # before launching, so a bad input is reported once
         from partwhole.common.per_image_runner import launch_workers
 
-        try:
-            worker = launch_workers(_device(FLAGS.device), FLAGS.num_processes, FLAGS.num_nodes)
-        except ValueError as exc:  # a bad --device
-            raise InputError(str(exc)) from None
+        worker = launch_workers(FLAGS.device, FLAGS.num_processes, FLAGS.num_nodes)  # auto: cuda if visible
         embed_folder(cfg, inputs, worker)
     except InputError as exc:
-        _fail(str(exc))
+        _fail(user_error(exc))
     except Interrupted as exc:
         print(f"masks_to_embeds: {exc}", file=sys.stderr, flush=True)
         sys.exit(128 + exc.signum)

@@ -36,9 +36,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
-import torch
 
-from partwhole.common.devices import PRECISIONS, resolve_device
 from partwhole.common.errors import InputError, check_choice
 from partwhole.common.image_folders import (
     MASKS_SUFFIX,
@@ -55,10 +53,10 @@ from partwhole.common.per_image_runner import (
     WorkerContext,
     batched,
     launch_workers,
-    prepare_output_folder,
     run_per_image,
 )
 from partwhole.common.point_grid import patch_grid_points
+from partwhole.common.runtime import PRECISIONS, prepare_output_folder, resolve_device
 from partwhole.masks.mask_sources import (
     MASK_SOURCES,
     PromptFreeMasker,
@@ -76,7 +74,7 @@ from partwhole.masks.teachers import (
     default_checkpoint,
     require_checkpoint_file,
 )
-from partwhole_cli import run_cli
+from partwhole_cli import run_cli, user_error
 
 log = logging.getLogger(__name__)
 
@@ -342,7 +340,7 @@ def main(argv: Sequence[str]) -> int:
             box_sizes=FLAGS.box_sizes,
             sam_model_type=FLAGS.sam_model_type,
             sam_checkpoint=None if random_weights else checkpoint,
-            device=FLAGS.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+            device=FLAGS.device or "auto",
             img_size=FLAGS.img_size,
             patch_size=FLAGS.patch_size,
             point_labels=FLAGS.point_labels,
@@ -358,7 +356,7 @@ def main(argv: Sequence[str]) -> int:
             num_nodes=FLAGS.num_nodes,
         )
     except (InputError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {user_error(exc)}", file=sys.stderr)
         return 1
     except Interrupted as exc:
         print(f"patched_masks: {exc}", file=sys.stderr)

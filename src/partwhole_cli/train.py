@@ -29,6 +29,7 @@ from absl import flags
 from partwhole_cli import (
     run_cli,
     train_flags,  # defines the flags
+    user_error,
 )
 
 FLAGS = flags.FLAGS
@@ -126,8 +127,9 @@ def trainer_for(run_dir: Path, train: bool, monitor: str | None = None, monitor_
                 one_process: bool = False):
     """The Trainer; ``islands`` adds the islands figures (``--plot_islands``) and scores (:class:`IslandsCallback`);
     ``one_process``: one device whatever the flags ask (``--mode freeze`` writes what it predicts itself)."""
-    from partwhole.agglomerator.engine import build_trainer, resolve_precision
+    from partwhole.agglomerator.engine import build_trainer
     from partwhole.agglomerator.islands_callback import IslandsCallback
+    from partwhole.common.runtime import lightning_precision
 
     accelerator, devices = devices_from_flags()
     num_nodes = 1 if one_process else FLAGS.num_nodes
@@ -136,7 +138,7 @@ def trainer_for(run_dir: Path, train: bool, monitor: str | None = None, monitor_
                                  max_scored_images=ISLANDS_SCORED_IMAGES)] if islands else []
     return build_trainer(
         run_dir, accelerator=accelerator, devices=devices, num_nodes=num_nodes,
-        precision=resolve_precision(FLAGS.precision, accelerator), max_epochs=FLAGS.max_epochs,
+        precision=lightning_precision(FLAGS.precision, accelerator), max_epochs=FLAGS.max_epochs,
         limit_train=FLAGS.limit_train, limit_val=FLAGS.limit_val, limit_test=FLAGS.limit_test,
         logger=FLAGS.logger, exp_name=FLAGS.exp_name, monitor=monitor, monitor_mode=monitor_mode, train=train,
         callbacks=callbacks, keep_checkpoints_at=epochs_list("keep_checkpoints_at"), ddp_timeout=FLAGS.ddp_timeout,
@@ -146,9 +148,9 @@ def trainer_for(run_dir: Path, train: bool, monitor: str | None = None, monitor_
 @functools.cache
 def devices_from_flags() -> tuple[str, int]:
     """``(accelerator, devices per node)`` from ``--num_gpus`` and ``--num_processes`` (warnings once)."""
-    from partwhole.agglomerator.engine import resolve_devices
+    from partwhole.common.runtime import lightning_devices
 
-    return resolve_devices(FLAGS.num_gpus, FLAGS.num_processes)
+    return lightning_devices(FLAGS.num_gpus, FLAGS.num_processes)
 
 
 def set_rank_from_launcher() -> None:
@@ -279,12 +281,9 @@ def diverged_message(what: str, run_dir: Path) -> str:
 
 def run_train() -> None:
     from partwhole.agglomerator.checkpoints import is_own_checkpoint, read_checkpoint
-    from partwhole.agglomerator.engine import (
-        claim_run_dir,
-        make_run_dir,
-        run_folder_lock,
-    )
+    from partwhole.agglomerator.engine import claim_run_dir, run_folder_lock
     from partwhole.agglomerator.lit_module import load_backbone_weights
+    from partwhole.common.runtime import make_run_dir
 
     objective = objective_from_flags()
     module = module_from_flags(objective)
@@ -350,7 +349,7 @@ def train_in(run_dir: Path, module, objective: str, resume_path: str | None, che
 
 
 def run_test() -> None:
-    from partwhole.agglomerator.engine import make_run_dir
+    from partwhole.common.runtime import make_run_dir
 
     module = module_from_checkpoint(FLAGS.load_checkpoint_dir, objective_from_flags())
     datamodule = datamodule_for(module, module.objective)
@@ -365,7 +364,7 @@ def run_test() -> None:
 
 
 def run_freeze() -> None:
-    from partwhole.agglomerator.engine import make_run_dir
+    from partwhole.common.runtime import make_run_dir
     from partwhole.common.safe_files import atomic_write_bytes
 
     module = module_from_checkpoint(FLAGS.load_checkpoint_dir, objective_from_flags())
@@ -384,15 +383,23 @@ def run_freeze() -> None:
 
 
 def run_islands() -> None:
-    from partwhole_cli.islands import draw_islands_for_checkpoint
+    from partwhole.common.errors import InputError, SettingError
+    from partwhole.common.runtime import make_run_dir
+    from partwhole.islands.checkpoint import draw_islands_for_checkpoint, pick_images
+    from partwhole_cli.islands import ISLANDS_FLAGS
 
     module = module_from_checkpoint(FLAGS.load_checkpoint_dir, objective_from_flags())
-    draw_islands_for_checkpoint(
-        module, dataset=FLAGS.dataset, data_dir=FLAGS.data_dir, split=FLAGS.islands_split,
-        count=FLAGS.islands_count, images=FLAGS.islands_images, output_dir=FLAGS.output_dir, exp_name=FLAGS.exp_name,
-        embeds_suffix=FLAGS.embeds_suffix, animate=FLAGS.islands_animate, html=FLAGS.islands_html,
-        checkpoint=FLAGS.load_checkpoint_dir,
-    )
+    try:
+        records = pick_images(dataset=FLAGS.dataset, data_dir=FLAGS.data_dir, split=FLAGS.islands_split,
+                              count=FLAGS.islands_count, images=FLAGS.islands_images, html=FLAGS.islands_html)
+    except SettingError as exc:
+        raise InputError(user_error(exc, ISLANDS_FLAGS)) from None
+    run_dir = make_run_dir(FLAGS.output_dir, FLAGS.exp_name, "islands")
+    drawn = draw_islands_for_checkpoint(
+        module, records, run_dir, dataset=FLAGS.dataset, data_dir=FLAGS.data_dir, split=FLAGS.islands_split,
+        given=bool(FLAGS.islands_images), embeds_suffix=FLAGS.embeds_suffix, animate=FLAGS.islands_animate,
+        html=FLAGS.islands_html, checkpoint=FLAGS.load_checkpoint_dir)
+    print("\n".join(drawn.summary))
 
 
 def one_line(exc: BaseException) -> str:
@@ -410,7 +417,7 @@ def peer_failure(exc: BaseException) -> bool:
 
 
 def peer_failure_message(exc: BaseException) -> str:
-    from partwhole.agglomerator.engine import RUN_DIR_ENV
+    from partwhole.common.runtime import RUN_DIR_ENV
 
     run = os.environ.get(RUN_DIR_ENV)  # this run's folder (make_run_dir sets it)
     last = Path(run) / "checkpoints" / "last.ckpt" if run else None
@@ -428,7 +435,7 @@ def main(argv) -> None:
     from pytorch_lightning.utilities.exceptions import SIGTERMException
 
     from partwhole.agglomerator.engine import DivergedError
-    from partwhole.common.errors import InputError
+    from partwhole.common.errors import InputError, SettingError
     from partwhole.common.safe_files import DISK_ERRNOS, describe_write_error
 
     pl.seed_everything(FLAGS.seed, workers=True)
@@ -438,7 +445,7 @@ def main(argv) -> None:
     except (InputError, ValueError, FileNotFoundError) as exc:
         if os.environ.get("PARTWHOLE_DEBUG"):
             raise
-        sys.exit(f"error: {one_line(exc)}")
+        sys.exit(f"error: {user_error(exc) if isinstance(exc, SettingError) else one_line(exc)}")
     except DivergedError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         sys.exit(DIVERGED_EXIT_CODE)

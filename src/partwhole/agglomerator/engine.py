@@ -1,4 +1,7 @@
-"""Run plumbing for stage 3: devices, precision, run folder, loggers, the Lightning Trainer.
+"""Run plumbing for stage 3: the run folder's lock, loggers, the Lightning Trainer.
+
+Devices (``lightning_devices``), precision (``lightning_precision``) and the run folder itself
+(``make_run_dir``) are :mod:`partwhole.common.runtime`'s, shared with stages 1-2.
 
 The Trainer writes checkpoints atomically (``checkpoint_io.AtomicCheckpointIO``) and, when training,
 saves ``checkpoints/last.ckpt`` on SIGTERM/SIGUSR1 before it stops (``preemption.PreemptionCheckpoint``).
@@ -30,33 +33,9 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from partwhole.agglomerator.checkpoint_io import AtomicCheckpointIO
 from partwhole.agglomerator.preemption import PreemptionCheckpoint, cluster_plugins
-from partwhole.common.devices import LIGHTNING_PRECISION, auto_precision
 from partwhole.common.errors import InputError
-from partwhole.common.safe_files import remove_stale_temporaries
 
 log = logging.getLogger(__name__)
-
-PRECISIONS = ("auto", "32", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "64", "64-true")  # Lightning's names
-
-
-def resolve_devices(num_gpus: int, num_processes: int = 1) -> tuple[str, int]:
-    """``(accelerator, devices)`` per node: ``num_gpus`` GPUs where one is visible and ``num_gpus >= 1``, else
-    ``num_processes`` CPU processes (DDP over gloo when more than one). GPUs win when both are given."""
-    if num_processes < 1:
-        raise ValueError(f"--num_processes={num_processes}: give 1 or more")
-    available = torch.cuda.device_count()
-    if num_gpus <= 0 or available == 0:
-        if num_gpus > 0:
-            log.warning("--num_gpus=%d but no CUDA GPU is visible: running on CPU (%d process%s)", num_gpus,
-                        num_processes, "es" if num_processes > 1 else "")
-        return "cpu", num_processes
-    if num_processes > 1:
-        log.warning("--num_processes=%d ignored: --num_gpus=%d runs one process per GPU (--num_gpus=0 for CPU processes)",
-                    num_processes, num_gpus)
-    if num_gpus > available:
-        log.warning("--num_gpus=%d but only %d GPU(s) are visible: using %d", num_gpus, available, available)
-    return "gpu", min(num_gpus, available)
-
 
 def launcher_rank(devices_per_node: int) -> int:
     """This process's global rank as its launcher's environment says (0 when started by hand on one node).
@@ -70,44 +49,6 @@ def launcher_rank(devices_per_node: int) -> int:
     if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env:
         return int(env["SLURM_PROCID"])
     return int(env.get("NODE_RANK", env.get("GROUP_RANK", "0"))) * devices_per_node + int(env.get("LOCAL_RANK", "0"))
-
-
-def resolve_precision(precision: str, accelerator: str) -> str:
-    """``--precision`` for Lightning; ``auto`` is bf16-mixed where bf16 is native, else 32."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"--precision={precision}: choose one of {', '.join(PRECISIONS)}")
-    if precision == "auto":
-        return LIGHTNING_PRECISION[auto_precision("cuda" if accelerator == "gpu" else "cpu")]
-    if precision == "16-mixed" and accelerator == "cpu":
-        raise ValueError("--precision=16-mixed needs a GPU; use bf16-mixed or 32 on CPU")
-    return precision
-
-
-RUN_DIR_ENV = "PARTWHOLE_RUN_DIR"  # a new run's folder, for the DDP processes started after it was chosen
-
-
-def make_run_dir(output_dir: str, exp_name: str, tag: str, resume_from: str | None = None) -> Path:
-    """The run folder: ``--output_dir``, the folder of a checkpoint being resumed, or a new timestamped one.
-
-    Temporary files that a killed run left there (``atomic_write_bytes``'s, nothing else) are removed.
-    """
-    if output_dir:
-        run = Path(output_dir)
-    elif resume_from is not None and Path(resume_from).parent.name == "checkpoints":
-        run = Path(resume_from).parent.parent
-    elif rank_zero_only.rank != 0:  # a DDP process: rank 0's folder (the same time stamp)
-        if RUN_DIR_ENV not in os.environ:
-            raise InputError("several processes started by a launcher (SLURM, torchrun) need --output_dir: the same "
-                             "folder for all of them")
-        run = Path(os.environ[RUN_DIR_ENV])
-    else:
-        run = Path("runs") / exp_name / f"{time.strftime('%Y%m%d-%H%M%S')}-{tag}"
-    os.environ[RUN_DIR_ENV] = str(run)  # the processes that Lightning's DDP launcher starts later inherit it
-    run.mkdir(parents=True, exist_ok=True)
-    removed = remove_stale_temporaries(run) if rank_zero_only.rank == 0 else []  # rank 0 writes there
-    if removed:
-        log.info("removed %d temporary file(s) left by an interrupted run under %s", len(removed), run)
-    return run
 
 
 LOCK_NAME = "run.lock"

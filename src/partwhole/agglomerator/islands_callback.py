@@ -8,7 +8,7 @@ DataModule puts the stage-1 masks of the first val images into the val batch
 * scores the islands of the val (and test) images that carry masks against those
   masks and logs ``val/islands_pair_corr_L<i>`` and ``val/islands_ari_L<i>``
   (``test/...`` in test) per epoch: the definitions are :mod:`partwhole.islands.scores`';
-* with ``plot``, draws one image's islands (:func:`~partwhole.islands.scores.islands_figure`,
+* with ``plot``, draws one image's islands (:func:`~partwhole.islands.figures.islands_figure`,
   the drawing of ``--mode islands``) every ``plot_every`` training steps and for
   the first val/test batch, as ``<run>/islands/{stage}_step{global_step:07d}.png``
   and, with a TensorBoard logger, as the figure ``islands/{stage}``.
@@ -30,12 +30,8 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
-from partwhole.islands.scores import (
-    average_islands_scores,
-    islands_figure,
-    islands_scores,
-    save_islands_figure,
-)
+from partwhole.islands.figures import islands_figure, save_islands_figure
+from partwhole.islands.scores import average_islands_scores, islands_scores
 
 log = logging.getLogger(__name__)
 

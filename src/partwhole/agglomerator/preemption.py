@@ -18,6 +18,8 @@ also SIGUSR1 ``T`` seconds ahead) before they kill a job. Lightning's own SIGTER
   only noted by the handler; all processes agree at the end of each training step (one all-reduce)
   and stop at the same step, so that the checkpoint's collective save is reached by every one of them.
 
+The signals and their handlers are ``runtime.STOP_SIGNALS`` / ``runtime.StopSignals``, as in stages 1-2.
+
 The checkpoint goes through the trainer's ``CheckpointIO`` (atomic: see ``checkpoint_io.py``).
 """
 
@@ -34,9 +36,11 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from partwhole.common.runtime import STOP_SIGNALS, StopSignals
+
 log = logging.getLogger(__name__)
 
-EXTRA_STOP_SIGNALS = tuple(s for s in (getattr(signal, "SIGUSR1", None),) if s is not None)
+EXTRA_STOP_SIGNALS = tuple(s for s in STOP_SIGNALS if s != signal.SIGTERM)  # Lightning handles SIGTERM itself
 
 
 def cluster_plugins() -> list:
@@ -61,38 +65,41 @@ class PreemptionCheckpoint(Callback):
         self.path = Path(path)
         self.signal_name: str | None = None  # set when a stop signal arrived
         self.saved_path: Path | None = None  # set when the checkpoint was written
-        self._signum: int | None = None
+        self._signals: StopSignals | None = None  # the handlers while fitting
         self._distributed = False
         self._start_step = 0
-        self._previous: dict[int, Any] = {}
 
     # -- signals
-    def _route_to_sigterm(self, signum: int, frame: Any) -> None:
-        """SIGUSR1: record it and run the SIGTERM handler (Lightning's, which flags the trainer)."""
-        self._note_signal(signum, frame)
+    @staticmethod
+    def _route_to_sigterm(signum: int, frame: Any, first: bool) -> None:
+        """One process, SIGUSR1 (noted by :class:`StopSignals`): run the SIGTERM handler (Lightning's, which flags
+        the trainer)."""
         handler = signal.getsignal(signal.SIGTERM)
         if callable(handler):
             handler(signal.SIGTERM, frame)
 
-    def _note_signal(self, signum: int, frame: Any) -> None:
-        """Several processes: only note the signal. Lightning's own handler runs a collective (a broadcast) inside
-        the handler, which can pair with another collective of a peer; the processes agree instead at the end of
-        the next step (:meth:`on_train_batch_end`), whichever of them received it."""
-        self._signum = self._signum or signum
-
     def _install_signals(self, trainer: "pl.Trainer") -> None:
-        # After Lightning registered its SIGTERM handler (so its teardown, which restores the handlers it
-        # found, also removes ours); in the main thread only, and never over someone else's handler.
-        if self._previous or threading.current_thread() is not threading.main_thread():
+        """After Lightning registered its SIGTERM handler (so its teardown, which restores the handlers it found,
+        also removes ours); in the main thread only, and never over someone else's handler (one process).
+
+        Several processes: every stop signal is only noted. Lightning's own handler runs a collective (a broadcast)
+        inside the handler, which can pair with another collective of a peer; the processes agree instead at the
+        end of the next step (:meth:`on_train_batch_end`), whichever of them received it."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        if self._signals is not None and self._signals.installed:
             return
         self._distributed = trainer.world_size > 1
-        if self._distributed:
-            for signum in (signal.SIGTERM, *EXTRA_STOP_SIGNALS):
-                self._previous[signum] = signal.signal(signum, self._note_signal)
-            return
-        for signum in EXTRA_STOP_SIGNALS:
-            if signal.getsignal(signum) in (signal.SIG_DFL, None):
-                self._previous[signum] = signal.signal(signum, self._route_to_sigterm)
+        noted = self._signum
+        self._signals = (StopSignals(STOP_SIGNALS) if self._distributed
+                         else StopSignals(EXTRA_STOP_SIGNALS, on_signal=self._route_to_sigterm, only_unhandled=True))
+        self._signals.signum = noted
+        self._signals.install()
+
+    @property
+    def _signum(self) -> int | None:
+        """The stop signal noted (by this process's handlers, or agreed with the others), if any."""
+        return None if self._signals is None else self._signals.signum
 
     def on_sanity_check_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if trainer.state.fn == TrainerFn.FITTING:
@@ -108,15 +115,14 @@ class PreemptionCheckpoint(Callback):
         signum = int(trainer.strategy.reduce(torch.tensor(self._signum or 0, device=trainer.strategy.root_device),
                                              reduce_op="max"))
         if signum:
-            self._signum = signum
+            self._signals.signum = signum
             # Lightning's flag: its loop raises SIGTERMException at this step's end, on every process alike.
             # There is no public setter; the attribute is what Lightning's own handler sets.
             trainer._signal_connector.received_sigterm = True
 
     def _restore_signals(self) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-        self._previous = {}
+        if self._signals is not None:
+            self._signals.restore()
 
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         self._restore_signals()

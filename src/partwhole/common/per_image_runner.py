@@ -10,16 +10,16 @@ The driver owns the rest:
 * bad inputs: a :class:`ReadFailure` from ``load`` stops the run with a one-line error (after the
   images in hand are written), or with ``skip_bad_images`` goes to ``<out>/failed.txt``
   (:func:`record_failure`) and the run carries on;
-* :class:`StopOnSignal`: SIGTERM/SIGUSR1 (cluster preemption) stop feeding images, the ones in hand
-  are finished, then :class:`Interrupted` ends the run (a rerun resumes);
+* stop signals (:class:`~partwhole.common.runtime.StopSignals`: SIGTERM/SIGUSR1, cluster preemption) stop
+  feeding images, the ones in hand are finished, then :class:`Interrupted` ends the run (a rerun resumes);
 * :func:`disk_full_hint`: a full disk's error says how much more space the remaining images need;
 * :class:`Progress`: a progress bar (images, images/s, time left) and a closing
   summary line (written, skipped, failed, time, throughput).
 
 Around it: :func:`launch_workers` (N processes over GPUs/nodes through Lightning Fabric, or one plain
-process) and :func:`prepare_output_folder` (create it, prove it writable, remove stale temporary files).
-Devices and precision are :mod:`partwhole.common.devices`; loader processes and malloc settings,
-which stage 3 uses too, :mod:`partwhole.common.processes`.
+process). The output folder (``runtime.prepare_output_folder``), stop signals, devices and precision are
+:mod:`partwhole.common.runtime`; loader processes and malloc settings, which stage 3 uses too,
+:mod:`partwhole.common.processes`.
 """
 
 from __future__ import annotations
@@ -29,8 +29,6 @@ import logging
 import os
 import signal
 import sys
-import tempfile
-import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -41,15 +39,13 @@ from typing import Any, Iterable, Iterator, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from partwhole.common.devices import resolve_device
 from partwhole.common.errors import InputError, OutputWriteError
 from partwhole.common.image_folders import ImageRecord
-from partwhole.common.processes import STOP_SIGNALS
+from partwhole.common.runtime import StopSignals, resolve_device
 from partwhole.common.safe_files import (
     DISK_ERRNOS,
     describe_write_error,
     format_bytes,
-    remove_stale_temporaries,
 )
 
 log = logging.getLogger(__name__)
@@ -92,28 +88,6 @@ def launch_workers(device: str = "cpu", num_processes: int = 1, num_nodes: int =
     return WorkerContext(rank=fabric.global_rank, world_size=fabric.world_size, device=fabric.device, fabric=fabric)
 
 
-def prepare_output_folder(out_root: str | os.PathLike, flag: str = "--out_data_path") -> Path:
-    """Create ``out_root``, prove a file can be written there, and remove stale temporary files.
-
-    The temporary files are those of :func:`~partwhole.common.safe_files.atomic_write_bytes`
-    left by a killed run (see :func:`~partwhole.common.safe_files.remove_stale_temporaries`).
-
-    Raises:
-        InputError: the folder cannot be created or written (read-only, permissions, disk full).
-    """
-    out_root = Path(out_root)
-    try:
-        out_root.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out_root):
-            pass
-    except OSError as exc:
-        raise InputError(f"{flag}={out_root}: cannot write there ({exc.strerror}); choose a writable folder") from None
-    removed = remove_stale_temporaries(out_root)
-    if removed:
-        log.info("removed %d temporary file(s) left by an interrupted run under %s", len(removed), out_root)
-    return out_root
-
-
 class Interrupted(Exception):
     """The run stopped on a signal after finishing the files in hand; rerunning the command resumes."""
 
@@ -122,42 +96,6 @@ class Interrupted(Exception):
         name = signal.Signals(signum).name
         super().__init__(f"stopped by {name} after writing {written} file(s); {remaining} image(s) left: "
                          "rerun the same command to finish them (finished files are skipped)")
-
-
-class StopOnSignal:
-    """Context manager: SIGTERM and SIGUSR1 (what clusters send before a kill) ask the loop to stop.
-
-    The handlers only set :attr:`signum`; the loop checks :attr:`requested` between files, finishes
-    the ones in hand and raises :class:`Interrupted`. Handlers are installed in the main thread only
-    and restored on exit. A second signal of the same kind while stopping is ignored (the kill that
-    follows a cluster's grace period still ends the process).
-    """
-
-    SIGNALS = STOP_SIGNALS
-
-    def __init__(self):
-        self.signum: int | None = None
-        self._previous: dict[int, object] = {}
-
-    @property
-    def requested(self) -> bool:
-        return self.signum is not None
-
-    def _handle(self, signum, frame) -> None:
-        if self.signum is None:
-            log.warning("received %s: finishing the files in hand, then stopping", signal.Signals(signum).name)
-            self.signum = signum
-
-    def __enter__(self) -> "StopOnSignal":
-        if threading.current_thread() is threading.main_thread():
-            for signum in self.SIGNALS:
-                self._previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-        self._previous = {}
 
 
 def disk_full_hint(error: OutputWriteError, out_root: str | os.PathLike, remaining: int, file_bytes: int | None) -> OutputWriteError:
@@ -318,7 +256,7 @@ def run_per_image(
     """Run ``stage`` over this worker's share of ``records``; return the closed :class:`Progress`.
 
     Finished files are skipped unless ``overwrite`` (:func:`plan_work`). A SIGTERM or SIGUSR1
-    (:class:`StopOnSignal`) stops feeding images; the ones in hand are finished and written.
+    (:class:`~partwhole.common.runtime.StopSignals`) stops feeding images; the ones in hand are finished and written.
 
     Raises:
         InputError: a bad input (a :class:`ReadFailure`, unless ``stage.skip_bad_images``), after
@@ -331,7 +269,7 @@ def run_per_image(
     todo, skipped = plan_work(records, stage.out_root, rank=worker.rank, world_size=worker.world_size, overwrite=overwrite)
     progress = Progress(stage.name, len(todo), skipped, rank=worker.rank, enabled=show_progress and bool(todo))
     bad_input: list[str] = []  # a bad input ends the stream; the images in hand are still written
-    with StopOnSignal() as stop:
+    with StopSignals(on_signal=_announce_stop) as stop:
         try:
             if todo:
                 loaded = stage.load(todo)
@@ -353,7 +291,14 @@ def run_per_image(
     return progress
 
 
-def _readable(loaded: Iterator, stage: PerImageStage, progress: Progress, stop: StopOnSignal, bad_input: list[str]) -> Iterator:
+def _announce_stop(signum: int, frame: Any, first: bool) -> None:
+    """A stop signal: say so once. A second one while stopping is ignored (the kill that follows a cluster's grace
+    period still ends the process)."""
+    if first:
+        log.warning("received %s: finishing the files in hand, then stopping", signal.Signals(signum).name)
+
+
+def _readable(loaded: Iterator, stage: PerImageStage, progress: Progress, stop: StopSignals, bad_input: list[str]) -> Iterator:
     """The inputs of ``loaded`` that were read, until a stop signal or a bad input (unless skipped) ends the stream."""
     try:
         for item in loaded:

@@ -1,8 +1,9 @@
 """Process plumbing for every stage: DataLoader worker processes that neither block a stop nor outlive
 their main process, and glibc malloc settings for CPU runs.
 
-* :func:`ignore_stop_signals` (a ``worker_init_fn``): loader processes ignore SIGTERM/SIGUSR1, which a
-  cluster sends to the whole process group, and die with their parent (:func:`die_with_parent`);
+* :func:`ignore_stop_signals` (a ``worker_init_fn``): loader processes ignore the stop signals
+  (``runtime.STOP_SIGNALS``), which a cluster sends to the whole process group, and die with their
+  parent (:func:`die_with_parent`); the main process handles them (``runtime.StopSignals``);
 * :func:`end_loader_workers_at_exit` and :func:`shut_down_loader_workers`: the main process ends them;
 * :func:`keep_freed_memory`: malloc keeps freed memory for reuse (page faults cost stage 2 30-50 %).
 """
@@ -16,8 +17,7 @@ import sys
 import threading
 from typing import Iterable
 
-STOP_SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None)) if s is not None)
-"""What clusters send before a kill: each stage finishes what it has in hand, then stops."""
+from partwhole.common.runtime import STOP_SIGNALS
 
 
 def die_with_parent() -> None:
@@ -62,6 +62,11 @@ def shut_down_loader_workers(loaders: Iterable) -> None:
     stopped by a signal: Lightning's teardown shuts down only the active loop's loaders (not those of
     the fit loop when the signal came during validation), so their workers would outlive the run.
     """
+    # torch has no public way to end a DataLoader's persistent workers before the loader is garbage-collected:
+    # the iterator (``loader._iterator``, kept with ``persistent_workers``) ends them in its private
+    # ``_shutdown_workers`` (what its ``__del__`` calls), and only it knows its processes (``_workers``).
+    # Dropping the reference instead would end them only when the last reference goes (Lightning's fetchers
+    # may hold one), and killing every multiprocessing child would end other loaders' workers too.
     from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter
 
     for loader in loaders:
@@ -73,7 +78,7 @@ def shut_down_loader_workers(loaders: Iterable) -> None:
                     worker.kill()
                     worker.join(timeout=10)
         if iterator is not None:
-            loader._iterator = None
+            loader._iterator = None  # the next ``iter(loader)`` starts new workers
 
 
 _LOADER_REAPER_REGISTERED = False

@@ -43,7 +43,6 @@ from partwhole.common.per_image_runner import (
     PerImageStage,
     ReadFailure,
     WorkerContext,
-    prepare_output_folder,
     record_failure,
     run_per_image,
 )
@@ -52,6 +51,7 @@ from partwhole.common.processes import (
     ignore_stop_signals,
     keep_freed_memory,
 )
+from partwhole.common.runtime import prepare_output_folder
 from partwhole.embeds.encoder_weights import resolve_encoder_checkpoint
 from partwhole.embeds.mask_embedding import (
     DEFAULT_ENCODER,

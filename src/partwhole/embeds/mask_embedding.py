@@ -35,8 +35,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from partwhole.common.devices import auto_precision
 from partwhole.common.errors import InputError
+from partwhole.common.runtime import resolve_precision
 from partwhole.embeds.eval_transform import BatchedEvalTransform
 
 log = logging.getLogger(__name__)
@@ -203,13 +203,6 @@ def embed_image_reference(
 # --------------------------------------------------------------------------- fast path
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``'fp32'`` or ``'bf16'`` for ``--precision`` (``auto``: bf16 where the hardware runs it natively)."""
-    if precision not in EMBED_PRECISIONS:
-        raise InputError(f"--precision={precision!r}: use one of {', '.join(EMBED_PRECISIONS)}")
-    return auto_precision(device.type) if precision == "auto" else precision
-
-
 def default_batch_size(device: torch.device) -> int:
     """``--batch_size`` default: masked images per forward pass, 256 on CUDA, 64 on CPU.
 
@@ -286,7 +279,7 @@ class MaskedImageEncoder:
         if batch_size < 1:
             raise InputError(f"--batch_size={batch_size}: must be at least 1")
         self.crop, self.batch_size = crop, batch_size
-        self.precision = resolve_precision(precision, self.device)
+        self.precision = resolve_precision(precision, self.device.type, EMBED_PRECISIONS)
         self.pil_transform = reference_transform(model)
         self.transform = BatchedEvalTransform.from_timm(self.pil_transform)
         self.model = copy.deepcopy(model).eval().to(self.device, memory_format=torch.channels_last)

@@ -1,9 +1,9 @@
 """The islands explorer: one self-contained HTML page where a researcher clicks a column and sees its island.
 
-``--mode islands --islands_html`` (``islands_cli``) writes ``<run>/islands.html``. Per image the page shows
+``checkpoint.draw_islands_for_checkpoint(..., html=True)`` writes ``<run>/islands.html``. Per image the page shows
 the input with its column grid; for the chosen column, at every level, each column's cosine similarity to
 it as a heat map (the island is what lights up), at any GLOM iteration (a slider over the states of the
-same forward pass that ``--islands_animate`` draws); the chosen point's stage-1 masks (and the toy set's
+same forward pass that its ``animate`` draws); the chosen point's stage-1 masks (and the toy set's
 ground-truth regions) at the three levels; and the image's islands scores (``pair_corr``, ``ari``) from
 the same code that writes ``scores.json``.
 
@@ -39,7 +39,7 @@ from partwhole.common.safe_files import atomic_write_bytes, strict_json
 from partwhole.islands.scores import cosine_similarity_matrix, label_points
 
 STAGE1_LEVEL_NAMES = ("mask level 0", "mask level 1", "mask level 2")
-GROUND_TRUTH_LEVEL_NAMES = ("part", "object", "all objects")  # islands_cli.ground_truth_label_maps, in that order
+GROUND_TRUTH_LEVEL_NAMES = ("part", "object", "all objects")  # checkpoint.ground_truth_label_maps, in that order
 _DATA_MARK = "/*ISLANDS_DATA*/"
 _SCRIPT_MARK = "/*ISLANDS_SCRIPT*/"
 

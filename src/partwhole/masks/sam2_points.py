@@ -37,9 +37,9 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from partwhole.common.devices import PRECISIONS
 from partwhole.common.errors import check_choice
 from partwhole.common.point_grid import patch_grid_points
+from partwhole.common.runtime import PRECISIONS
 from partwhole.masks.sam_points import GridMasker
 
 # sam2.1_hiera_test: Hiera-T's structure at a quarter of its input side (256 px in, 16 x 16 top

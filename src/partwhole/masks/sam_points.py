@@ -38,10 +38,10 @@ from segment_anything.modeling import (
 from segment_anything.utils.transforms import ResizeLongestSide
 from torch.nn import functional as F
 
-from partwhole.common.devices import PRECISIONS
 from partwhole.common.errors import check_choice
 from partwhole.common.image_folders import checked_square_image
 from partwhole.common.point_grid import patch_grid_points
+from partwhole.common.runtime import PRECISIONS
 
 POINT_LABELS = ("foreground", "reference")
 
