@@ -3,7 +3,8 @@
 The Trainer writes checkpoints atomically (``checkpoint_io.AtomicCheckpointIO``) and, when training,
 saves ``checkpoints/last.ckpt`` on SIGTERM/SIGUSR1 before it stops (``preemption.PreemptionCheckpoint``).
 
-``main.py`` turns flags into plain values and calls these; nothing here reads flags.
+The command line turns its flags into plain values and calls these; nothing here reads flags. Errors name the
+setting (:class:`~partwhole.common.errors.SettingError`), which the command line words as its flag.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from pytorch_lightning.utilities import rank_zero_only
 from partwhole.agglomerator.checkpoint_io import AtomicCheckpointIO
 from partwhole.agglomerator.preemption import PreemptionCheckpoint, cluster_plugins
 from partwhole.common.devices import LIGHTNING_PRECISION, auto_precision
-from partwhole.common.errors import InputError
+from partwhole.common.errors import SettingError
 from partwhole.common.safe_files import remove_stale_temporaries
 
 log = logging.getLogger(__name__)
@@ -43,18 +44,18 @@ def resolve_devices(num_gpus: int, num_processes: int = 1) -> tuple[str, int]:
     """``(accelerator, devices)`` per node: ``num_gpus`` GPUs where one is visible and ``num_gpus >= 1``, else
     ``num_processes`` CPU processes (DDP over gloo when more than one). GPUs win when both are given."""
     if num_processes < 1:
-        raise ValueError(f"--num_processes={num_processes}: give 1 or more")
+        raise SettingError("num_processes", num_processes, "give 1 or more")
     available = torch.cuda.device_count()
     if num_gpus <= 0 or available == 0:
         if num_gpus > 0:
-            log.warning("--num_gpus=%d but no CUDA GPU is visible: running on CPU (%d process%s)", num_gpus,
+            log.warning("num_gpus=%d but no CUDA GPU is visible: running on CPU (%d process%s)", num_gpus,
                         num_processes, "es" if num_processes > 1 else "")
         return "cpu", num_processes
     if num_processes > 1:
-        log.warning("--num_processes=%d ignored: --num_gpus=%d runs one process per GPU (--num_gpus=0 for CPU processes)",
+        log.warning("num_processes=%d ignored: num_gpus=%d runs one process per GPU (num_gpus=0 for CPU processes)",
                     num_processes, num_gpus)
     if num_gpus > available:
-        log.warning("--num_gpus=%d but only %d GPU(s) are visible: using %d", num_gpus, available, available)
+        log.warning("num_gpus=%d but only %d GPU(s) are visible: using %d", num_gpus, available, available)
     return "gpu", min(num_gpus, available)
 
 
@@ -73,13 +74,13 @@ def launcher_rank(devices_per_node: int) -> int:
 
 
 def resolve_precision(precision: str, accelerator: str) -> str:
-    """``--precision`` for Lightning; ``auto`` is bf16-mixed where bf16 is native, else 32."""
+    """``precision`` for Lightning; ``auto`` is bf16-mixed where bf16 is native, else 32."""
     if precision not in PRECISIONS:
-        raise ValueError(f"--precision={precision}: choose one of {', '.join(PRECISIONS)}")
+        raise SettingError("precision", precision, f"choose one of {', '.join(PRECISIONS)}")
     if precision == "auto":
         return LIGHTNING_PRECISION[auto_precision("cuda" if accelerator == "gpu" else "cpu")]
     if precision == "16-mixed" and accelerator == "cpu":
-        raise ValueError("--precision=16-mixed needs a GPU; use bf16-mixed or 32 on CPU")
+        raise SettingError("precision", precision, "needs a GPU; use bf16-mixed or 32 on CPU")
     return precision
 
 
@@ -87,7 +88,7 @@ RUN_DIR_ENV = "PARTWHOLE_RUN_DIR"  # a new run's folder, for the DDP processes s
 
 
 def make_run_dir(output_dir: str, exp_name: str, tag: str, resume_from: str | None = None) -> Path:
-    """The run folder: ``--output_dir``, the folder of a checkpoint being resumed, or a new timestamped one.
+    """The run folder: ``output_dir``, the folder of a checkpoint being resumed, or a new timestamped one.
 
     Temporary files that a killed run left there (``atomic_write_bytes``'s, nothing else) are removed.
     """
@@ -97,8 +98,8 @@ def make_run_dir(output_dir: str, exp_name: str, tag: str, resume_from: str | No
         run = Path(resume_from).parent.parent
     elif rank_zero_only.rank != 0:  # a DDP process: rank 0's folder (the same time stamp)
         if RUN_DIR_ENV not in os.environ:
-            raise InputError("several processes started by a launcher (SLURM, torchrun) need --output_dir: the same "
-                             "folder for all of them")
+            raise SettingError("output_dir", output_dir, "several processes started by a launcher (SLURM, torchrun) "
+                               "need one: the same folder for all of them")
         run = Path(os.environ[RUN_DIR_ENV])
     else:
         run = Path("runs") / exp_name / f"{time.strftime('%Y%m%d-%H%M%S')}-{tag}"
@@ -118,7 +119,7 @@ RUN_OUTPUTS = ("checkpoints", "logs", "islands", "results.json", "flags.cfg")  #
 def run_folder_lock(run_dir: Path) -> Iterator[None]:
     """Hold ``<run_dir>/run.lock`` (an exclusive ``flock``) while a run writes the folder; rank 0 only under DDP.
 
-    A second process is refused with an :class:`InputError` naming the holder's pid and host. The
+    A second process is refused with a :class:`SettingError` naming the holder's pid and host. The
     kernel drops the lock when its holder dies, however it dies, so a lock file left by a killed run
     never blocks the next one (its text is only a note of who held it last).
     """
@@ -132,8 +133,8 @@ def run_folder_lock(run_dir: Path) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 300, 0).decode(errors="replace").strip() or "another process"
-            raise InputError(f"{run_dir} is in use by {holder} ({path}); wait for that run to end, or pass another "
-                             f"--output_dir") from None
+            raise SettingError("output_dir", run_dir, f"{run_dir} is in use by {holder} ({path}); wait for that run "
+                               f"to end, or choose another folder") from None
         with contextlib.suppress(OSError):  # only a note for the message above (a full disk is reported where it matters)
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
@@ -164,13 +165,13 @@ def claim_run_dir(run_dir: Path, resume_from: str | None, overwrite: bool, resum
                 shutil.rmtree(target)
             elif target.exists():
                 target.unlink()
-        log.warning("--overwrite: removed the earlier run in %s (%s)", run_dir, ", ".join(held))
+        log.warning("overwrite: removed the earlier run in %s (%s)", run_dir, ", ".join(held))
         return
-    what = f"--resume_training from {resume_from}" if resume_from else "a new training"
+    what = f"resuming training from {resume_from}" if resume_from else "a new training"
     continue_it = f"to continue that run: {resume_hint}; " if last.is_file() else ""
-    raise InputError(f"{run_dir} holds the checkpoints of an earlier run ({', '.join(held[:4])}{', ...' if len(held) > 4 else ''}), "
-                     f"and {what} would overwrite them; {continue_it}to start again there, add --overwrite; or pass "
-                     f"another --output_dir")
+    raise SettingError("overwrite", overwrite, f"{run_dir} holds the checkpoints of an earlier run "
+                       f"({', '.join(held[:4])}{', ...' if len(held) > 4 else ''}), and {what} would overwrite them; "
+                       f"{continue_it}to start again there, set it; or choose another output_dir")
 
 
 class DivergedError(RuntimeError):
@@ -248,7 +249,7 @@ def make_logger(kind: str, run_dir: Path, exp_name: str):
     try:
         import wandb  # noqa: F401
     except ImportError:
-        raise ValueError("--logger=wandb needs the wandb package: pip install wandb (or use --logger=csv)") from None
+        raise SettingError("logger", kind, "needs the wandb package: pip install wandb (or use csv)") from None
     from pytorch_lightning.loggers import WandbLogger
 
     return WandbLogger(project="partwhole-agglomerator", name=exp_name, save_dir=str(run_dir))
