@@ -45,7 +45,7 @@ FIELDS_NOT_FROM_FLAGS = {
     "TrainingConfig": {},
 }
 UNUSED_FLAGS = {"lr_speed": "unused by the reference too; kept so its flagfiles parse"}
-FLAG_OF = {"objective": "pretrain_objective"}  # settings whose flag has another name (user_error)
+FLAG_OF = {"objective": "pretrain_objective", "checkpoint": "load_checkpoint_dir"}  # settings whose flag has another name
 
 
 def objective_from_flags() -> str:
