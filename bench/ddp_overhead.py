@@ -51,7 +51,7 @@ import partwhole.agglomerator.lit_module as lit_module
 import partwhole_cli.train as main
 
 engine.ddp_strategy = lambda timeout_s: DDPStrategy(timeout=timedelta(seconds=timeout_s), find_unused_parameters=True)
-lit_module.OBJECTIVE_HEADS = {{k: "" for k in lit_module.OBJECTIVE_HEADS}}  # every name starts with "": none frozen
+lit_module.frozen_heads = lambda name: ()  # no other objective's head frozen
 app.run(main.main)
 """
 

@@ -133,7 +133,7 @@ def test_every_parameter_an_objective_trains_gets_a_gradient(objective, finetune
     images = torch.rand(4, 2, 3, 32, 32) if objective == "supcon" else torch.rand(4, 3, 32, 32)
     batch = {"image": images, "label": torch.tensor([0, 1, 0, 1]), "embeds": torch.randn(4, 4, 3, 32)}
     if objective == "sam_distill":
-        module.fit_targets(torch.randn(8, 4, 3, 32).numpy())
+        module.objective.fit_targets(torch.randn(8, 4, 3, 32).numpy())
     module.train()
     module.shared_step(batch, "train")["loss"].backward()
     trainable = {name for name, p in module.named_parameters() if p.requires_grad}

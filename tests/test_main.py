@@ -1,6 +1,5 @@
 """src/main.py end to end on a tiny generated Imagenette-layout folder, through real checkpoint files."""
 
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -10,8 +9,9 @@ import pytest
 import torch
 from fakes import TINY_FLAGS, make_image_folder
 
-from partwhole.common.errors import InputError
+from partwhole.common.errors import InputError, SettingError
 from partwhole.common.mask_io import save_embeddings
+from partwhole_cli import user_error
 
 ROOT = Path(__file__).resolve().parents[1]
 MAIN = ROOT / "src" / "main.py"
@@ -186,9 +186,13 @@ def test_supcon_pretraining_runs(data_dir, tmp_path):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--conv_image_size=7"], "--conv_image_size=7 must be --image_size/4"),
-    (["--patch_size=3"], "--patch_size=3 must divide --conv_image_size=8"),
-    (["--levels=1"], "--levels=1"),
+    (["--conv_image_size=7"], "--conv_image_size=7: must be image_size/4"),
+    (["--patch_size=3"], "--patch_size=3: must divide conv_image_size=8"),
+    (["--levels=1"], "--levels=1: the Agglomerator needs at least 2 levels"),
+    (["--level_weights=0.1,0.2"], "--level_weights=0.1,0.2: 2 values for levels=3"),
+    (["--val_from_train=2"], "--val_from_train=2.0: give a fraction between 0 and 1"),
+    (["--dataset=IMAGENET"], "--dataset=IMAGENET: has no stage-2 embeddings"),
+    (["--dataset=FOO"], "--dataset=FOO: unknown; choose one of"),
     (["--patch_dim=64"], "D=64"),  # embeddings on disk have D=32
     (["--mode=test", "--load_checkpoint_dir=/nonexistent.ckpt"], "checkpoint file not found"),
 ])
@@ -225,10 +229,10 @@ def test_wrong_embedding_shape_names_the_file(tmp_path):
 # patch 4), IMAGENET (patch_dim 32 < patch_size**2), smallNORB (patch 24 > 8x8 tokens). Ours fix them (see their
 # comments); for the reference files start-up names the problem.
 CANNOT_RUN = {
-    "config_MNIST.cfg": "--patch_size=4 must divide --conv_image_size=7",
-    "config_FashionMNIST.cfg": "--patch_size=4 must divide --conv_image_size=7",
-    "config_IMAGENET.cfg": "--patch_dim=32 must be a multiple of patch_size",
-    "config_smallNORB.cfg": "--patch_size=24 must divide --conv_image_size=8",
+    "config_MNIST.cfg": "--patch_size=4: must divide conv_image_size=7",
+    "config_FashionMNIST.cfg": "--patch_size=4: must divide conv_image_size=7",
+    "config_IMAGENET.cfg": "--patch_dim=32: must be a multiple of patch_size",
+    "config_smallNORB.cfg": "--patch_size=24: must divide conv_image_size=8",
 }
 
 
@@ -244,11 +248,12 @@ def test_flagfiles_parse_and_build_the_model(flagfile):
     values([str(MAIN), f"--flagfile={flagfile}"])
     try:
         if flagfile.parent.name == "configs" and flagfile.name in CANNOT_RUN:
-            with pytest.raises(ValueError, match=re.escape(CANNOT_RUN[flagfile.name])):
-                main.model_config_from_flags()
+            with pytest.raises(SettingError) as caught:
+                main.model_config()
+            assert user_error(caught.value).startswith(CANNOT_RUN[flagfile.name])
             return
-        config = main.model_config_from_flags()
-        assert config["levels"] == values.levels and config["patch_dim"] == values.patch_dim
+        config = main.model_config()
+        assert config.levels == values.levels and config.patch_dim == values.patch_dim
     finally:
         values.unparse_flags()
 
@@ -313,3 +318,34 @@ def test_islands_mode_animates_the_iterations(tmp_path):
     assert per_iteration[-1] == scores["stage1_masks"]  # the last state is the final levels
     assert "over the iterations, vs stage-1 masks (ari L0/L1/L2): t0 " in proc.stdout
     assert "GIFs and strips (7 states each)" in proc.stdout
+
+
+def test_every_flag_is_read_and_every_config_field_set_by_name():
+    """What ``from_flags``'s reflection used to promise, checked instead of assumed: the command line sets every field
+    of the model's, the data's and the training's configs by name (or says why not, in ``FIELDS_NOT_FROM_FLAGS``),
+    and reads every flag it defines (or says why not, in ``UNUSED_FLAGS``)."""
+    import ast
+    import dataclasses
+
+    from absl import flags
+
+    import partwhole_cli.train as main
+    from partwhole.agglomerator.data import DataConfig
+    from partwhole.agglomerator.lit_module import TrainingConfig
+    from partwhole.agglomerator.model import AgglomeratorConfig
+    from partwhole_cli import train_flags
+
+    tree = ast.parse(Path(main.__file__).read_text())
+    calls = [node for node in ast.walk(tree) if isinstance(node, ast.Call)]
+    for config in (AgglomeratorConfig, DataConfig, TrainingConfig):
+        [call] = [c for c in calls if isinstance(c.func, ast.Name) and c.func.id == config.__name__]
+        given = {k.arg for k in call.keywords}
+        exempt = set(main.FIELDS_NOT_FROM_FLAGS[config.__name__])
+        assert given | exempt == {f.name for f in dataclasses.fields(config)} and not given & exempt, config.__name__
+    read = {node.attr for node in ast.walk(tree)
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "FLAGS"}
+    read |= {c.args[0].value for c in calls if isinstance(c.func, ast.Name) and c.func.id in ("floats", "epochs_list")}
+    defined = {f.name for f in flags.FLAGS.get_key_flags_for_module(train_flags)}
+    assert defined - read == set(main.UNUSED_FLAGS), "flags nothing reads"
+    assert not {name for name in read - defined if not hasattr(type(flags.FLAGS), name)}, "flags nothing defines"
+    assert set(main.FLAG_OF.values()) <= defined

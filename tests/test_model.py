@@ -14,6 +14,7 @@ from partwhole.agglomerator.lit_module import (
 )
 from partwhole.agglomerator.model import Agglomerator, AgglomeratorConfig
 from partwhole.agglomerator.objectives import levels_distill_loss, supcon_loss
+from partwhole.common.errors import SettingError
 
 REFERENCE_JSON = Path(__file__).resolve().parents[2] / "shared" / "reference" / "reference_state_dict_IMAGENETTE.json"
 TINY = dict(image_size=32, conv_image_size=8, patch_size=2, patch_dim=16, levels=3, n_classes=4)
@@ -78,14 +79,19 @@ def test_iterations_hold_every_state_initial_first():
     torch.testing.assert_close(one_more(image, levels=out.iterations[:, 2]).levels, out.iterations[:, 3])
 
 
-@pytest.mark.parametrize("bad, message", [
+@pytest.mark.parametrize("bad, setting", [
     (dict(conv_image_size=7), "conv_image_size"),
     (dict(patch_size=3), "patch_size"),
     (dict(levels=1), "levels"),
+    (dict(patch_dim=6), "patch_dim"),
+    (dict(iters=0), "iters"),
+    (dict(denoise_iter=9), "denoise_iter"),
 ])
-def test_inconsistent_config_names_the_flag(bad, message):
-    with pytest.raises(ValueError, match=message):
+def test_inconsistent_config_names_the_field(bad, setting):
+    with pytest.raises(SettingError) as caught:
         AgglomeratorConfig(**{**TINY, **bad}).validate()
+    assert caught.value.setting == setting and caught.value.value == bad[setting]
+    assert "--" not in str(caught.value)  # the command line names its flag (partwhole_cli.user_error)
 
 
 def _overfit(objective, steps=30):
@@ -129,7 +135,7 @@ def test_distill_losses_against_direct_formulas():
         torch.testing.assert_close(levels_distill_loss(a, b, weights, kind), (per_level * w).sum())
         assert abs(float(levels_distill_loss(a, a, weights, kind))) < 1e-6
     assert float(levels_distill_loss(a, 5 * a, weights, "cosine")) < 1e-6 < float(levels_distill_loss(a, 5 * a, weights, "mse"))
-    with pytest.raises(ValueError, match="--distill_loss='l3'"):
+    with pytest.raises(SettingError, match="distill_loss='l3'"):
         levels_distill_loss(a, b, weights, "l3")
 
 

@@ -9,6 +9,7 @@ from fakes import TINY_FLAGS
 from test_main import data_dir, run_main  # noqa: F401  (fixture)
 
 from partwhole.agglomerator.targets import DistillR2, TargetSpace
+from partwhole.common.errors import SettingError
 
 WEIGHTS = (0.1, 0.2, 0.7)
 
@@ -91,7 +92,7 @@ def test_reduction_keeps_the_leading_axes_and_counts_the_rest_as_error():
 
 
 def test_bad_target_dim_is_refused():
-    with pytest.raises(ValueError, match="--target_dim=20"):
+    with pytest.raises(SettingError, match="target_dim=20"):
         TargetSpace(16, 6, 3, target_dim=20)
 
 
@@ -105,8 +106,8 @@ def test_old_checkpoints_without_the_mean_predictor_still_load():
     state["teacher_mean"], state["teacher_std"] = torch.full((32,), 2.0), torch.full((32,), 3.0)
     old = AgglomeratorLitModule(model=model, teacher_norm="dataset")
     old.load_state_dict(state)
-    assert float(old.targets.mean[0]) == 2.0 and float(old.targets.std[0]) == 3.0 and not old.targets_fitted
-    assert new.targets_fitted
+    assert float(old.targets.mean[0]) == 2.0 and float(old.targets.std[0]) == 3.0 and not old.objective.targets_fitted
+    assert new.objective.targets_fitted
 
 
 def test_cli_logs_distill_r2_with_a_reduction_and_the_checkpoint_carries_it(data_dir, tmp_path):  # noqa: F811
@@ -137,7 +138,8 @@ def test_cli_logs_distill_r2_with_a_reduction_and_the_checkpoint_carries_it(data
 def test_target_dim_must_match_what_the_model_outputs(data_dir, tmp_path):  # noqa: F811
     proc = run_main(*TINY_FLAGS, f"--data_dir={data_dir}", "--max_epochs=1", "--target_dim=8", f"--output_dir={tmp_path}",
                     expect_ok=False)
-    assert proc.returncode != 0 and "--levels_encoder_dim=8" in proc.stderr.strip().splitlines()[-1]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode != 0 and line.startswith("error: --target_dim=8: ") and "set levels_encoder_dim=8" in line, line
 
 
 def test_bad_keep_checkpoints_at_is_one_line(data_dir, tmp_path):  # noqa: F811

@@ -11,9 +11,7 @@ Thin wiring: flags -> plain configs -> ``agglomerator`` (model, data, Lightning 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
-import inspect
 import io
 import logging
 import os
@@ -38,6 +36,18 @@ log = logging.getLogger("main")
 ISLANDS_SCORED_IMAGES = 4  # the first val (test) images, whose islands are scored against their stage-1 masks
 
 
+# Config fields no flag sets, and why; every other field is set from the flags below, by name (tests/test_main.py
+# checks both, and that every flag is read).
+FIELDS_NOT_FROM_FLAGS = {
+    "AgglomeratorConfig": {"contrastive_head": "the objective's (Objective.contrastive_head)",
+                           "head_dropout": "the reference's value"},
+    "DataConfig": {"val_fraction": "the reference's 10 % of train (torchvision datasets)"},
+    "TrainingConfig": {},
+}
+UNUSED_FLAGS = {"lr_speed": "unused by the reference too; kept so its flagfiles parse"}
+FLAG_OF = {"objective": "pretrain_objective", "checkpoint": "load_checkpoint_dir"}  # settings whose flag has another name
+
+
 def objective_from_flags() -> str:
     return "classify" if FLAGS.supervise else FLAGS.pretrain_objective
 
@@ -47,42 +57,69 @@ def model_input_size() -> int:
     return FLAGS.conv_image_size * 4 if FLAGS.dataset == "smallNORB" else FLAGS.image_size
 
 
-def from_flags(target, **derived):
-    """Call ``target`` (a dataclass or a class) with every parameter that has a flag of the same name set
-    from that flag, and ``derived`` for the values computed from several flags.
-
-    So a new option is one flag and one field (or argument): nothing is copied by hand here.
-    """
-    names = ([f.name for f in dataclasses.fields(target)] if dataclasses.is_dataclass(target)
-             else [n for n in inspect.signature(target).parameters if n != "self"])
-    return target(**{n: getattr(FLAGS, n) for n in names if n in FLAGS and n not in derived}, **derived)
+def floats(name: str) -> list[float]:
+    """A list flag of numbers, or a one-line error naming it."""
+    try:
+        return [float(x) for x in getattr(FLAGS, name)]
+    except ValueError:
+        raise ValueError(f"--{name}={','.join(getattr(FLAGS, name))}: give comma-separated numbers") from None
 
 
-def model_config_from_flags() -> dict:
+def model_config():
+    """The model's architecture (validated), field by field."""
     from partwhole.agglomerator.model import AgglomeratorConfig
 
-    config = from_flags(AgglomeratorConfig, image_size=model_input_size())
+    config = AgglomeratorConfig(
+        image_size=model_input_size(), conv_image_size=FLAGS.conv_image_size, patch_size=FLAGS.patch_size,
+        patch_dim=FLAGS.patch_dim, levels=FLAGS.levels, n_channels=FLAGS.n_channels, n_classes=FLAGS.n_classes,
+        iters=FLAGS.iters, denoise_iter=FLAGS.denoise_iter, levels_encoder=FLAGS.levels_encoder,
+        levels_encoder_dim=FLAGS.levels_encoder_dim, levels_encoder_norm=FLAGS.levels_encoder_norm,
+        contr_dim=FLAGS.contr_dim, dropout=FLAGS.dropout,
+    )
     config.validate()
-    return config.to_dict()
+    return config
+
+
+def training_config(objective: str):
+    """What the LightningModule trains and how, field by field; the teacher's settings only for an objective that
+    reads its embeddings (``embed_dim``, the teacher's D, from the train split's first file when reduced)."""
+    from partwhole.agglomerator.data import PartWholeDataModule
+    from partwhole.agglomerator.lit_module import TrainingConfig
+    from partwhole.agglomerator.objectives import objective_class
+
+    teacher = objective_class(objective).needs_embeddings
+    reduced = teacher and bool(FLAGS.target_dim)
+    lion_betas, level_weights = floats("lion_betas"), floats("level_weights")
+    return TrainingConfig(
+        objective=objective, learning_rate=FLAGS.learning_rate, weight_decay=FLAGS.weight_decay,
+        optimizer=FLAGS.optimizer, lion_betas=lion_betas, scheduler=FLAGS.scheduler, level_weights=level_weights,
+        temperature=FLAGS.temperature, finetune_backbone=FLAGS.finetune_backbone,
+        teacher_norm=FLAGS.teacher_norm if teacher else "none",
+        embed_dim=PartWholeDataModule(data_config(objective)).teacher_dim() if reduced else None,
+        target_dim=FLAGS.target_dim if reduced else None, distill_loss=FLAGS.distill_loss,
+    )
+
+
+def data_config(objective: str, val_masks: bool = True):
+    """The data module's settings, field by field; with ``val_masks`` the first val (test) images carry their
+    stage-1 masks, for the islands scores."""
+    from partwhole.agglomerator.data import DataConfig
+
+    return DataConfig(
+        dataset=FLAGS.dataset, data_dir=FLAGS.data_dir, image_size=FLAGS.image_size, n_channels=FLAGS.n_channels,
+        batch_size=FLAGS.batch_size, num_workers=FLAGS.num_workers, objective=objective, seed=FLAGS.seed,
+        crop_size=model_input_size() if model_input_size() != FLAGS.image_size else None,
+        embeds_suffix=FLAGS.embeds_suffix, val_from_train=FLAGS.val_from_train,
+        val_masks_items=ISLANDS_SCORED_IMAGES if val_masks else 0, embeds_in_memory=FLAGS.embeds_in_memory,
+        unlabelled_dir=FLAGS.unlabelled_dir,
+    )
 
 
 def module_from_flags(objective: str):
-    from partwhole.agglomerator.data import PartWholeDataModule
     from partwhole.agglomerator.lit_module import AgglomeratorLitModule
 
-    def floats(name):
-        try:
-            return [float(x) for x in getattr(FLAGS, name)]
-        except ValueError:
-            raise ValueError(f"--{name}={','.join(getattr(FLAGS, name))}: give comma-separated numbers") from None
-
-    distill = objective == "sam_distill"
-    return from_flags(
-        AgglomeratorLitModule, model=model_config_from_flags(), objective=objective, lion_betas=floats("lion_betas"),
-        level_weights=floats("level_weights"), teacher_norm=FLAGS.teacher_norm if distill else "none",
-        embed_dim=PartWholeDataModule(data_config(objective)).teacher_dim() if distill and FLAGS.target_dim else None,
-        target_dim=FLAGS.target_dim if distill and FLAGS.target_dim else None,
-    )
+    model = model_config().to_dict()
+    return AgglomeratorLitModule(model=model, training=training_config(objective))
 
 
 def module_from_checkpoint(path: str, objective: str):
@@ -103,21 +140,13 @@ def module_from_checkpoint(path: str, objective: str):
     return module
 
 
-def data_config(objective: str, val_masks: bool = True):
-    """The data module's settings from the flags."""
-    from partwhole.agglomerator.data import DataConfig
-
-    return from_flags(DataConfig, objective=objective, val_masks_items=ISLANDS_SCORED_IMAGES if val_masks else 0,
-                      crop_size=model_input_size() if model_input_size() != FLAGS.image_size else None)
-
-
 def datamodule_for(module, objective: str, val_masks: bool = True):
-    """The data module; with ``val_masks`` the first val batch carries stage-1 masks for the islands scores."""
+    """The data module for ``objective``'s batches; with ``val_masks`` the first val batch carries stage-1 masks
+    for the islands scores."""
     from partwhole.agglomerator.data import PartWholeDataModule
 
     model = module.model
-    teacher_dim = module.targets.mean.numel() if hasattr(module, "targets") else model.embed_dim
-    shape = (model.config.num_patches, model.config.levels, teacher_dim)
+    shape = (model.config.num_patches, model.config.levels, module.objective.teacher_dim or model.embed_dim)
     datamodule = PartWholeDataModule(data_config(objective, val_masks), expected_embed_shape=shape)
     datamodule.setup()
     return datamodule
@@ -125,7 +154,7 @@ def datamodule_for(module, objective: str, val_masks: bool = True):
 
 def trainer_for(run_dir: Path, train: bool, monitor: str | None = None, monitor_mode: str = "min", islands: bool = True,
                 one_process: bool = False):
-    """The Trainer; ``islands`` adds the islands figures (``--plot_islands``) and scores (:class:`IslandsCallback`);
+    """The Trainer; ``islands`` adds the islands figures (``--plot_islands``, every ``--plot_every`` steps) and scores (:class:`IslandsCallback`);
     ``one_process``: one device whatever the flags ask (``--mode freeze`` writes what it predicts itself)."""
     from partwhole.agglomerator.engine import build_trainer
     from partwhole.agglomerator.islands_callback import IslandsCallback
@@ -274,7 +303,9 @@ def diverged_message(what: str, run_dir: Path) -> str:
     tries = [f"a lower --learning_rate (now {FLAGS.learning_rate:g})"]
     if FLAGS.precision != "32":
         tries.append("--precision=32")
-    if objective_from_flags() == "sam_distill" and FLAGS.teacher_norm == "none" and not FLAGS.target_dim:
+    from partwhole.agglomerator.objectives import objective_class
+
+    if objective_class(objective_from_flags()).needs_embeddings and FLAGS.teacher_norm == "none" and not FLAGS.target_dim:
         tries.append("--teacher_norm=dataset (z-scored targets)")
     return f"training diverged: {what}; try {', or '.join(tries)}; {kept}"
 
@@ -283,6 +314,7 @@ def run_train() -> None:
     from partwhole.agglomerator.checkpoints import is_own_checkpoint, read_checkpoint
     from partwhole.agglomerator.engine import claim_run_dir, run_folder_lock
     from partwhole.agglomerator.lit_module import load_backbone_weights
+    from partwhole.agglomerator.objectives import objective_class
     from partwhole.common.runtime import make_run_dir
 
     objective = objective_from_flags()
@@ -297,36 +329,30 @@ def run_train() -> None:
         else:
             load_backbone_weights(module, FLAGS.load_checkpoint_dir)
             print(f"loaded backbone weights from {FLAGS.load_checkpoint_dir} for {objective}")
-    elif objective == "classify":
+    elif objective_class(objective).fine_tunes:
         log.warning("--supervise without --resume_training: fine-tuning a randomly initialised backbone (a baseline)")
     run_dir = make_run_dir(FLAGS.output_dir, FLAGS.exp_name, objective, resume_path)
     with run_folder_lock(run_dir):  # one run per folder; a second process is refused, naming the holder
         claim_run_dir(run_dir, resume_path, FLAGS.overwrite, resume_command(run_dir, run_dir / "checkpoints" / "last.ckpt"))
-        train_in(run_dir, module, objective, resume_path, checkpoint)
+        train_in(run_dir, module, resume_path, checkpoint)
 
 
-def train_in(run_dir: Path, module, objective: str, resume_path: str | None, checkpoint: dict | None) -> None:
+def train_in(run_dir: Path, module, resume_path: str | None, checkpoint: dict | None) -> None:
     """Train ``module`` in ``run_dir`` (held by this process), test its best checkpoint, write ``results.json``."""
     from partwhole.agglomerator.engine import DivergedError, checkpoint_paths
 
+    objective = module.objective.name
     datamodule = datamodule_for(module, objective)
     write_flags(run_dir)
     if FLAGS.compile:
         module.model.compile()  # in place: parameter names (and so checkpoints) stay the same
     elif FLAGS.compile_column_nets:
         module.model.compile_column_nets()
-    if objective == "sam_distill":
-        if resume_path is None:
-            module.fit_targets(datamodule.splits["train"].sample_embeddings())
-        else:  # the targets' statistics of the run (Lightning restores the rest), before the train targets are computed
-            module.load_state_dict(checkpoint["state_dict"])
-        if module.targets.target_dim:
-            print(f"targets: the {module.targets.target_dim} leading principal axes of the teacher's D = "
-                  f"{module.targets.mean.numel()} keep {module.targets.explained.sum():.1%} of its variance")
-        if FLAGS.embeds_in_memory:  # batches then carry the targets themselves (computed once, not per step)
-            for split in {id(d): d for d in datamodule.splits.values()}.values():
-                split.precompute_targets(module.targets)
-    monitor, mode = ("val/accuracy", "max") if objective == "classify" else ("val/loss", "min")
+    note = module.objective.prepare_training(module, datamodule, checkpoint["state_dict"] if resume_path else None,
+                                             precompute=FLAGS.embeds_in_memory)
+    if note:
+        print(note)
+    monitor, mode = module.objective.monitor
     trainer = trainer_for(run_dir, train=True, monitor=monitor, monitor_mode=mode)
     start = time.perf_counter()
     with stops_reported(trainer, run_dir):
@@ -352,15 +378,15 @@ def run_test() -> None:
     from partwhole.common.runtime import make_run_dir
 
     module = module_from_checkpoint(FLAGS.load_checkpoint_dir, objective_from_flags())
-    datamodule = datamodule_for(module, module.objective)
+    datamodule = datamodule_for(module, module.objective.name)
     run_dir = make_run_dir(FLAGS.output_dir, FLAGS.exp_name, "test")
     trainer = trainer_for(run_dir, train=False)
     results = trainer.test(module, datamodule=datamodule, verbose=True)
     metrics = ", ".join(f"{k}={v:.4f}" for k, v in results[0].items())
-    write_results(run_dir, {"objective": module.objective, "checkpoint": FLAGS.load_checkpoint_dir,
+    write_results(run_dir, {"objective": module.objective.name, "checkpoint": FLAGS.load_checkpoint_dir,
                             "processes": trainer.world_size, "test": results[0]})
     if is_rank_zero():
-        print(f"test ({module.objective}) of {FLAGS.load_checkpoint_dir}: {metrics}")
+        print(f"test ({module.objective.name}) of {FLAGS.load_checkpoint_dir}: {metrics}")
 
 
 def run_freeze() -> None:
@@ -403,8 +429,9 @@ def run_islands() -> None:
 
 
 def one_line(exc: BaseException) -> str:
-    """The last non-empty line of an error (DataLoader workers wrap ours in a traceback)."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    """The last non-empty line of an error (DataLoader workers wrap ours in a traceback), a setting's named by its
+    flag."""
+    lines = [line.strip() for line in user_error(exc, FLAG_OF).splitlines() if line.strip()]
     return lines[-1] if lines else type(exc).__name__
 
 
@@ -435,7 +462,7 @@ def main(argv) -> None:
     from pytorch_lightning.utilities.exceptions import SIGTERMException
 
     from partwhole.agglomerator.engine import DivergedError
-    from partwhole.common.errors import InputError, SettingError
+    from partwhole.common.errors import InputError
     from partwhole.common.safe_files import DISK_ERRNOS, describe_write_error
 
     pl.seed_everything(FLAGS.seed, workers=True)
@@ -445,7 +472,7 @@ def main(argv) -> None:
     except (InputError, ValueError, FileNotFoundError) as exc:
         if os.environ.get("PARTWHOLE_DEBUG"):
             raise
-        sys.exit(f"error: {user_error(exc) if isinstance(exc, SettingError) else one_line(exc)}")
+        sys.exit(f"error: {one_line(exc)}")
     except DivergedError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         sys.exit(DIVERGED_EXIT_CODE)

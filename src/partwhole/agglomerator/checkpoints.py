@@ -12,14 +12,15 @@ from typing import Any
 
 import torch
 
-from partwhole.common.errors import InputError
+from partwhole.common.errors import InputError, SettingError
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """``torch.load(path, weights_only=True)`` with one-line errors naming the file."""
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"--load_checkpoint_dir={path}: checkpoint file not found (give a .ckpt file, e.g. runs/<exp>/<run>/checkpoints/last.ckpt)")
+        raise SettingError("checkpoint", str(path), "checkpoint file not found (give a .ckpt file, e.g. "
+                           "runs/<exp>/<run>/checkpoints/last.ckpt)")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # unpickling errors, truncated zip archives, ...

@@ -1,8 +1,9 @@
 """Files -> tensors for stage 3: datasets, transforms and one LightningDataModule.
 
-Every batch is a dict: ``image`` ``(b, c, H, W)`` (``(b, 2, c, H, W)`` for the
-two-crop ``supcon`` objective), ``label`` ``(b,)``, ``index`` ``(b,)`` and, for
-``sam_distill``, ``embeds`` ``(b, n, levels, D)`` from the stage-2 files (or, for a
+What a batch carries and how training images are augmented is the objective's choice
+(:data:`~partwhole.agglomerator.objectives.OBJECTIVES`: ``needs_embeddings``, ``augmentation``). Every batch is a dict: ``image`` ``(b, c, H, W)`` (``(b, 2, c, H, W)`` for the
+two-crop ``supcon`` objective), ``label`` ``(b,)``, ``index`` ``(b,)`` and, for an
+objective that reads them (``sam_distill``), ``embeds`` ``(b, n, levels, D)`` from the stage-2 files (or, for a
 split whose targets were precomputed in memory, ``targets`` ``(b, n, levels, k)``, what the
 student regresses, and ``target_constants``, what its scores need).
 Val (and test) batches of image folders whose ``<root>/val_masks`` exist also
@@ -43,7 +44,8 @@ from PIL import Image
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, default_collate
 from torchvision import transforms as T
 
-from partwhole.common.errors import InputError
+from partwhole.agglomerator.objectives import OBJECTIVES, objective_class
+from partwhole.common.errors import InputError, SettingError, check_choice
 from partwhole.common.image_folders import (
     EMBEDS_SUFFIX,
     MASKS_SUFFIX,
@@ -76,7 +78,7 @@ DATASETS = tuple(NORMALIZATION)
 
 @dataclass
 class DataConfig:
-    """What the data module needs (plain values; filled from flags by ``main.py``)."""
+    """What the data module needs (plain values; the command line fills them from its flags)."""
 
     dataset: str = "IMAGENETTE"
     data_dir: str = "datasets"
@@ -84,7 +86,7 @@ class DataConfig:
     n_channels: int = 3
     batch_size: int = 32
     num_workers: int = 0
-    objective: str = "sam_distill"  # sam_distill | supcon | classify
+    objective: str = "sam_distill"  # a name of OBJECTIVES: what batches carry, how training images are augmented
     val_fraction: float = 0.1
     seed: int = 42
     crop_size: int | None = None  # smallNORB (reference): resize to image_size, then crop to crop_size
@@ -134,10 +136,10 @@ def normalization(config: DataConfig) -> tuple[tuple[float, ...], tuple[float, .
 def build_transform(config: DataConfig, train: bool) -> Callable:
     """The per-sample transform for a split.
 
-    ``sam_distill`` uses no geometric augmentation: the teacher's embeddings are
-    tied to the patch grid. ``supcon`` trains on two crops of a random resized
-    crop / flip / colour-jitter pipeline; ``classify`` trains with RandAugment
-    (torchvision datasets, as the reference) or a flip (image folders).
+    The objective's ``augmentation``: ``none`` (``sam_distill``: the teacher's embeddings are tied to the patch
+    grid), ``two_crops`` (``supcon``: two crops of a random resized crop / flip / colour-jitter pipeline) or
+    ``label_preserving`` (``classify``: RandAugment on torchvision datasets, as the reference, or a flip on image
+    folders).
     """
     size = config.image_size
     mean, std = normalization(config)
@@ -148,9 +150,10 @@ def build_transform(config: DataConfig, train: bool) -> Callable:
         resize = T.Compose([resize, crop])
         size = config.crop_size
     channels = ToChannels(config.n_channels)
-    if not train or config.objective == "sam_distill":
+    augmentation = objective_class(config.objective).augmentation
+    if not train or augmentation == "none":
         return T.Compose([channels, resize, *finish])
-    if config.objective == "supcon":
+    if augmentation == "two_crops":
         augment = T.Compose([
             channels,
             T.RandomResizedCrop(size, scale=(0.2, 1.0), interpolation=T.InterpolationMode.BICUBIC),
@@ -268,8 +271,8 @@ class ImageFolderWithEmbeddings(Dataset):
             n, levels, dim = expected
             raise InputError(
                 f"{path}: embeddings have shape {tuple(embeds.shape)}, the model needs (num_patches={n}, levels={levels}, D={dim}); "
-                f"make the model's grid (conv_image_size/patch_size)**2, --levels and --patch_dim (or --levels_encoder_dim with "
-                f"--levels_encoder) match the stage-1/2 outputs"
+                f"make the model's grid (conv_image_size/patch_size)**2, levels and patch_dim (or levels_encoder_dim with "
+                f"levels_encoder) match the stage-1/2 outputs"
             )
 
     def __getitem__(self, index: int) -> dict:
@@ -291,7 +294,7 @@ class ImageFolderWithEmbeddings(Dataset):
 
 
 def held_out_count(members: int, fraction: float) -> int:
-    """How many of a class's ``members`` train images ``--val_from_train=fraction`` holds out: the rounded share, at
+    """How many of a class's ``members`` train images ``val_from_train=fraction`` holds out: the rounded share, at
     least one, and never the whole class."""
     return min(max(1, int(round(members * fraction))), members - 1)
 
@@ -300,7 +303,7 @@ class WithUnlabelled(ConcatDataset):
     """sam_distill's training split with more images: the labelled split's items, then the unlabelled ones'.
 
     The targets are fitted on (and, in memory, precomputed for) both; ``records`` are the labelled split's
-    (what ``--mode freeze`` exports as train).
+    (what the freeze mode exports as train).
     """
 
     def __init__(self, labelled: ImageFolderWithEmbeddings, unlabelled: ImageFolderWithEmbeddings):
@@ -427,7 +430,8 @@ class PartWholeDataModule(pl.LightningDataModule):
     def __init__(self, config: DataConfig, expected_embed_shape: tuple[int, int, int] | None = None):
         super().__init__()
         if config.dataset not in DATASETS:
-            raise InputError(f"--dataset={config.dataset}: unknown; choose one of {', '.join(DATASETS)}")
+            raise SettingError("dataset", config.dataset, f"unknown; choose one of {', '.join(DATASETS)}")
+        check_choice("objective", config.objective, OBJECTIVES)
         self.config = config
         self.expected_embed_shape = expected_embed_shape
         self.splits: dict[str, Dataset] = {}
@@ -435,7 +439,8 @@ class PartWholeDataModule(pl.LightningDataModule):
 
     @property
     def with_embeddings(self) -> bool:
-        return self.config.objective == "sam_distill"
+        """Whether batches carry the stage-2 teacher embeddings (the objective reads them)."""
+        return objective_class(self.config.objective).needs_embeddings
 
     def folder_split(self, split: str, train: bool, records: list[ImageRecord] | None = None,
                      with_masks: bool = False) -> ImageFolderWithEmbeddings:
@@ -467,14 +472,14 @@ class PartWholeDataModule(pl.LightningDataModule):
             return
         c = self.config
         if c.unlabelled_dir and (not self.with_embeddings or c.dataset not in FOLDER_DATASETS):  # before any split is read
-            raise InputError(f"--unlabelled_dir={c.unlabelled_dir}: only sam_distill pretraining on an image-folder dataset "
-                             f"uses unlabelled images (here: --dataset={c.dataset}, objective {c.objective}); drop the flag")
+            raise SettingError("unlabelled_dir", c.unlabelled_dir, f"only sam_distill pretraining on an image-folder dataset "
+                               f"uses unlabelled images (here: dataset {c.dataset}, objective {c.objective}); leave it empty")
         self._setup_splits()
         if c.unlabelled_dir:
             self.splits["train"] = WithUnlabelled(self.splits["train"], self.unlabelled_split())
 
     def unlabelled_split(self) -> ImageFolderWithEmbeddings:
-        """``--unlabelled_dir``: its images (labels unused, given as -1) and their embeddings, for sam_distill pretraining."""
+        """``unlabelled_dir``: its images (labels unused, given as -1) and their embeddings, for sam_distill pretraining."""
         folder = Path(self.config.unlabelled_dir)
         records = [r._replace(label=-1) for r in list_image_folder(folder)]
         return self.image_folder(folder, train=True, records=records)
@@ -483,7 +488,7 @@ class PartWholeDataModule(pl.LightningDataModule):
         c = self.config
         if c.dataset in FOLDER_DATASETS:
             if self.with_embeddings and c.dataset == "IMAGENET":
-                raise InputError("--dataset=IMAGENET has no stage-2 embeddings: use --pretrain_objective=supcon or --supervise")
+                raise SettingError("dataset", c.dataset, self.no_embeddings)
             if c.val_from_train > 0:
                 train_records, val_records = self.hold_out(list_image_folder(c.root / "train"))
                 self.splits["train"] = self.folder_split("train", train=True, records=train_records)
@@ -495,13 +500,18 @@ class PartWholeDataModule(pl.LightningDataModule):
             self.splits["test"] = self.splits["val"]
             return
         if self.with_embeddings:
-            raise InputError(f"--dataset={c.dataset} has no stage-2 embeddings: use --pretrain_objective=supcon or --supervise")
+            raise SettingError("dataset", c.dataset, self.no_embeddings)
         train_full = _torchvision_split(c, train=True)
         order = torch.randperm(len(train_full), generator=torch.Generator().manual_seed(c.seed)).tolist()
         n_val = int(round(len(order) * c.val_fraction))
         self.splits["train"] = TupleAsDict(train_full, build_transform(c, train=True), order[n_val:])
         self.splits["val"] = TupleAsDict(train_full, build_transform(c, train=False), order[:n_val])
         self.splits["test"] = TupleAsDict(_torchvision_split(c, train=False), build_transform(c, train=False))
+
+    @property
+    def no_embeddings(self) -> str:
+        return (f"has no stage-2 embeddings, which the {self.config.objective} objective reads: pretrain with supcon, "
+                f"or fine-tune (classify)")
 
     def teacher_dim(self) -> int:
         """D of the teacher's embeddings in the train folder (its first file), before any split is set up."""
@@ -518,7 +528,7 @@ class PartWholeDataModule(pl.LightningDataModule):
         """Split train records into (train, val): a seeded ``val_from_train`` fraction of each class, in folder order."""
         c = self.config
         if not 0 < c.val_from_train < 1:
-            raise InputError(f"--val_from_train={c.val_from_train}: give a fraction between 0 and 1 (0: val = the val folder)")
+            raise SettingError("val_from_train", c.val_from_train, "give a fraction between 0 and 1 (0: val = the val folder)")
         rng = np.random.default_rng(c.seed)
         held = set()
         for label in sorted({r.label for r in records}):

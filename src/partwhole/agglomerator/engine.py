@@ -6,7 +6,8 @@ Devices (``lightning_devices``), precision (``lightning_precision``) and the run
 The Trainer writes checkpoints atomically (``checkpoint_io.AtomicCheckpointIO``) and, when training,
 saves ``checkpoints/last.ckpt`` on SIGTERM/SIGUSR1 before it stops (``preemption.PreemptionCheckpoint``).
 
-``main.py`` turns flags into plain values and calls these; nothing here reads flags.
+The command line turns its flags into plain values and calls these; nothing here reads flags. Errors name the
+setting (:class:`~partwhole.common.errors.SettingError`), which the command line words as its flag.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from partwhole.agglomerator.checkpoint_io import AtomicCheckpointIO
 from partwhole.agglomerator.preemption import PreemptionCheckpoint, cluster_plugins
-from partwhole.common.errors import InputError
+from partwhole.common.errors import InputError, SettingError
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ RUN_OUTPUTS = ("checkpoints", "logs", "islands", "results.json", "flags.cfg")  #
 def run_folder_lock(run_dir: Path) -> Iterator[None]:
     """Hold ``<run_dir>/run.lock`` (an exclusive ``flock``) while a run writes the folder; rank 0 only under DDP.
 
-    A second process is refused with an :class:`InputError` naming the holder's pid and host. The
+    A second process is refused with a :class:`SettingError` naming the holder's pid and host. The
     kernel drops the lock when its holder dies, however it dies, so a lock file left by a killed run
     never blocks the next one (its text is only a note of who held it last).
     """
@@ -73,8 +74,8 @@ def run_folder_lock(run_dir: Path) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 300, 0).decode(errors="replace").strip() or "another process"
-            raise InputError(f"{run_dir} is in use by {holder} ({path}); wait for that run to end, or pass another "
-                             f"--output_dir") from None
+            raise SettingError("output_dir", run_dir, f"{run_dir} is in use by {holder} ({path}); wait for that run "
+                               f"to end, or choose another folder") from None
         with contextlib.suppress(OSError):  # only a note for the message above (a full disk is reported where it matters)
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
@@ -105,13 +106,13 @@ def claim_run_dir(run_dir: Path, resume_from: str | None, overwrite: bool, resum
                 shutil.rmtree(target)
             elif target.exists():
                 target.unlink()
-        log.warning("--overwrite: removed the earlier run in %s (%s)", run_dir, ", ".join(held))
+        log.warning("overwrite: removed the earlier run in %s (%s)", run_dir, ", ".join(held))
         return
-    what = f"--resume_training from {resume_from}" if resume_from else "a new training"
+    what = f"resuming training from {resume_from}" if resume_from else "a new training"
     continue_it = f"to continue that run: {resume_hint}; " if last.is_file() else ""
-    raise InputError(f"{run_dir} holds the checkpoints of an earlier run ({', '.join(held[:4])}{', ...' if len(held) > 4 else ''}), "
-                     f"and {what} would overwrite them; {continue_it}to start again there, add --overwrite; or pass "
-                     f"another --output_dir")
+    raise SettingError("overwrite", overwrite, f"{run_dir} holds the checkpoints of an earlier run "
+                       f"({', '.join(held[:4])}{', ...' if len(held) > 4 else ''}), and {what} would overwrite them; "
+                       f"{continue_it}to start again there, set it; or choose another output_dir")
 
 
 class DivergedError(RuntimeError):
@@ -189,7 +190,7 @@ def make_logger(kind: str, run_dir: Path, exp_name: str):
     try:
         import wandb  # noqa: F401
     except ImportError:
-        raise ValueError("--logger=wandb needs the wandb package: pip install wandb (or use --logger=csv)") from None
+        raise SettingError("logger", kind, "needs the wandb package: pip install wandb (or use csv)") from None
     from pytorch_lightning.loggers import WandbLogger
 
     return WandbLogger(project="partwhole-agglomerator", name=exp_name, save_dir=str(run_dir))

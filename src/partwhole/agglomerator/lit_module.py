@@ -1,22 +1,13 @@
-"""Loss, metrics, optimiser and logging around :class:`~partwhole.agglomerator.model.Agglomerator`.
+"""The LightningModule around :class:`~partwhole.agglomerator.model.Agglomerator`: one ``shared_step`` for train /
+val / test, the optimiser and its schedule, logging; the objective (:data:`~partwhole.agglomerator.objectives.OBJECTIVES`:
+``sam_distill``, ``supcon`` or ``classify``) supplies the loss and metrics.
 
-One ``shared_step`` serves train / val / test for the three objectives:
+Each objective trains only what its loss reads (its ``heads``): the other objectives' heads stay in the model,
+under the reference's names, but frozen, as DDP needs every trainable parameter to get a gradient in every step.
 
-* ``sam_distill`` — pretraining: a level-weighted loss (``--distill_loss``: MSE, the reference's, smooth L1
-  or cosine) to the stage-2 SAM-mask embeddings (normalised and optionally PCA-reduced by
-  :class:`~partwhole.agglomerator.targets.TargetSpace`); every stage also logs ``distill_r2``, how much of the
-  targets the student predicts beyond their train-set mean;
-* ``supcon`` — pretraining: supervised contrastive loss on two crops (baseline);
-* ``classify`` — fine-tuning: cross-entropy of the classification head on the top
-  level; the backbone is frozen (no grad, BatchNorm statistics fixed) unless
-  ``finetune_backbone``.
-
-Each objective trains only what its loss reads (:data:`OBJECTIVE_HEADS`): the other objectives' heads
-stay in the model, under the reference's names, but frozen, as DDP needs every trainable parameter to
-get a gradient in every step.
-
-``save_hyperparameters()`` makes every checkpoint loadable without flags:
-``AgglomeratorLitModule.load_from_checkpoint(path)``.
+The settings are a :class:`TrainingConfig`; ``save_hyperparameters`` keeps them as plain values beside the model's,
+so every checkpoint loads without flags: ``AgglomeratorLitModule.load_from_checkpoint(path)``, or
+``AgglomeratorLitModule(**checkpoint["hyper_parameters"])``.
 
 Every step returns ``{"loss", "levels"}`` (the final levels ``(b, n, l, d)``,
 detached): callbacks such as :class:`~partwhole.agglomerator.islands_callback.IslandsCallback`
@@ -28,122 +19,100 @@ from __future__ import annotations
 import logging
 import math
 from contextlib import nullcontext
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MeanMetric
-from torchmetrics.classification import MulticlassAccuracy
 
 from partwhole.agglomerator.model import HEAD_PREFIXES, Agglomerator, AgglomeratorConfig
 from partwhole.agglomerator.objectives import (
     DEFAULT_LEVEL_WEIGHTS,
-    DISTILL_LOSSES,
-    levels_distill_loss,
-    supcon_loss,
+    frozen_heads,
+    objective_class,
 )
-from partwhole.agglomerator.targets import DistillR2, TargetSpace
+from partwhole.common.errors import check_choice
 
 log = logging.getLogger(__name__)
 
-OBJECTIVES = ("sam_distill", "supcon", "classify")
 OPTIMIZERS = ("lion", "adamw")
-# The optional parts of the model each objective's loss reads; the others get no gradient from it.
-OBJECTIVE_HEADS = {"sam_distill": "levels_encoder.", "supcon": "contrastive_head.",
-                   "classify": "classification_head_from_last_level."}
+SCHEDULERS = ("onecycle", "constant")
+LEGACY_HPARAMS = ("plot_islands", "plot_every")  # saved by versions that drew islands here: accepted, ignored
+
+
+@dataclass
+class TrainingConfig:
+    """What the LightningModule trains and how: the objective, its settings and the optimiser's.
+
+    ``embed_dim``: the teacher's D (default: what the model outputs); ``target_dim``: regress the ``target_dim``
+    leading principal axes of the normalised targets instead of all D
+    (:class:`~partwhole.agglomerator.targets.TargetSpace`; the model must then output ``target_dim``).
+    ``distill_loss``: ``mse``, ``smooth_l1`` or ``cosine``
+    (:func:`~partwhole.agglomerator.objectives.levels_distill_loss`). The field order is the hyper-parameters' order
+    in checkpoints.
+    """
+
+    objective: str = "sam_distill"  # a name of OBJECTIVES
+    learning_rate: float = 3e-4
+    weight_decay: float = 0.05
+    optimizer: str = "lion"  # lion | adamw
+    lion_betas: Sequence[float] = (0.95, 0.98)
+    scheduler: str = "onecycle"  # onecycle | constant
+    level_weights: Sequence[float] = DEFAULT_LEVEL_WEIGHTS  # sam_distill: loss weight per level, low to high
+    temperature: float = 0.07  # supcon
+    finetune_backbone: bool = False  # classify: train the backbone too
+    teacher_norm: str = "none"  # sam_distill: none | dataset | layer
+    embed_dim: int | None = None  # sam_distill
+    target_dim: int | None = None  # sam_distill
+    distill_loss: str = "mse"  # sam_distill
+
+    def validate(self) -> None:
+        """Raise :class:`~partwhole.common.errors.SettingError` naming the field of a bad setting."""
+        objective_class(self.objective)
+        check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        check_choice("scheduler", self.scheduler, SCHEDULERS)
+
+    @classmethod
+    def from_hparams(cls, hparams: dict) -> TrainingConfig:
+        """From a checkpoint's hyper-parameters (less ``model``), those of earlier versions included."""
+        return cls(**{k: v for k, v in hparams.items() if k not in LEGACY_HPARAMS})
 
 
 class AgglomeratorLitModule(pl.LightningModule):
-    def __init__(
-        self,
-        model: dict,
-        objective: str = "sam_distill",
-        learning_rate: float = 3e-4,
-        weight_decay: float = 0.05,
-        optimizer: str = "lion",
-        lion_betas: Sequence[float] = (0.95, 0.98),
-        scheduler: str = "onecycle",
-        level_weights: Sequence[float] = DEFAULT_LEVEL_WEIGHTS,
-        temperature: float = 0.07,
-        finetune_backbone: bool = False,
-        plot_islands: bool = False,
-        plot_every: int = 50,
-        teacher_norm: str = "none",
-        embed_dim: int | None = None,
-        target_dim: int | None = None,
-        distill_loss: str = "mse",
-    ):
-        """``embed_dim``: the teacher's D (default: what the model outputs); ``target_dim``: regress the
-        ``target_dim`` leading principal axes of the normalised targets instead of all D
-        (:class:`~partwhole.agglomerator.targets.TargetSpace`; the model must then output ``target_dim``).
-        ``distill_loss``: ``mse``, ``smooth_l1`` or ``cosine`` (:func:`~partwhole.agglomerator.objectives.levels_distill_loss`);
-        ``distill_r2`` is always scored in squared error, whichever loss trains.
-        ``plot_islands`` and ``plot_every`` are ignored (and no longer saved): checkpoints written before
-        the islands moved to :class:`~partwhole.agglomerator.islands_callback.IslandsCallback` carry them."""
+    def __init__(self, model: dict, training: TrainingConfig | None = None, **settings):
+        """``model``: an :class:`AgglomeratorConfig` as a dict; ``training``: the settings, or as keywords
+        ``settings`` (the fields of :class:`TrainingConfig`, as checkpoints keep them)."""
         super().__init__()
-        if objective not in OBJECTIVES:
-            raise ValueError(f"objective={objective!r}: choose one of {OBJECTIVES}")
-        if optimizer not in OPTIMIZERS:
-            raise ValueError(f"--optimizer={optimizer!r}: choose one of {OPTIMIZERS}")
-        if distill_loss not in DISTILL_LOSSES:
-            raise ValueError(f"--distill_loss={distill_loss!r}: choose one of {', '.join(DISTILL_LOSSES)}")
-        self.save_hyperparameters(ignore=["plot_islands", "plot_every"])
-        config = AgglomeratorConfig(**{**model, "contrastive_head": model.get("contrastive_head", False) or objective == "supcon"})
-        self.model = Agglomerator(config)
-        self.objective = objective
-        self.level_weights = tuple(level_weights)
-        if objective == "sam_distill" and len(self.level_weights) != config.levels:
-            raise ValueError(f"--level_weights has {len(self.level_weights)} values for --levels={config.levels}")
-        self.frozen_backbone = objective == "classify" and not finetune_backbone
+        if training is None:
+            training = TrainingConfig.from_hparams(settings)
+        elif settings:
+            raise TypeError(f"give the settings as training or as keywords, not both ({', '.join(settings)})")
+        training.validate()
+        self.save_hyperparameters({"model": model, **asdict(training)})
+        cls = objective_class(training.objective)
+        self.model = Agglomerator(AgglomeratorConfig(**{**model, "contrastive_head": model.get("contrastive_head", False)
+                                                        or cls.contrastive_head}))
+        self.objective = cls(training, self.model)
+        self.frozen_backbone = self.objective.freezes_backbone
         if self.frozen_backbone:
             for p in self.model.backbone_parameters():
                 p.requires_grad_(False)
-        # The heads of the other objectives are kept (checkpoints keep the reference's names) but frozen: under DDP
-        # every parameter that requires a gradient must get one in every step.
+        other_heads = frozen_heads(cls.name)
         for name, p in self.model.named_parameters():
-            if name.startswith(tuple(OBJECTIVE_HEADS.values())) and not name.startswith(OBJECTIVE_HEADS[objective]):
+            if name.startswith(other_heads):
                 p.requires_grad_(False)
-        if objective == "classify":
-            self.accuracy = torch.nn.ModuleDict(
-                {f"{stage}_acc": MulticlassAccuracy(num_classes=config.n_classes, average="micro") for stage in ("train", "val", "test")}
-            )
-        if objective == "sam_distill":
-            # Fitted by fit_targets() before training; its buffers are saved in checkpoints (outside model.*).
-            self.targets = TargetSpace(embed_dim or self.model.embed_dim, config.num_patches, config.levels,
-                                       norm=teacher_norm, target_dim=target_dim)
-            if self.targets.out_dim != self.model.embed_dim:
-                raise ValueError(f"the model outputs {self.model.embed_dim} dimensions per level but the targets have "
-                                 f"{self.targets.out_dim}: set --levels_encoder_dim={self.targets.out_dim} (with --levels_encoder)"
-                                 + (" or --target_dim to the model's output" if target_dim else ""))
-            self.targets_fitted = True  # False for a checkpoint written before the mean predictor was kept
-            self.r2 = nn.ModuleDict({f"{stage}_r2": DistillR2(config.levels, self.level_weights) for stage in ("train", "val", "test")})
+        for name, module in self.objective.state().items():  # names of earlier versions: targets.*, accuracy.*, r2.*
+            self.add_module(name, module)
         self.eval_loss = nn.ModuleDict({stage: MeanMetric() for stage in ("val", "test")})  # states not saved
         self._register_load_state_dict_pre_hook(self._upgrade_state_dict)
 
     def _upgrade_state_dict(self, state_dict, prefix, *args) -> None:
-        """Checkpoints of earlier versions: ``teacher_mean``/``teacher_std`` are now ``targets.mean``/``.std``;
-        without ``targets.column_mean`` (or with no normalisation saved) the missing statistics keep their
-        neutral values and ``distill_r2`` is not logged."""
-        for old, new in (("teacher_mean", "targets.mean"), ("teacher_std", "targets.std")):
-            if prefix + old in state_dict:
-                state_dict[prefix + new] = state_dict.pop(prefix + old)
-        if not hasattr(self, "targets"):
-            return
-        for name, buffer in self.targets.named_buffers():
-            if prefix + "targets." + name not in state_dict:
-                state_dict[prefix + "targets." + name] = buffer.clone()
-                if name == "column_mean":
-                    self.targets_fitted = False
+        self.objective.upgrade_state_dict(state_dict, prefix)
 
     # ------------------------------------------------------------------ forward / steps
-
-    def fit_targets(self, embeds) -> None:
-        """Fit the targets' normalisation, mean predictor and reduction on train embeddings ``(N, n, l, D)``."""
-        self.targets.fit(embeds)
-        self.targets_fitted = True
 
     def train(self, mode: bool = True):
         """Keep a frozen backbone in eval mode (its BatchNorm statistics stay the pretrained ones)."""
@@ -163,29 +132,11 @@ class AgglomeratorLitModule(pl.LightningModule):
     def shared_step(self, batch: dict, stage: str) -> dict[str, torch.Tensor]:
         """Loss and logging of one batch; returns ``{"loss": loss, "levels": (b, n, l, d) detached}``
         (for two crops ``b`` counts each crop: image ``j``'s crops are rows ``2j`` and ``2j+1``)."""
-        image, label = batch["image"], batch["label"]
-        two_crops = image.ndim == 5
-        flat = image.flatten(0, 1) if two_crops else image
-        grad = nullcontext() if not self.frozen_backbone else torch.no_grad()
-        with grad:
-            out = self.model(flat)
+        image = batch["image"]
+        with torch.no_grad() if self.frozen_backbone else nullcontext():
+            out = self.model(image.flatten(0, 1) if image.ndim == 5 else image)
+        loss = self.objective.loss(self, out, batch, stage)
         batch_size = image.shape[0]
-        if self.objective == "sam_distill":
-            targets = batch["targets"] if "targets" in batch else self.targets(batch["embeds"])
-            loss = levels_distill_loss(out.encoded, targets, self.level_weights, self.hparams.distill_loss)
-            if self.targets_fitted:  # train: the epoch's batches as the weights change (overfitting shows as train >> val)
-                constants = batch["target_constants"] if "target_constants" in batch else self.targets.constants(batch["embeds"])
-                self.r2[f"{stage}_r2"].update(self.targets.errors(out.encoded, targets, constants))
-        elif self.objective == "supcon":
-            feats = self.model.project(out.top_level)
-            feats = feats.view(batch_size, 2, -1) if two_crops else feats.unsqueeze(1)
-            loss = supcon_loss(feats, label, temperature=self.hparams.temperature)
-        else:
-            logits = self.model.classify(out.top_level)
-            loss = F.cross_entropy(logits, label)
-            metric = self.accuracy[f"{stage}_acc"]
-            metric(logits, label)
-            self.log(f"{stage}/accuracy", metric, prog_bar=True, on_step=False, on_epoch=True, batch_size=batch_size)
         if stage == "train":  # DDP: the shards are of equal size (Lightning's sampler pads them); sync_dist averages
             self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=batch_size, sync_dist=True)
         else:  # a metric whose sums are reduced over the processes: Lightning's sync_dist miscounts unequal shards
@@ -207,28 +158,16 @@ class AgglomeratorLitModule(pl.LightningModule):
         return self.shared_step(batch, "test")
 
     def on_train_epoch_end(self) -> None:
-        self._log_r2("train")
+        self.objective.log_epoch_end(self, "train")
 
     def on_validation_epoch_end(self) -> None:
-        self._log_r2("val")
+        self.objective.log_epoch_end(self, "val")
 
     def on_test_epoch_end(self) -> None:
-        self._log_r2("test")
-
-    def _log_r2(self, stage: str) -> None:
-        """``<stage>/distill_r2`` (level-weighted, in the progress bar), ``<stage>/image_mean_r2`` and per level."""
-        if self.objective != "sam_distill" or not self.targets_fitted:
-            return
-        metric = self.r2[f"{stage}_r2"]
-        if not metric.update_count:
-            return
-        values = metric.compute()  # its sums are reduced over the processes first: every process holds the same
-        metric.reset()
-        self.log(f"{stage}/distill_r2", values.pop("distill_r2"), prog_bar=True, sync_dist=True)
-        self.log_dict({f"{stage}/{k}": v for k, v in values.items()}, sync_dist=True)
+        self.objective.log_epoch_end(self, "test")
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
-        """Top-level features ``(b, n, d)`` and labels: what ``--mode freeze`` writes."""
+        """Top-level features ``(b, n, d)`` and labels: what the freeze mode of the command line writes."""
         out = self.model(batch["image"])
         return {"features": out.top_level.float().cpu(), "labels": batch["label"].cpu()}
 

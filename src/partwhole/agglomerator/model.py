@@ -36,13 +36,15 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from partwhole.common.errors import SettingError
+
 # Logit given to a column's attention to itself when attend_self is False (reference value).
 TOKEN_ATTEND_SELF_VALUE = -5e-4
 
 
 @dataclass(frozen=True)
 class AgglomeratorConfig:
-    """Architecture hyper-parameters (the reference flags of the same names)."""
+    """Architecture hyper-parameters (the reference's settings of the same names)."""
 
     image_size: int = 224
     conv_image_size: int = 56
@@ -74,27 +76,23 @@ class AgglomeratorConfig:
         return self.iters if self.iters is not None else 2 * self.levels
 
     def validate(self) -> None:
-        """Raise ``ValueError`` naming the flag and the fix for inconsistent settings."""
+        """Raise :class:`~partwhole.common.errors.SettingError` naming the field and the fix for inconsistent settings."""
         if self.levels < 2:
-            raise ValueError(f"--levels={self.levels}: the Agglomerator needs at least 2 levels")
+            raise SettingError("levels", self.levels, "the Agglomerator needs at least 2 levels")
         if self.image_size // 4 != self.conv_image_size or self.image_size % 4:
-            raise ValueError(
-                f"--conv_image_size={self.conv_image_size} must be --image_size/4 (the conv tokenizer downsamples by 4): "
-                f"set --conv_image_size={self.image_size // 4} or --image_size={self.conv_image_size * 4}"
-            )
+            raise SettingError("conv_image_size", self.conv_image_size,
+                               f"must be image_size/4 (the conv tokenizer downsamples by 4): set "
+                               f"conv_image_size={self.image_size // 4} or image_size={self.conv_image_size * 4}")
         if self.conv_image_size % self.patch_size:
-            raise ValueError(
-                f"--patch_size={self.patch_size} must divide --conv_image_size={self.conv_image_size}"
-            )
+            raise SettingError("patch_size", self.patch_size, f"must divide conv_image_size={self.conv_image_size}")
         if self.patch_dim % (self.patch_size**2) or self.patch_dim // (self.patch_size**2) < 2:
-            raise ValueError(
-                f"--patch_dim={self.patch_dim} must be a multiple of patch_size**2={self.patch_size ** 2} "
-                f"(at least twice it): the tokenizer makes patch_dim/patch_size**2 channels"
-            )
+            raise SettingError("patch_dim", self.patch_dim,
+                               f"must be a multiple of patch_size**2={self.patch_size ** 2} (at least twice it): the "
+                               f"tokenizer makes patch_dim/patch_size**2 channels")
         if self.num_iters < 1:
-            raise ValueError(f"--iters={self.iters} must be at least 1")
+            raise SettingError("iters", self.iters, "must be at least 1")
         if not -(self.num_iters + 1) <= self.denoise_iter <= self.num_iters:
-            raise ValueError(f"--denoise_iter={self.denoise_iter} must lie in [-{self.num_iters + 1}, {self.num_iters}]")
+            raise SettingError("denoise_iter", self.denoise_iter, f"must lie in [-{self.num_iters + 1}, {self.num_iters}]")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -201,41 +199,32 @@ class ColumnNet(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor, reverse_groups: bool = False) -> torch.Tensor:
-        """``x``: ``(groups, d_in, b, n)`` -> ``(groups, d_out, b, n)``."""
-        if self.norm == "features":
-            return self._forward_features(x, reverse_groups)
-        g, _, b, n = x.shape
-        for layer in list(self.net)[1:]:
-            if isinstance(layer, nn.LayerNorm):
-                x = F.layer_norm(x, layer.normalized_shape, layer.weight, layer.bias, layer.eps)
-            elif isinstance(layer, nn.Conv1d):
-                w = layer.weight.view(g, layer.out_channels // g, -1)  # (g, out, in)
-                bias = layer.bias.view(g, -1, 1)
-                if reverse_groups:
-                    w, bias = w.flip(0), bias.flip(0)
-                x = torch.baddbmm(bias, w, x.reshape(g, -1, b * n)).view(g, -1, b, n)
-            else:
-                x = layer(x)
-        return x
+        """``x``: ``(groups, d_in, b, n)`` -> ``(groups, d_out, b, n)``.
 
-    def _forward_features(self, x: torch.Tensor, reverse_groups: bool) -> torch.Tensor:
-        """``norm="features"``: the same layers in the ``(groups, b*n, d)`` layout, where each LayerNorm is over
-        the last, contiguous dimension and each grouped conv a ``baddbmm`` with the transposed weights (one
-        copy in, one view out, instead of two transposed copies per LayerNorm)."""
+        Each LayerNorm is over the last, contiguous dimension and each grouped conv one ``baddbmm``: with
+        ``norm="columns"`` in the ``(groups, d, b, n)`` layout itself, with ``norm="features"`` in the
+        ``(groups, b*n, d)`` layout (with the transposed weights: one copy in, one view out, instead of two
+        transposed copies per LayerNorm).
+        """
         g, _, b, n = x.shape
-        x = x.permute(0, 2, 3, 1).reshape(g, b * n, -1)
+        features = self.norm == "features"
+        if features:
+            x = x.permute(0, 2, 3, 1).reshape(g, b * n, -1)
         for layer in list(self.net)[1:]:
             if isinstance(layer, nn.LayerNorm):
                 x = F.layer_norm(x, layer.normalized_shape, layer.weight, layer.bias, layer.eps)
             elif isinstance(layer, nn.Conv1d):
                 w = layer.weight.view(g, layer.out_channels // g, -1)  # (g, out, in)
-                bias = layer.bias.view(g, 1, -1)
+                bias = layer.bias.view(g, 1, -1) if features else layer.bias.view(g, -1, 1)
                 if reverse_groups:
                     w, bias = w.flip(0), bias.flip(0)
-                x = torch.baddbmm(bias, x, w.transpose(1, 2))
+                if features:
+                    x = torch.baddbmm(bias, x, w.transpose(1, 2))
+                else:
+                    x = torch.baddbmm(bias, w, x.reshape(g, -1, b * n)).view(g, -1, b, n)
             else:
                 x = layer(x)
-        return x.view(g, b, n, -1).permute(0, 3, 1, 2)
+        return x.view(g, b, n, -1).permute(0, 3, 1, 2) if features else x
 
 
 def consensus_attention(x: torch.Tensor, attend_self: bool = False) -> torch.Tensor:
@@ -389,7 +378,7 @@ class Agglomerator(nn.Module):
 
         On a CPU they hold most of a step (LayerNorm over the columns, dtype casts, GELU/sine, the
         grouped matmuls) and compile into a few small graphs in tens of seconds, where the whole
-        unrolled model takes minutes for less gain (``bench/train_throughput.py --toy``).
+        unrolled model takes minutes for less gain (``bench/train_throughput.py``, toy sizes).
         Parameter names, and so checkpoints, stay the same.
         """
         for net in (self.bottom_up, self.top_down, getattr(self, "levels_encoder", None)):

@@ -4,14 +4,14 @@ The teacher's embeddings of an image, ``(n, l, D)`` (columns, levels, the teache
 dimension), become the student's targets in two steps, both fitted on the train split
 and kept as buffers (so every checkpoint carries them):
 
-1. normalise (``--teacher_norm``): ``dataset`` z-scores every dimension with train-set
+1. normalise (``teacher_norm``): ``dataset`` z-scores every dimension with train-set
    statistics; ``layer`` whitens each target vector on its own (a LayerNorm without affine
    over its D, as feature-distillation work does: every target gets mean 0 and unit
    variance over its dimensions, so none weighs more by its norm); ``none`` keeps the
    embeddings as stage 2 wrote them;
-2. reduce (``--target_dim=k``, optional): project onto the ``k`` leading principal axes
+2. reduce (``target_dim=k``, optional): project onto the ``k`` leading principal axes
    of the normalised train targets. The levels encoder then maps to ``k`` instead of
-   ``D`` (or there is no encoder, when ``k`` equals ``--patch_dim``), which is where most
+   ``D`` (or there is no encoder, when ``k`` equals ``patch_dim``), which is where most
    of a toy pretraining step went at ``D = 1280``. The axes are orthonormal, so the
    squared error in the reduced coordinates is the squared error in ``D`` dimensions of
    the student's prediction mapped back, minus what lies outside the kept axes.
@@ -34,9 +34,11 @@ import torch
 from torch import nn
 from torchmetrics import Metric
 
+from partwhole.common.errors import SettingError, check_choice
+
 NORMS = ("none", "dataset", "layer")
-LAYER_EPS = 1e-5  # --teacher_norm=layer: as torch.nn.functional.layer_norm's default
-STD_FLOOR = 0.1  # --teacher_norm=dataset: no feature's std below this fraction of the median feature's
+LAYER_EPS = 1e-5  # teacher_norm=layer: as torch.nn.functional.layer_norm's default
+STD_FLOOR = 0.1  # teacher_norm=dataset: no feature's std below this fraction of the median feature's
 
 
 def dataset_std(flat: np.ndarray, std_floor: float = STD_FLOOR) -> np.ndarray:
@@ -61,10 +63,9 @@ class TargetSpace(nn.Module):
 
     def __init__(self, teacher_dim: int, num_patches: int, levels: int, norm: str = "dataset", target_dim: int | None = None):
         super().__init__()
-        if norm not in NORMS:
-            raise ValueError(f"--teacher_norm={norm!r}: choose one of {', '.join(NORMS)}")
+        check_choice("teacher_norm", norm, NORMS)
         if target_dim is not None and not 0 < target_dim <= teacher_dim:
-            raise ValueError(f"--target_dim={target_dim}: give a number of dimensions between 1 and the teacher's D = {teacher_dim}")
+            raise SettingError("target_dim", target_dim, f"give a number of dimensions between 1 and the teacher's D = {teacher_dim}")
         self.norm, self.target_dim = norm, target_dim
         self.register_buffer("mean", torch.zeros(teacher_dim))
         self.register_buffer("std", torch.ones(teacher_dim))
