@@ -34,7 +34,7 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from partwhole.agglomerator.checkpoint_io import AtomicCheckpointIO
 from partwhole.agglomerator.preemption import PreemptionCheckpoint, cluster_plugins
-from partwhole.common.errors import InputError, SettingError
+from partwhole.common.errors import SettingError
 
 log = logging.getLogger(__name__)
 
