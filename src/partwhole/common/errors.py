@@ -18,7 +18,8 @@ class InputError(ValueError):
 class SettingError(InputError):
     """``setting`` (a config field's name) has a bad ``value``; ``reason`` says why and what to do.
 
-    ``str()`` reads ``setting=value: reason``; :meth:`for_flag` reads ``--flag=value: reason`` for a command line.
+    ``str()`` reads ``setting=value: reason``; :meth:`for_flag` reads the same with the command line's flag
+    (two dashes and the flag's name) in place of ``setting``.
     """
 
     def __init__(self, setting: str, value, reason: str):
