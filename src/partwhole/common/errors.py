@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import os
+
 
 class InputError(ValueError):
     """Bad user input (file, folder or setting). The message names it and the fix."""
@@ -24,7 +26,8 @@ class SettingError(InputError):
 
     def __init__(self, setting: str, value, reason: str):
         self.setting, self.value, self.reason = setting, value, reason
-        super().__init__(f"{setting}={value!r}: {reason}")
+        shown = os.fspath(value) if isinstance(value, os.PathLike) else value  # a path reads as its text
+        super().__init__(f"{setting}={shown!r}: {reason}")
 
     def for_flag(self, flag: str | None = None) -> str:
         """The message with the command line's flag (default: the flag of the same name as the setting)."""
