@@ -55,7 +55,7 @@ def mask_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def masks_with(sam, attention: str, batch: np.ndarray, **masker_kwargs) -> np.ndarray:
     set_attention(sam, attention)
-    masker = PointGridMasker(sam, img_size=batch.shape[1], patch_size=16, **masker_kwargs)
+    masker = PointGridMasker(sam, MaskerOptions(img_size=batch.shape[1], patch_size=16, **masker_kwargs))
     return masker(batch).numpy()
 
 
@@ -142,7 +142,7 @@ def test_inductor_compiled_encoder_gives_the_same_masks():
 def test_sdpa_equals_reference_vit_b():
     """SAM ViT-B (random weights, real size: 1024 px, 64x64 tokens, 14x14 windows padded to 70, 4 global blocks)."""
     sam = random_rel_pos(build_teacher("vit_b"))
-    masker = PointGridMasker(sam, img_size=224)
+    masker = PointGridMasker(sam, MaskerOptions(img_size=224))
     x = sam.preprocess(torch.as_tensor(masker.model_input(images(1, 224)[0]))[None].float())
     with torch.inference_mode():  # one encoder forward per attention; the masks come from those embeddings
         embeddings = {attention: set_attention(sam, attention).image_encoder(x) for attention in ("reference", "sdpa")}
