@@ -203,7 +203,7 @@ def test_format_round_trip_meta_and_reference_format(tmp_path, tiny_sam, tiny_sa
     # the same masks as the library computes on the same resized image
     image = np.asarray(Image.open(tmp_path / "val" / "cat" / "img0.png").convert("RGB").resize((64, 64), Image.BICUBIC))
     model = tiny_sam if model_type == "vit_tiny" else tiny_sam2
-    np.testing.assert_array_equal(masks, MASKERS[model_type](model, img_size=64, patch_size=16)([image])[0].numpy())
+    np.testing.assert_array_equal(masks, MASKERS[model_type](model, MaskerOptions(img_size=64, patch_size=16))([image])[0].numpy())
     np.testing.assert_array_equal(read_distinct_masks(out / "cat" / "img0.pkl").expand(), masks)
 
     # the reference format: a pickled list of N bool arrays (3, H, W)
