@@ -358,11 +358,11 @@ def test_unknown_model_name_suggests_close_matches():
 
 
 def test_checkpoint_that_does_not_fit_is_an_error(tmp_path, real_checkpoint):
-    with pytest.raises(InputError, match=r"lcnet_050_fixed\.pth: weights do not fit"):
+    with pytest.raises(InputError, match=r"^encoder_checkpoint=.*lcnet_050_fixed\.pth': weights do not fit"):
         build_encoder("test_resnet", checkpoint=real_checkpoint)
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"not a checkpoint")
-    with pytest.raises(InputError, match=r"garbage\.pth: cannot read weights"):
+    with pytest.raises(InputError, match=r"^encoder_checkpoint=.*garbage\.pth': cannot read weights"):
         build_encoder(MODEL, checkpoint=garbage)
 
 
