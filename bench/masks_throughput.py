@@ -51,11 +51,12 @@ from partwhole.common.image_folders import list_image_folder, load_rgb_image
 from partwhole.common.mask_io import load_masks
 from partwhole.common.point_grid import patch_grid_points
 from partwhole.common.runtime import PRECISIONS
+from partwhole.masks.mask_folder import MaskFolderConfig, write_patched_masks
+from partwhole.masks.masker_options import MaskerOptions
 from partwhole.masks.sam2_points import Sam2PointGridMasker
 from partwhole.masks.sam_attention import ATTENTIONS, set_attention
 from partwhole.masks.sam_points import PointGridMasker
 from partwhole.masks.teachers import MODEL_TYPES, build_teacher, is_sam2_model
-from partwhole_cli.masks import write_patched_masks
 
 flags.DEFINE_string("device", None, "torch device (default: cuda if visible, else cpu)")
 flags.DEFINE_enum("model_type", "vit_tiny", MODEL_TYPES, "SAM model (SAM 1 or SAM 2.1)")
@@ -219,24 +220,18 @@ def main(argv):
             label = f"{precision}, {attention} attention" + (f", compiled ({FLAGS.compile_backend})" if compiled else "")
             tag = f"{precision}_{attention}" + ("_compile" if compiled else "")
             if sam2:
-                masker = Sam2PointGridMasker(
-                    sam, img_size=FLAGS.img_size, patch_size=FLAGS.patch_size, precision=precision, points_per_batch=FLAGS.points_per_batch
-                )
+                options = MaskerOptions(img_size=FLAGS.img_size, patch_size=FLAGS.patch_size, precision=precision,
+                                        points_per_batch=FLAGS.points_per_batch)
+                masker = Sam2PointGridMasker(sam, options)
             else:
                 set_attention(sam, attention)
-                masker = PointGridMasker(
-                    sam,
-                    img_size=FLAGS.img_size,
-                    patch_size=FLAGS.patch_size,
-                    point_labels=point_labels,
-                    precision=precision,
-                    points_per_batch=FLAGS.points_per_batch,
-                    compile_encoder=compiled,
-                    compile_options={"backend": FLAGS.compile_backend},
-                )
+                options = MaskerOptions(img_size=FLAGS.img_size, patch_size=FLAGS.patch_size, point_labels=point_labels,
+                                        precision=precision, points_per_batch=FLAGS.points_per_batch, compile_encoder=compiled)
+                masker = PointGridMasker(sam, options, compile_options={"backend": FLAGS.compile_backend})
 
             def ours(recs, out):
-                write_patched_masks(recs, out, masker, batch_size=FLAGS.batch_size, meta=meta, show_progress=False)
+                cfg = MaskFolderConfig(in_data_path=folder, out_data_path=out, batch_size=FLAGS.batch_size, show_progress=False)
+                write_patched_masks(recs, masker, cfg, meta=meta)
 
             # a compiled encoder traces the shape of its first batch: warm it with a full one
             warm_recs = timed_records[: FLAGS.batch_size] if compiled else warm

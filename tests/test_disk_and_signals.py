@@ -197,10 +197,10 @@ def test_stage1_sigterm_finishes_the_file_in_hand_and_a_rerun_completes(tmp_path
     assert len(written) == 2 and not list(out.rglob("*.tmp"))  # the image in hand was finished; the leftover removed
     for path in written:
         assert load_masks(path).shape == (16, 3, 64, 64)
-    from partwhole_cli import masks as patched_masks
+    from stage1 import run_stage1
 
-    rerun = patched_masks.run(in_data_path=str(images), out_data_path=str(out), sam_model_type=model_type,
-                              sam_checkpoint=None, img_size=64, batch_size=2, show_progress=False)
+    rerun = run_stage1(in_data_path=str(images), out_data_path=str(out), sam_model_type=model_type,
+                       sam_checkpoint=None, img_size=64, batch_size=2, show_progress=False)
     assert (rerun.written, rerun.skipped) == (3, 2)
 
 

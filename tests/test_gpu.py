@@ -37,6 +37,7 @@ def test_agglomerator_bf16_on_gpu_matches_fp32_cpu():
 
 
 def test_stage1_masks_on_gpu_match_cpu():
+    from partwhole.masks.masker_options import MaskerOptions
     from partwhole.masks.sam_points import PointGridMasker
     from partwhole.masks.teachers import build_teacher
 
@@ -44,7 +45,7 @@ def test_stage1_masks_on_gpu_match_cpu():
     masks = {}
     for device in ("cpu", "cuda"):
         sam = build_teacher("vit_tiny").to(device)
-        masker = PointGridMasker(sam, img_size=64, patch_size=16, precision="fp32")
+        masker = PointGridMasker(sam, MaskerOptions(img_size=64, patch_size=16, precision="fp32"))
         masks[device] = masker([image]).cpu().numpy()
     inter = (masks["cpu"] & masks["cuda"]).sum(axis=(-1, -2))
     union = (masks["cpu"] | masks["cuda"]).sum(axis=(-1, -2))
@@ -85,6 +86,7 @@ def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def test_stage1_sdpa_and_bf16_on_gpu_match_the_reference_attention_vit_b():
     """SAM ViT-B at its real size on the GPU: SDPA fp32 gives the reference's masks; bf16 + SDPA keeps mean IoU >= 0.97."""
+    from partwhole.masks.masker_options import MaskerOptions
     from partwhole.masks.sam_attention import set_attention
     from partwhole.masks.sam_points import PointGridMasker
     from partwhole.masks.teachers import build_teacher
@@ -95,19 +97,20 @@ def test_stage1_sdpa_and_bf16_on_gpu_match_the_reference_attention_vit_b():
     masks = {}
     for precision, attention in (("fp32", "reference"), ("fp32", "sdpa"), ("bf16", "sdpa")):
         set_attention(sam, attention)
-        masks[precision, attention] = PointGridMasker(sam, img_size=224, precision=precision)(images).cpu().numpy()
+        masks[precision, attention] = PointGridMasker(sam, MaskerOptions(img_size=224, precision=precision))(images).cpu().numpy()
     reference = masks["fp32", "reference"]
     assert _iou(reference, masks["fp32", "sdpa"]).min() >= 0.99
     assert _iou(reference, masks["bf16", "sdpa"]).mean() >= 0.97
 
 
 def test_stage1_inductor_compiled_encoder_on_gpu_gives_the_eager_masks():
+    from partwhole.masks.masker_options import MaskerOptions
     from partwhole.masks.sam_points import PointGridMasker
     from partwhole.masks.teachers import build_teacher
 
     images = (np.random.default_rng(1).random((3, 64, 64, 3)) * 255).astype(np.uint8)
     sam = _random_rel_pos(build_teacher("vit_tiny")).cuda()
-    eager = PointGridMasker(sam, img_size=64, patch_size=16)(images).cpu().numpy()
-    compiled = PointGridMasker(sam, img_size=64, patch_size=16, compile_encoder=True)
+    eager = PointGridMasker(sam, MaskerOptions(img_size=64, patch_size=16))(images).cpu().numpy()
+    compiled = PointGridMasker(sam, MaskerOptions(img_size=64, patch_size=16, compile_encoder=True))
     got = np.concatenate([compiled(images[:2]).cpu().numpy(), compiled(images[2:]).cpu().numpy()])  # the short batch is padded
     assert _iou(eager, got).min() >= 0.99

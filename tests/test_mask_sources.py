@@ -1,4 +1,4 @@
-"""Stage-1 mask sources without SAM (``--mask_source=boxes|full_image``) on real photos, and the box-size helper."""
+"""Stage-1 mask sources without SAM (``mask_source`` boxes or full_image) on real photos, and the box-size helper."""
 
 import os
 import subprocess
@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from skimage import data as skimage_data
+from stage1 import run_stage1
 
 from partwhole.common.errors import InputError
 from partwhole.common.mask_io import load_embeddings, read_mask_record
@@ -16,7 +17,7 @@ from partwhole.common.point_grid import patch_grid_points
 from partwhole.embeds import embed_folder as ef
 from partwhole.masks.box_sizes import matched_box_sizes, mean_clipped_areas
 from partwhole.masks.mask_sources import BoxMasker
-from partwhole_cli import masks as patched_masks
+from partwhole.masks.masker_options import MaskerOptions
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
@@ -37,8 +38,8 @@ def photos(tmp_path_factory) -> Path:
 
 
 def write_masks(images: Path, out: Path, mask_source: str, **kwargs):
-    return patched_masks.run(in_data_path=str(images), out_data_path=str(out), mask_source=mask_source, img_size=SIZE,
-                             patch_size=PATCH, device="cpu", show_progress=False, **kwargs)
+    return run_stage1(in_data_path=str(images), out_data_path=str(out), mask_source=mask_source, img_size=SIZE,
+                      patch_size=PATCH, device="cpu", show_progress=False, **kwargs)
 
 
 def assert_nested_around_their_points(masks: np.ndarray) -> None:
@@ -92,9 +93,11 @@ def test_cli_writes_boxes_and_refuses_sam_options_and_bad_sizes(tmp_path, photos
     for args, message in [(["--mask_source=boxes", "--box_sizes=24,8,56"], "error: --box_sizes=24,8,56: give three positive, increasing"),
                           (["--mask_source=boxes"], "error: --box_sizes=: give three"),
                           (["--mask_source=boxes", "--box_sizes=8,x,56"], "error: --box_sizes=8,x,56: give three"),
-                          (["--mask_source=full_image", "--sam_checkpoint=sam_vit_h_4b8939.pth"], "error: --sam_checkpoint is a SAM option"),
-                          (["--mask_source=full_image", "--attention=reference"], "error: --attention is a SAM option"),
-                          (["--box_sizes=8,24,56"], "error: --box_sizes is for --mask_source=boxes, not sam")]:
+                          (["--mask_source=full_image", "--sam_checkpoint=sam_vit_h_4b8939.pth"],
+                           "error: --sam_checkpoint=sam_vit_h_4b8939.pth: a SAM option, and full_image masks need no SAM"),
+                          (["--mask_source=full_image", "--attention=reference"],
+                           "error: --attention=reference: a SAM option, and full_image masks need no SAM"),
+                          (["--box_sizes=8,24,56"], "error: --box_sizes=8,24,56: only the boxes mask source takes box sides, not SAM 1")]:
         refused = cli(*args, "--overwrite")
         assert refused.returncode == 1 and "Traceback" not in refused.stderr
         assert refused.stderr.strip().splitlines()[-1].startswith(message), refused.stderr[-500:]
@@ -109,12 +112,13 @@ def test_box_sizes_recover_known_boxes_and_cover_the_image_for_full_image_masks(
     write_masks(photos, tmp_path / "full", "full_image")
     sides, mask_areas, _ = matched_box_sizes(tmp_path / "full")
     np.testing.assert_allclose(mask_areas, SIZE * SIZE)
-    assert sides[0] < sides[1] < sides[2]  # equal areas: one pixel apart, as --box_sizes must increase
-    assert BoxMasker(SIZE, PATCH, sides).masks[:, 0].all()  # the whole image from every point
-    assert not BoxMasker(SIZE, PATCH, (sides[0] - 1, sides[1], sides[2])).masks[:, 0].all()  # the smallest side that does
+    assert sides[0] < sides[1] < sides[2]  # equal areas: one pixel apart, as box_sizes must increase
+    assert BoxMasker(MaskerOptions(SIZE, PATCH, box_sizes=sides)).masks[:, 0].all()  # the whole image from every point
+    smaller = MaskerOptions(SIZE, PATCH, box_sizes=(sides[0] - 1, sides[1], sides[2]))
+    assert not BoxMasker(smaller).masks[:, 0].all()  # the smallest side that does
 
     clipped = mean_clipped_areas(SIZE, PATCH)
     assert clipped[16] == 16 * 16 and clipped[18] == 17.5 ** 2  # 18 px boxes lose a pixel column and row at the edges
     assert np.all(np.diff(clipped) >= 0)
-    with pytest.raises(InputError, match=r"--masks_path=.*no mask files"):
+    with pytest.raises(InputError, match=r"^masks_path=.*no mask files"):
         matched_box_sizes(tmp_path / "nothing")

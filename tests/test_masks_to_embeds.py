@@ -22,7 +22,7 @@ import timm
 import torch
 from PIL import Image
 
-from partwhole.common.errors import InputError
+from partwhole.common.errors import InputError, SettingError
 from partwhole.common.image_folders import load_rgb_image
 from partwhole.common.mask_io import load_embeddings, read_distinct_masks, save_masks
 from partwhole.common.safe_files import safe_pickle_load
@@ -276,7 +276,7 @@ def test_float16_overflow_is_refused_naming_the_image_and_mask(tmp_path):
     weights["norm.weight"] *= 1e6  # the pooled features: finite in float32, far beyond 65504
     weights["norm.bias"] *= 1e6
     torch.save(weights, tmp_path / "loud.pth")
-    with pytest.raises(InputError, match=r"cat_0\.png: the mask of point \d+, level \d.* beyond float16's 65504.*--embed_dtype=float32"):
+    with pytest.raises(SettingError, match=r"^embed_dtype='float16': .*cat_0\.png: the mask of point \d+, level \d.* beyond float16's 65504.*rerun with float32"):
         run_stage(config(images, masks, out, embed_dtype="float16", encoder_checkpoint=tmp_path / "loud.pth"))
     assert not list(out.rglob("*.pkl"))  # the first image is refused: nothing written
     run_stage(config(images, masks, out, embed_dtype="float32", encoder_checkpoint=tmp_path / "loud.pth"))
@@ -318,7 +318,7 @@ def test_missing_masks_are_an_error_or_skipped(tmp_path):
     images, masks, out = make_dataset(tmp_path)
     (masks / "cat" / "cat_1.pkl").unlink()
     (masks / "dog" / "dog_0.pkl").unlink()
-    with pytest.raises(InputError, match=r"2 of 4 images have no mask file .*cat_1\.pkl.*dog_0\.pkl.*--skip_missing"):
+    with pytest.raises(SettingError, match=r"^in_masks_path=.*: 2 of 4 images have no mask file there .*cat_1\.pkl.*dog_0\.pkl.*skip_missing"):
         ef.check_inputs(config(images, masks, out))
     run_stage(config(images, masks, out, skip_missing=True))
     assert sorted(outputs(out)) == ["cat/cat_0.pkl", "dog/dog_1.pkl"]
@@ -331,7 +331,7 @@ def test_missing_masks_are_an_error_or_skipped(tmp_path):
 @pytest.mark.parametrize("mask_format", ["v2", "v1"])
 def test_mask_size_or_levels_mismatch_names_the_file(tmp_path, mask_format):
     images, masks, out = make_dataset(tmp_path, per_class=1, mask_format=mask_format)
-    with pytest.raises(InputError, match=r"cat_0\.pkl: masks are 32x32 .* --img_height=48 --img_width=32"):
+    with pytest.raises(InputError, match=r"cat_0\.pkl: masks are 32x32 .* img_height=48, img_width=32"):
         ef.check_inputs(config(images, masks, out, img_height=48))
     bad = masks / "dog" / "dog_0.pkl"
     save_masks(bad, make_masks(1)[:, :2], mask_format=mask_format, grid=GRID)  # 2 levels
@@ -358,11 +358,11 @@ def test_unknown_model_name_suggests_close_matches():
 
 
 def test_checkpoint_that_does_not_fit_is_an_error(tmp_path, real_checkpoint):
-    with pytest.raises(InputError, match=r"lcnet_050_fixed\.pth: weights do not fit"):
+    with pytest.raises(InputError, match=r"^encoder_checkpoint=.*lcnet_050_fixed\.pth': weights do not fit"):
         build_encoder("test_resnet", checkpoint=real_checkpoint)
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"not a checkpoint")
-    with pytest.raises(InputError, match=r"garbage\.pth: cannot read weights"):
+    with pytest.raises(InputError, match=r"^encoder_checkpoint=.*garbage\.pth': cannot read weights"):
         build_encoder(MODEL, checkpoint=garbage)
 
 
@@ -374,13 +374,19 @@ def run_cli(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(CLI), *args], capture_output=True, text=True, timeout=timeout, env=env)
 
 
-def test_cli_bad_input_is_one_line_error(tmp_path):
+def test_cli_bad_input_is_one_line_error_naming_the_flag(tmp_path):
+    """A library :class:`SettingError` names the field (``in_masks_path``); the command line names its flag."""
     images, masks, out = make_dataset(tmp_path, per_class=1)
     (masks / "dog" / "dog_0.pkl").unlink()
+    with pytest.raises(SettingError) as refused:
+        ef.check_inputs(config(images, masks, out))
+    assert (refused.value.setting, str(refused.value.value)) == ("in_masks_path", str(masks))
+    with pytest.raises(SettingError, match="^img_height=0: must be a positive number of pixels"):
+        config(images, masks, out, img_height=0)
     result = run_cli(f"--in_masks_path={masks}", f"--in_images_path={images}", f"--out_data_path={out}",
                      "--encoder_model_name=test_vit", "--pretrained=False", f"--img_height={SIZE}", f"--img_width={SIZE}")
     assert result.returncode == 1
-    assert result.stderr.strip().splitlines()[-1].startswith("error: 1 of 2 images have no mask file")
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: --in_masks_path={masks}: 1 of 2 images have no mask file there")
     assert "Traceback" not in result.stderr
 
 

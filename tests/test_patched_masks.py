@@ -1,4 +1,4 @@
-"""Stage 1 (patched_masks.py): point grid, masks vs SamPredictor / SAM2ImagePredictor, file format, resume, DDP, bad input.
+"""Stage 1 (partwhole.masks.mask_folder and its CLI, patched_masks.py): point grid, masks vs SamPredictor / SAM2ImagePredictor, file format, resume, DDP, bad input.
 
 Everything runs the real segment_anything and sam2 code on CPU with random-weight
 test models: ``vit_tiny`` (a 256 px SAM built from segment_anything's own modules)
@@ -19,8 +19,9 @@ import pytest
 import torch
 from PIL import Image
 from segment_anything import SamPredictor
+from stage1 import run_stage1
 
-from partwhole.common.errors import InputError
+from partwhole.common.errors import InputError, SettingError
 from partwhole.common.image_folders import list_image_folder
 from partwhole.common.mask_io import (
     load_masks,
@@ -30,10 +31,12 @@ from partwhole.common.mask_io import (
 )
 from partwhole.common.point_grid import patch_grid_points
 from partwhole.common.safe_files import safe_pickle_load
+from partwhole.masks.masker_options import MaskerOptions
 from partwhole.masks.sam2_points import Sam2PointGridMasker
 from partwhole.masks.sam_points import PointGridMasker
 from partwhole.masks.teachers import build_teacher, load_teacher_checkpoint
-from partwhole_cli import masks as patched_masks
+from partwhole_cli import masks as masks_cli
+from partwhole_cli import user_error
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "src" / "hierarchical_masks" / "patched_masks.py"
@@ -105,7 +108,7 @@ def mask_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def run_stage(in_dir, out_dir, **kwargs):
     args = dict(sam_model_type="vit_tiny", sam_checkpoint=None, device="cpu", batch_size=2, show_progress=False)
-    return patched_masks.run(in_data_path=str(in_dir), out_data_path=str(out_dir), **{**args, **kwargs})
+    return run_stage1(in_data_path=str(in_dir), out_data_path=str(out_dir), **{**args, **kwargs})
 
 
 def run_cli(*args, timeout=120):
@@ -151,7 +154,7 @@ def assert_masks_match_predictor_one_point_at_a_time(masks, images, predictor, p
 @pytest.mark.parametrize("point_labels", ["foreground", "reference"])
 def test_batched_masks_match_sam_predictor_one_point_at_a_time(tiny_sam, point_labels):
     images = [synthetic_image(1, (224, 224)), synthetic_image(2, (224, 224))]
-    masker = PointGridMasker(tiny_sam, img_size=224, patch_size=16, point_labels=point_labels, points_per_batch=64)
+    masker = PointGridMasker(tiny_sam, MaskerOptions(img_size=224, patch_size=16, point_labels=point_labels, points_per_batch=64))
     masks = masker(images).numpy()
     assert masks.shape == (2, 196, 3, 224, 224) and masks.dtype == bool
     assert_masks_match_predictor_one_point_at_a_time(masks, images, SamPredictor(tiny_sam), point_labels)
@@ -160,7 +163,7 @@ def test_batched_masks_match_sam_predictor_one_point_at_a_time(tiny_sam, point_l
 @predictor_warning
 def test_sam2_batched_masks_match_sam2_image_predictor_one_point_at_a_time(tiny_sam2):
     images = [synthetic_image(1, (224, 224)), synthetic_image(2, (224, 224))]
-    masks = Sam2PointGridMasker(tiny_sam2, img_size=224, patch_size=16, points_per_batch=64)(images).numpy()
+    masks = Sam2PointGridMasker(tiny_sam2, MaskerOptions(img_size=224, patch_size=16, points_per_batch=64))(images).numpy()
     assert masks.shape == (2, 196, 3, 224, 224) and masks.dtype == bool
     assert_masks_match_predictor_one_point_at_a_time(masks, images, sam2_predictor(tiny_sam2))
 
@@ -171,14 +174,14 @@ def test_sam2_1_hiera_tiny_masks_match_sam2_image_predictor_one_point_at_a_time(
     """The real SAM 2.1 Hiera-T (1024 px, random weights), one image, every 7th point (40-90 s on a shared 2-core CPU)."""
     model = build_teacher("sam2.1_hiera_tiny")
     images = [synthetic_image(4, (224, 224))]
-    masks = Sam2PointGridMasker(model, img_size=224, patch_size=16, points_per_batch=98)(images).numpy()
+    masks = Sam2PointGridMasker(model, MaskerOptions(img_size=224, patch_size=16, points_per_batch=98))(images).numpy()
     assert_masks_match_predictor_one_point_at_a_time(masks, images, sam2_predictor(model), every=7)  # 1024 px: sizes unchanged
 
 
 def test_precisions_run_and_bf16_mostly_agrees(tiny_sam):
     image = [synthetic_image(3, (64, 64))]
-    fp32 = PointGridMasker(tiny_sam, img_size=64, patch_size=16)(image).numpy()
-    bf16 = PointGridMasker(tiny_sam, img_size=64, patch_size=16, precision="bf16")(image).numpy()
+    fp32 = PointGridMasker(tiny_sam, MaskerOptions(img_size=64, patch_size=16))(image).numpy()
+    bf16 = PointGridMasker(tiny_sam, MaskerOptions(img_size=64, patch_size=16, precision="bf16"))(image).numpy()
     assert bf16.shape == fp32.shape == (1, 16, 3, 64, 64)
     assert mask_iou(fp32, bf16).mean() >= 0.9  # random weights sit near the threshold; real SAM agrees far better
 
@@ -200,7 +203,7 @@ def test_format_round_trip_meta_and_reference_format(tmp_path, tiny_sam, tiny_sa
     # the same masks as the library computes on the same resized image
     image = np.asarray(Image.open(tmp_path / "val" / "cat" / "img0.png").convert("RGB").resize((64, 64), Image.BICUBIC))
     model = tiny_sam if model_type == "vit_tiny" else tiny_sam2
-    np.testing.assert_array_equal(masks, MASKERS[model_type](model, img_size=64, patch_size=16)([image])[0].numpy())
+    np.testing.assert_array_equal(masks, MASKERS[model_type](model, MaskerOptions(img_size=64, patch_size=16))([image])[0].numpy())
     np.testing.assert_array_equal(read_distinct_masks(out / "cat" / "img0.pkl").expand(), masks)
 
     # the reference format: a pickled list of N bool arrays (3, H, W)
@@ -425,7 +428,7 @@ def test_tiny_checkpoint_loads_and_mismatches_are_explained(tmp_path, tiny_sam):
     looks_like_vit_b = dict(tiny_sam.state_dict(), **{"image_encoder.pos_embed": torch.zeros(1, 64, 64, 768)})
     wrong = tmp_path / "wrong.pth"
     torch.save(looks_like_vit_b, wrong)
-    with pytest.raises(InputError, match=r"does not fit --sam_model_type=vit_tiny.*--sam_model_type=vit_b"):
+    with pytest.raises(InputError, match=r"^sam_checkpoint=.*wrong.pth': does not fit sam_model_type vit_tiny.*sam_model_type to vit_b"):
         load_teacher_checkpoint(build_teacher("vit_tiny"), wrong, "vit_tiny")
 
     garbage = tmp_path / "garbage.pth"
@@ -442,9 +445,9 @@ def test_sam2_checkpoint_loads_and_mismatches_are_explained(tmp_path, tiny_sam, 
 
     sam1 = tmp_path / "tiny.pth"
     torch.save(tiny_sam.state_dict(), sam1)
-    with pytest.raises(InputError, match=r"does not fit --sam_model_type=sam2.1_hiera_test.*--sam_model_type=vit_tiny$"):
+    with pytest.raises(InputError, match=r"does not fit sam_model_type sam2.1_hiera_test.*sam_model_type to vit_tiny$"):
         load_teacher_checkpoint(tiny_sam2, sam1, "sam2.1_hiera_test")
-    with pytest.raises(InputError, match=r"does not fit --sam_model_type=vit_tiny.*--sam_model_type=sam2.1_hiera_test$"):
+    with pytest.raises(InputError, match=r"does not fit sam_model_type vit_tiny.*sam_model_type to sam2.1_hiera_test$"):
         load_teacher_checkpoint(build_teacher("vit_tiny"), released, "vit_tiny")
 
     garbage = tmp_path / "garbage.pt"
@@ -456,14 +459,14 @@ def test_sam2_checkpoint_loads_and_mismatches_are_explained(tmp_path, tiny_sam, 
 @pytest.mark.parametrize(
     "case, message",
     [
-        ("img_size", "img_size=100 must be a positive multiple of patch_size=16"),
-        ("missing_checkpoint", "--sam_checkpoint=.*missing.pth: file not found; download it from https://"),
-        ("missing_sam2_checkpoint", "--sam_checkpoint=.*missing.pt: file not found; download it from https://.*/sam2.1_hiera_large.pt$"),
-        ("sam2_reference_labels", "--point_labels=reference reproduces the reference's SAM 1 prompts; SAM 2.1 takes"),
-        ("mismatched_checkpoint", "does not fit --sam_model_type=vit_b"),
+        ("img_size", "^img_size=100: must be a positive multiple of patch_size=16"),
+        ("missing_checkpoint", "^sam_checkpoint=.*missing.pth': file not found; download it from https://"),
+        ("missing_sam2_checkpoint", "^sam_checkpoint=.*missing.pt': file not found; download it from https://.*/sam2.1_hiera_large.pt$"),
+        ("sam2_reference_labels", "^point_labels='reference': reproduces the reference's SAM 1 prompts; SAM 2.1 takes foreground"),
+        ("mismatched_checkpoint", "^error: --sam_checkpoint=.*tiny.pth: does not fit sam_model_type vit_b"),  # the CLI's line
         ("no_class_folders", "no class folders found"),
         ("unwritable_output", "out_data_path=.*cannot write there"),
-        ("mask_format", "--mask_format='v3' is unknown; choose one of v1, v2"),
+        ("mask_format", "^mask_format='v3': unknown; choose one of v1, v2"),
     ],
 )
 def test_bad_input_is_one_line_error_and_touches_nothing(tmp_path, tiny_sam, case, message):
@@ -504,9 +507,24 @@ def test_bad_input_is_one_line_error_and_touches_nothing(tmp_path, tiny_sam, cas
         assert re.search(message, last)
     else:
         with pytest.raises(ValueError, match=message):  # InputError is a ValueError
-            patched_masks.run(device="cpu", show_progress=False, **{k: str(v) if isinstance(v, Path) else v for k, v in kwargs.items()})
+            run_stage1(device="cpu", show_progress=False, **{k: str(v) if isinstance(v, Path) else v for k, v in kwargs.items()})
     assert snapshot(out) == before
     assert not list(out.rglob("*.tmp"))
+
+
+def test_a_library_setting_error_reaches_the_user_as_its_flag(tmp_path):
+    """The library names the field (``compile_encoder``); the command line names the flag (``--compile``)."""
+    images, out = make_image_folder(tmp_path / "val", per_class=1), tmp_path / "masks"
+    with pytest.raises(SettingError) as refused:
+        run_stage1(in_data_path=images, out_data_path=out, sam_model_type="sam2.1_hiera_test", compile_encoder=True)
+    assert (refused.value.setting, refused.value.value) == ("compile_encoder", True)
+    assert str(refused.value).startswith("compile_encoder=True: torch.compile is not supported for SAM 2.1 yet")
+    assert user_error(refused.value, masks_cli.FLAG_OF).startswith("--compile=True: torch.compile is not supported")
+    result = run_cli("--device=cpu", "--sam_model_type=sam2.1_hiera_test", "--compile", f"--in_data_path={images}",
+                     f"--out_data_path={out}")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == "error: --compile=True: torch.compile is not supported for SAM 2.1 yet; drop it"
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("model_type", TEACHERS)

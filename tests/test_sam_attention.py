@@ -12,13 +12,14 @@ import pytest
 import torch
 from segment_anything.modeling import ImageEncoderViT
 from segment_anything.modeling.image_encoder import Attention
+from stage1 import run_stage1
 
 from partwhole.common.errors import InputError
 from partwhole.common.mask_io import load_masks
+from partwhole.masks.masker_options import MaskerOptions
 from partwhole.masks.sam_attention import SDPAAttention, attention_of, set_attention
 from partwhole.masks.sam_points import PointGridMasker
 from partwhole.masks.teachers import build_teacher
-from partwhole_cli import masks as patched_masks
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -54,7 +55,7 @@ def mask_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def masks_with(sam, attention: str, batch: np.ndarray, **masker_kwargs) -> np.ndarray:
     set_attention(sam, attention)
-    masker = PointGridMasker(sam, img_size=batch.shape[1], patch_size=16, **masker_kwargs)
+    masker = PointGridMasker(sam, MaskerOptions(img_size=batch.shape[1], patch_size=16, **masker_kwargs))
     return masker(batch).numpy()
 
 
@@ -84,7 +85,7 @@ def test_build_sam_defaults_to_sdpa_and_checks_the_choice():
     assert attention_of(build_teacher("vit_tiny")) == "sdpa"
     assert attention_of(build_teacher("vit_tiny", attention="reference")) == "reference"
     assert attention_of(build_teacher("vit_tiny").mask_decoder) is None  # the decoder's attention is another class
-    with pytest.raises(InputError, match="--attention='flash'"):
+    with pytest.raises(InputError, match="^attention='flash': unknown; choose one of reference, sdpa"):
         build_teacher("vit_tiny", attention="flash")
 
 
@@ -102,7 +103,8 @@ def test_compiled_encoder_traces_pads_the_short_batch_and_gives_the_same_masks()
     batch = images(3, 64)
     expected = masks_with(sam, "reference", batch)
     set_attention(sam, "sdpa")
-    masker = PointGridMasker(sam, img_size=64, patch_size=16, compile_encoder=True, compile_options={"backend": "eager", "fullgraph": True})
+    masker = PointGridMasker(sam, MaskerOptions(img_size=64, patch_size=16, compile_encoder=True),
+                             compile_options={"backend": "eager", "fullgraph": True})
     got = np.concatenate([masker(batch[:2]).numpy(), masker(batch[2:]).numpy()])  # 2, then 1 padded to 2
     assert masker.compiled_batch == 2
     assert mask_iou(expected, got).min() >= 0.99
@@ -116,13 +118,13 @@ def test_stage1_flags_reach_the_model(tmp_path):
         Image.fromarray(image).save(tmp_path / "in" / "cls" / f"im{i}.png")
     common = dict(in_data_path=str(tmp_path / "in"), sam_model_type="vit_tiny", sam_checkpoint=None, device="cpu",
                   img_size=64, batch_size=2, show_progress=False)
-    patched_masks.run(out_data_path=str(tmp_path / "sdpa"), attention="sdpa", **common)
-    patched_masks.run(out_data_path=str(tmp_path / "ref"), attention="reference", **common)
+    run_stage1(out_data_path=str(tmp_path / "sdpa"), attention="sdpa", **common)
+    run_stage1(out_data_path=str(tmp_path / "ref"), attention="reference", **common)
     for name in ("im0", "im1"):
         a, b = load_masks(tmp_path / "sdpa" / "cls" / f"{name}.pkl"), load_masks(tmp_path / "ref" / "cls" / f"{name}.pkl")
         assert mask_iou(a, b).min() >= 0.99
-    with pytest.raises(InputError, match="--attention"):
-        patched_masks.run(out_data_path=str(tmp_path / "bad"), attention="fast", **common)
+    with pytest.raises(InputError, match="^attention='fast'"):
+        run_stage1(out_data_path=str(tmp_path / "bad"), attention="fast", **common)
 
 
 @pytest.mark.slow
@@ -131,7 +133,7 @@ def test_inductor_compiled_encoder_gives_the_same_masks():
     batch = images(3, 64)
     expected = masks_with(sam, "reference", batch)
     set_attention(sam, "sdpa")
-    masker = PointGridMasker(sam, img_size=64, patch_size=16, compile_encoder=True)
+    masker = PointGridMasker(sam, MaskerOptions(img_size=64, patch_size=16, compile_encoder=True))
     got = np.concatenate([masker(batch[:2]).numpy(), masker(batch[2:]).numpy()])
     assert mask_iou(expected, got).min() >= 0.99
 
@@ -140,7 +142,7 @@ def test_inductor_compiled_encoder_gives_the_same_masks():
 def test_sdpa_equals_reference_vit_b():
     """SAM ViT-B (random weights, real size: 1024 px, 64x64 tokens, 14x14 windows padded to 70, 4 global blocks)."""
     sam = random_rel_pos(build_teacher("vit_b"))
-    masker = PointGridMasker(sam, img_size=224)
+    masker = PointGridMasker(sam, MaskerOptions(img_size=224))
     x = sam.preprocess(torch.as_tensor(masker.model_input(images(1, 224)[0]))[None].float())
     with torch.inference_mode():  # one encoder forward per attention; the masks come from those embeddings
         embeddings = {attention: set_attention(sam, attention).image_encoder(x) for attention in ("reference", "sdpa")}

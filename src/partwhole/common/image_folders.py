@@ -93,7 +93,7 @@ def load_rgb_image(path: str | os.PathLike, size: tuple[int, int] | None = None)
     except FileNotFoundError:
         raise InputError(f"{path}: image not found") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise InputError(f"{path}: cannot read image ({exc}); fix or remove the file (or pass --skip_bad_images)") from None
+        raise InputError(f"{path}: cannot read image ({exc}); fix or remove the file") from None
     if size is not None and image.size != tuple(size):
         image = image.resize(tuple(size), Image.BICUBIC)
     return image

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from partwhole.common.errors import InputError
+from partwhole.common.errors import SettingError
 
 
 def patch_grid_points(img_size: int, patch_size: int) -> np.ndarray:
@@ -13,12 +13,13 @@ def patch_grid_points(img_size: int, patch_size: int) -> np.ndarray:
 
     ``G = img_size // patch_size``; row-major: point ``k = row * G + col`` lies
     at ``(col * p + p / 2, row * p + p / 2)`` (SAM takes points as ``x, y``).
+
+    Raises:
+        SettingError: (``img_size``) not a positive multiple of ``patch_size``.
     """
     if patch_size <= 0 or img_size <= 0 or img_size % patch_size:
-        raise InputError(
-            f"img_size={img_size} must be a positive multiple of patch_size={patch_size}; "
-            "choose e.g. --img_size=224 --patch_size=16"
-        )
+        raise SettingError("img_size", img_size, f"must be a positive multiple of patch_size={patch_size}; "
+                           "choose e.g. 224 with patch_size 16")
     grid = img_size // patch_size
     centres = np.arange(grid, dtype=np.float64) * patch_size + patch_size / 2
     rows, cols = np.meshgrid(centres, centres, indexing="ij")  # (G, G) each

@@ -15,7 +15,11 @@ float32 (or float16) embeddings ``(N, 3, D)`` per image (see
   masks in DataLoader workers, embeds them in packed batches and writes each file
   atomically.
 
-Library code: plain arguments (:class:`EmbedFolderConfig`), no flags.
+* :func:`run_embed_folder`: the stage end to end (check, launch the processes, embed).
+
+Library code: plain arguments and one frozen dataclass (:class:`EmbedFolderConfig`), no flags; a bad
+setting is a :class:`~partwhole.common.errors.SettingError` naming the field (the command line,
+``partwhole_cli/embeds.py``, names its flag instead).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from partwhole.common.errors import InputError
+from partwhole.common.errors import InputError, SettingError, check_choice
 from partwhole.common.image_folders import (
     ImageRecord,
     list_classes,
@@ -43,6 +47,7 @@ from partwhole.common.per_image_runner import (
     PerImageStage,
     ReadFailure,
     WorkerContext,
+    launch_workers,
     record_failure,
     run_per_image,
 )
@@ -69,9 +74,29 @@ EMBED_DTYPES = {"float32": np.float32, "float16": np.float16}
 STAGE_NAME = "masks_to_embeds"
 
 
-@dataclass
+@dataclass(frozen=True)
 class EmbedFolderConfig:
-    """Everything stage 2 needs; field names follow the CLI flags."""
+    """Everything stage 2 needs, checked on construction (:class:`SettingError` naming the field).
+
+    Attributes:
+        in_masks_path: stage-1 masks ``<in_masks_path>/<class>/<stem>.pkl`` (either mask format).
+        in_images_path: images ``<in_images_path>/<class>/<image>``.
+        out_data_path: where to write ``<class>/<stem>.pkl`` embeddings ``(N, 3, D)``.
+        encoder_model_name: timm model name (with or without a pretrained tag).
+        pretrained: timm's pretrained weights (False: random weights, tests only).
+        encoder_checkpoint: a local weights file, or the name of a packaged one
+            (``encoder_weights.PACKAGED_WEIGHTS``); read instead of timm's weights.
+        crop: cut each masked image to its mask's bounding box.
+        img_height, img_width: the size images are resized to; must match the masks (stage 1's ``img_size``).
+        embed_dtype: ``float32`` or ``float16``, of the written embeddings.
+        batch_size: masked images per forward pass; None: ``mask_embedding.default_batch_size``.
+        precision: ``auto``, ``fp32`` or ``bf16``.
+        overwrite: recompute images whose embedding file exists (default: skip them, i.e. resume).
+        skip_missing: skip images without a mask file (listed in ``failed.txt``) instead of stopping.
+        skip_bad_images: skip unreadable images or mask files (listed in ``failed.txt``).
+        num_workers: DataLoader processes; None: 0 on CPU, several on CUDA.
+        progress: a progress bar.
+    """
 
     in_masks_path: Path
     in_images_path: Path
@@ -95,23 +120,19 @@ class EmbedFolderConfig:
         for name in ("in_masks_path", "in_images_path", "out_data_path"):
             value = getattr(self, name)
             if value in (None, ""):
-                raise InputError(f"--{name} is required")
-            setattr(self, name, Path(value))
-        if self.encoder_checkpoint not in (None, ""):
-            self.encoder_checkpoint = resolve_encoder_checkpoint(self.encoder_checkpoint)
-        else:
-            self.encoder_checkpoint = None
+                raise SettingError(name, "", "required: give a folder")
+            object.__setattr__(self, name, Path(value))
+        checkpoint = self.encoder_checkpoint
+        object.__setattr__(self, "encoder_checkpoint", None if checkpoint in (None, "") else resolve_encoder_checkpoint(checkpoint))
         for name in ("img_height", "img_width"):
             if getattr(self, name) < 1:
-                raise InputError(f"--{name}={getattr(self, name)}: must be a positive number of pixels (stage 1 used --img_size)")
-        if self.embed_dtype not in EMBED_DTYPES:
-            raise InputError(f"--embed_dtype={self.embed_dtype!r}: use float32 or float16")
-        if self.precision not in EMBED_PRECISIONS:
-            raise InputError(f"--precision={self.precision!r}: use one of {', '.join(EMBED_PRECISIONS)}")
+                raise SettingError(name, getattr(self, name), "must be a positive number of pixels (the img_size of stage 1)")
+        check_choice("embed_dtype", self.embed_dtype, EMBED_DTYPES)
+        check_choice("precision", self.precision, EMBED_PRECISIONS)
         if self.batch_size is not None and self.batch_size < 1:
-            raise InputError(f"--batch_size={self.batch_size}: must be at least 1")
+            raise SettingError("batch_size", self.batch_size, "must be at least 1")
         if self.num_workers is not None and self.num_workers < 0:
-            raise InputError(f"--num_workers={self.num_workers}: must be 0 or more")
+            raise SettingError("num_workers", self.num_workers, "must be 0 or more")
 
     def mask_path(self, record: ImageRecord) -> Path:
         """The stage-1 mask file of ``record``: ``<in_masks_path>/<class>/<stem>.pkl``."""
@@ -144,8 +165,8 @@ def check_mask_record(path: Path, shape: tuple[int, ...], meta: dict[str, Any], 
     if levels != LEVELS:
         raise InputError(f"{path}: masks have {levels} levels, expected {LEVELS} (SAM multimask output); rerun stage 1 for this image")
     if (mask_h, mask_w) != (height, width):
-        raise InputError(f"{path}: masks are {mask_h}x{mask_w} (height x width) but --img_height={height} --img_width={width}; "
-                         f"pass the size stage 1 used (--img_height={mask_h} --img_width={mask_w}) or rerun stage 1")
+        raise InputError(f"{path}: masks are {mask_h}x{mask_w} (height x width) but img_height={height}, img_width={width}; "
+                         f"pass the size stage 1 used (img_height={mask_h}, img_width={mask_w}) or rerun stage 1")
     grid = meta.get("grid")
     if grid is not None and int(grid) ** 2 != n:
         raise InputError(f"{path}: {n} masks per level but the file's grid is {grid}x{grid}; the file is inconsistent, rerun stage 1 for it")
@@ -153,7 +174,7 @@ def check_mask_record(path: Path, shape: tuple[int, ...], meta: dict[str, Any], 
         raise InputError(f"{path}: holds no masks; rerun stage 1 for this image")
     if num_points is not None and n != num_points:
         raise InputError(f"{path}: {n} points but {num_points} in {first_path}; every image needs the same grid "
-                         "(rerun stage 1 with one --img_size/--patch_size)")
+                         "(rerun stage 1 with one img_size and patch_size)")
     return n
 
 
@@ -161,37 +182,39 @@ def check_inputs(cfg: EmbedFolderConfig) -> CheckedInputs:
     """Fail early on inputs that cannot work; return the images to embed.
 
     Raises:
-        InputError: unknown model name, missing checkpoint file, class
-            folders differ, no images, mask files missing (unless
-            ``cfg.skip_missing``), the first mask file does not fit, or the
-            output folder cannot be written. Temporary files a killed run left
+        SettingError: unknown ``encoder_model_name``, no ``encoder_checkpoint`` file, no images in
+            ``in_images_path``, class folders that differ or mask files missing under ``in_masks_path``
+            (unless ``cfg.skip_missing``).
+        InputError: the first mask file does not fit, or the output folder cannot be written. Temporary files a killed run left
             in the output folder are removed.
     """
     check_model_name(cfg.encoder_model_name)
     if cfg.encoder_checkpoint is not None and not cfg.encoder_checkpoint.is_file():
-        raise InputError(f"--encoder_checkpoint={cfg.encoder_checkpoint}: file not found; give a local weights file")
+        raise SettingError("encoder_checkpoint", cfg.encoder_checkpoint, "file not found; give a local weights file")
     image_classes = list_classes(cfg.in_images_path)
     mask_classes = list_classes(cfg.in_masks_path)
     if image_classes != mask_classes:
         only_images = sorted(set(image_classes) - set(mask_classes))
         only_masks = sorted(set(mask_classes) - set(image_classes))
-        raise InputError(
+        raise SettingError(
+            "in_masks_path", cfg.in_masks_path,
             f"class folders differ: {cfg.in_images_path} has [{_names(image_classes)}] but {cfg.in_masks_path} has "
             f"[{_names(mask_classes)}] (only in images: [{_names(only_images)}]; only in masks: [{_names(only_masks)}]); "
-            "point --in_masks_path at the stage-1 output of --in_images_path (run stage 1 for the missing classes)"
+            "give the stage-1 output of in_images_path (run stage 1 for the missing classes)",
         )
     records = list_image_folder(cfg.in_images_path, image_classes)
     if not records:
-        raise InputError(f"{cfg.in_images_path}: no images in its class folders")
+        raise SettingError("in_images_path", cfg.in_images_path, "no images in its class folders")
     missing = [r for r in records if not cfg.mask_path(r).is_file()]
     if missing and not cfg.skip_missing:
         first = ", ".join(str(cfg.mask_path(r)) for r in missing[:5])
-        raise InputError(f"{len(missing)} of {len(records)} images have no mask file under {cfg.in_masks_path} (first: {first}); "
-                         "run stage 1 for them, or pass --skip_missing to skip them (listed in failed.txt)")
+        raise SettingError("in_masks_path", cfg.in_masks_path,
+                           f"{len(missing)} of {len(records)} images have no mask file there (first: {first}); "
+                           "run stage 1 for them, or skip them with skip_missing (listed in failed.txt)")
     missing_set = set(missing)
     present = [r for r in records if r not in missing_set]
     if not present:
-        raise InputError(f"{cfg.in_masks_path}: no mask file for any of the {len(records)} images; run stage 1 first")
+        raise SettingError("in_masks_path", cfg.in_masks_path, f"no mask file for any of the {len(records)} images; run stage 1 first")
     first_path = cfg.mask_path(present[0])
     first = read_distinct_masks(first_path)
     num_points = check_mask_record(first_path, first.shape, first.meta, height=cfg.img_height, width=cfg.img_width)
@@ -244,18 +267,18 @@ def _default_num_workers(device: torch.device, world_size: int) -> int:
     return max(1, min(8, (os.cpu_count() or 2) // max(1, world_size) - 1))
 
 
-def non_finite_message(image: Path, embeds: np.ndarray, stored: np.ndarray) -> str:
+def non_finite_error(image: Path, embeds: np.ndarray, stored: np.ndarray) -> InputError:
     """Why an image's embeddings ``(N, 3, D)`` cannot be written: which mask (point, level) first, and whether
-    float16 overflowed (``embeds`` finite as computed, ``stored`` not)."""
+    float16 overflowed (``embeds`` finite as computed, ``stored`` not: a :class:`SettingError` of ``embed_dtype``)."""
     point, level = np.argwhere(~np.isfinite(stored).all(-1))[0]
     count = int((~np.isfinite(stored).all(-1)).sum())
     where = f"the mask of point {point}, level {level} (and {count - 1} more)" if count > 1 else f"the mask of point {point}, level {level}"
     if np.isfinite(embeds).all():
         peak = float(np.abs(embeds).max())
-        return (f"{image}: {where} embeds to values up to {peak:.3g}, beyond float16's 65504; not written (the files "
-                f"written before it are kept): rerun with --embed_dtype=float32")
-    return (f"{image}: {where} embeds to NaN or inf; not written (the files written before it are kept): check the "
-            f"encoder weights (and --precision)")
+        return SettingError("embed_dtype", "float16", f"{image}: {where} embeds to values up to {peak:.3g}, beyond float16's "
+                            "65504; not written (the files written before it are kept): rerun with float32")
+    return InputError(f"{image}: {where} embeds to NaN or inf; not written (the files written before it are kept): check the "
+                      "encoder weights (and precision)")
 
 
 class EmbedStage(PerImageStage):
@@ -299,11 +322,11 @@ class EmbedStage(PerImageStage):
                  worker.rank, encoder.masked_images, seconds, encoder.masked_images / max(seconds, 1e-9))
 
     def save(self, record: ImageRecord, embeds: np.ndarray) -> int:
-        """Write ``embeds`` in ``--embed_dtype``; refuse (:class:`InputError`) values that are not finite there."""
+        """Write ``embeds`` in ``embed_dtype``; refuse (:class:`InputError`) values that are not finite there."""
         with np.errstate(over="ignore"):  # an overflow is reported below, by image and mask
             stored = embeds.astype(self.dtype, copy=False)
         if not np.isfinite(stored).all():
-            raise InputError(non_finite_message(record.path, embeds, stored))
+            raise non_finite_error(record.path, embeds, stored)
         return save_embeddings(record.output_path(self.out_root), stored)
 
 
@@ -332,7 +355,23 @@ def embed_folder(cfg: EmbedFolderConfig, inputs: CheckedInputs, worker: WorkerCo
             log.info("glibc malloc keeps freed memory (no per-batch page faults; see processes.keep_freed_memory)")
     if worker.is_main:
         for record in inputs.missing:
-            record_failure(cfg.out_data_path, record.path, f"no mask file {cfg.mask_path(record)} (skipped: --skip_missing)")
+            record_failure(cfg.out_data_path, record.path, f"no mask file {cfg.mask_path(record)} (skipped: skip_missing)")
     progress = run_per_image(EmbedStage(cfg, inputs, worker), inputs.records, worker=worker, overwrite=cfg.overwrite,
                              show_progress=cfg.progress)
     return progress.summary
+
+
+def run_embed_folder(cfg: EmbedFolderConfig, *, device: str = "cpu", num_processes: int = 1, num_nodes: int = 1) -> str:
+    """Stage 2 end to end: check the inputs (once, before any process is launched), launch ``num_processes`` x
+    ``num_nodes`` workers on ``device``, embed this process's share (:func:`embed_folder`); return the summary line.
+
+    Raises:
+        SettingError, InputError: bad settings or inputs (see :func:`check_inputs`, :func:`embed_folder`).
+        ValueError: a bad ``device``.
+        Interrupted: a stop signal came before the last image; a rerun resumes.
+    """
+    for name, value in (("num_processes", num_processes), ("num_nodes", num_nodes)):
+        if value < 1:
+            raise SettingError(name, value, "must be at least 1")
+    inputs = check_inputs(cfg)  # before launching, so a bad input is reported once
+    return embed_folder(cfg, inputs, launch_workers(device, num_processes, num_nodes))

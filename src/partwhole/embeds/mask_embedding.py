@@ -35,7 +35,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from partwhole.common.errors import InputError
+from partwhole.common.errors import InputError, SettingError
 from partwhole.common.runtime import resolve_precision
 from partwhole.embeds.eval_transform import BatchedEvalTransform
 
@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_ENCODER = "maxvit_rmlp_pico_rw_256.sw_in1k"
 REFERENCE_BATCH_SIZE = 32  # what the reference fed per forward
-RANDOM_INIT_SEED = 0  # --pretrained=False: every process builds the same random weights
+RANDOM_INIT_SEED = 0  # pretrained=False: every process builds the same random weights
 EMBED_PRECISIONS = ("auto", "fp32", "bf16")  # of devices.PRECISIONS (fp16 overflows in some encoders), and auto
 
 
@@ -51,7 +51,7 @@ EMBED_PRECISIONS = ("auto", "fp32", "bf16")  # of devices.PRECISIONS (fp16 overf
 
 
 def check_model_name(name: str) -> None:
-    """Raise :class:`InputError` with close matches if timm has no model ``name``."""
+    """Raise :class:`SettingError` (``encoder_model_name``) with close matches if timm has no model ``name``."""
     if timm.is_model(name):
         return
     arch = name.split(".", 1)[0]
@@ -60,7 +60,7 @@ def check_model_name(name: str) -> None:
         arch, candidates, n=5, cutoff=0.6
     )
     hint = f"close matches: {', '.join(close)}" if close else "see timm.list_models() for the names"
-    raise InputError(f"--encoder_model_name={name!r} is not a timm model; {hint}")
+    raise SettingError("encoder_model_name", name, f"not a timm model; {hint}")
 
 
 def load_encoder_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
@@ -83,12 +83,13 @@ def load_encoder_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
 
     path = resolve_encoder_checkpoint(path)
     if not path.is_file():
-        raise InputError(f"--encoder_checkpoint={path}: file not found; give a local weights file (.pth/.pt/.bin/.safetensors)")
+        raise SettingError("encoder_checkpoint", path, "file not found; give a local weights file (.pth/.pt/.bin/.safetensors)")
     try:
         state = load_state_dict(str(path), use_ema=False, weights_only=True)
     except Exception as exc:  # torch.load / safetensors raise many types for a bad file
-        raise InputError(f"--encoder_checkpoint={path}: cannot read weights ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
-                         "save them with torch.save(model.state_dict(), FILE) or safetensors") from None
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise SettingError("encoder_checkpoint", path, f"cannot read weights ({type(exc).__name__}: {first}); "
+                           "save them with torch.save(model.state_dict(), FILE) or safetensors") from None
     if is_efficientnet_pytorch_layout(state):
         state = efficientnet_pytorch_to_timm(state, model, path)
     own = model.state_dict()
@@ -102,8 +103,8 @@ def load_encoder_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
         for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
             if keys:
                 problems.append(f"{len(keys)} {label} (e.g. {', '.join(keys[:3])})")
-        raise InputError(f"--encoder_checkpoint={path}: weights do not fit {type(model).__name__} "
-                         f"({'; '.join(problems)}); pass the --encoder_model_name these weights were saved from")
+        raise SettingError("encoder_checkpoint", path, f"weights do not fit {type(model).__name__} ({'; '.join(problems)}); "
+                           "set encoder_model_name to the model these weights were saved from")
     model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=True)
 
 
@@ -132,15 +133,15 @@ def build_encoder(
             model = timm.create_model(name, pretrained=True, num_classes=0)
         except Exception as exc:  # hub, network and tag errors come in many types
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise InputError(f"--encoder_model_name={name}: cannot load timm's pretrained weights ({first}); "
-                             "on an offline machine pass --encoder_checkpoint FILE (or --pretrained=False for random weights)") from None
+            raise SettingError("encoder_model_name", name, f"cannot load timm's pretrained weights ({first}); on an offline "
+                               "machine give a local encoder_checkpoint file (or pretrained=False for random weights)") from None
     else:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_INIT_SEED)
             model = timm.create_model(name, pretrained=False, num_classes=0)
         log.warning(
-            "!!! --pretrained=False: %s has RANDOM weights (seed %d). These embeddings are NOT the paper's; "
-            "use them only for testing. Drop --pretrained=False or pass --encoder_checkpoint FILE. !!!",
+            "!!! pretrained=False: %s has RANDOM weights (seed %d). These embeddings are NOT the paper's; "
+            "use them only for testing. Use pretrained weights or give an encoder_checkpoint file. !!!",
             name, RANDOM_INIT_SEED,
         )
     return model.eval().to(device)
@@ -204,7 +205,7 @@ def embed_image_reference(
 
 
 def default_batch_size(device: torch.device) -> int:
-    """``--batch_size`` default: masked images per forward pass, 256 on CUDA, 64 on CPU.
+    """``batch_size`` default: masked images per forward pass, 256 on CUDA, 64 on CPU.
 
     On CPU, batch 64 is the fastest measured once malloc keeps freed memory
     (``processes.keep_freed_memory``, which stage 2 sets on CPU); under
@@ -277,7 +278,7 @@ class MaskedImageEncoder:
         self.device = torch.device(device)
         batch_size = default_batch_size(self.device) if batch_size is None else batch_size
         if batch_size < 1:
-            raise InputError(f"--batch_size={batch_size}: must be at least 1")
+            raise SettingError("batch_size", batch_size, "must be at least 1")
         self.crop, self.batch_size = crop, batch_size
         self.precision = resolve_precision(precision, self.device.type, EMBED_PRECISIONS)
         self.pil_transform = reference_transform(model)

@@ -1,7 +1,7 @@
-"""Box sides for ``patched_masks.py --mask_source=boxes`` that match another folder's masks in size.
+"""Box sides for stage 1's ``boxes`` mask source that match another folder's masks in size.
 
-    partwhole-box-sizes --masks_path=datasets/toy/train_masks   # the CLI: partwhole_cli/box_sizes.py
-    # prints e.g. --box_sizes=13,30,48 (and the areas it matched)
+The command line ``partwhole-box-sizes`` (``partwhole_cli/box_sizes.py``) prints them, e.g. 13,30,48
+(and the areas it matched), for stage 1's box sides.
 
 For each level, the mean area of the folder's masks (over every point of every image) is
 matched by the side of the square whose mean *clipped* area, over the same point grid, is
@@ -10,7 +10,7 @@ closest: a box near an edge loses what lies outside the image, exactly as the bo
 masks' area per level (a plain ``round(sqrt(mean area))`` would come out too small). Sides go
 up to twice the image side, which covers the image from every point; where two levels would get
 the same side (masks of equal mean area, e.g. ``full_image`` ones), the larger level gets one
-pixel more, as ``--box_sizes`` must increase.
+pixel more, as ``box_sizes`` must increase.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from partwhole.common.errors import InputError
+from partwhole.common.errors import InputError, SettingError
 from partwhole.common.mask_io import read_distinct_masks
 from partwhole.common.point_grid import patch_grid_points
 from partwhole.masks.mask_sources import LEVELS, box_spans
@@ -30,11 +30,12 @@ def mean_mask_areas(masks_path: str | Path) -> tuple[np.ndarray, int, int]:
     """Mean mask area in pixels per level ``(L,)`` over every point of every file, the image side and the patch side.
 
     Raises:
-        InputError: no mask files, or files of different sizes or grids (naming ``--masks_path`` or the file).
+        SettingError: (``masks_path``) no mask files, or not a square patch grid.
+        InputError: files of different sizes or grids (naming the file).
     """
     files = sorted(p for p in Path(masks_path).glob("*/*.pkl") if not p.name.startswith("."))
     if not files:
-        raise InputError(f"--masks_path={masks_path}: no mask files <class>/<image>.pkl there")
+        raise SettingError("masks_path", masks_path, "no mask files <class>/<image>.pkl there")
     totals, count, shape = np.zeros(LEVELS), 0, None
     for path in files:
         stored = read_distinct_masks(path)
@@ -49,7 +50,7 @@ def mean_mask_areas(masks_path: str | Path) -> tuple[np.ndarray, int, int]:
     points, _, height, width = shape
     grid = math.isqrt(points)
     if height != width or grid * grid != points or height % grid:
-        raise InputError(f"--masks_path={masks_path}: {points} points on {height} x {width} masks is not a square patch grid")
+        raise SettingError("masks_path", masks_path, f"{points} points on {height} x {width} masks is not a square patch grid")
     return totals / count, height, height // grid
 
 

@@ -1,18 +1,18 @@
 """Stage-1 mask sources that need no SAM: the controls of "do the part-whole masks matter?".
 
-``patched_masks.py --mask_source=boxes|full_image`` writes files of the same format as SAM's
-(``(N, 3, H, W)`` bool, three nested masks per patch-centre point, the point grid of
-``point_grid.patch_grid_points``), so stages 2 and 3 run on them unchanged:
+The mask sources ``boxes`` and ``full_image`` (``MaskFolderConfig.mask_source``, see ``mask_folder.py``)
+write files of the same format as SAM's (``(N, 3, H, W)`` bool, three nested masks per patch-centre
+point, the point grid of ``point_grid.patch_grid_points``), so stages 2 and 3 run on them unchanged:
 
 * ``full_image``: every level of every point is the whole image. Stage 2 then embeds the whole
   image three times per point, and ``sam_distill`` becomes image-level feature distillation.
-* ``boxes``: three nested squares centred on each point (sides ``box_sizes``, level 0 the
-  smallest), clipped to the image: masks of chosen sizes that know nothing of the image's
+* ``boxes``: three nested squares centred on each point (sides ``MaskerOptions.box_sizes``, level 0
+  the smallest), clipped to the image: masks of chosen sizes that know nothing of the image's
   parts. ``box_sizes.py`` derives sides whose clipped areas match another folder's masks.
 
-A masker here has the interface :class:`patched_masks.MaskStage` uses of the SAM maskers
-(``img_size``, ``device``, ``model_input``, ``predict_model_inputs``); it runs on the CPU in
-milliseconds per image.
+A masker here has the interface :class:`mask_folder.MaskStage` uses of the SAM maskers
+(``img_size``, ``device``, ``model_input``, ``predict_model_inputs``) and takes the same
+:class:`~partwhole.masks.masker_options.MaskerOptions`; it runs on the CPU in milliseconds per image.
 """
 
 from __future__ import annotations
@@ -22,25 +22,18 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from partwhole.common.errors import InputError
+from partwhole.common.errors import check_choice
 from partwhole.common.image_folders import checked_square_image
 from partwhole.common.point_grid import patch_grid_points
+from partwhole.masks.masker_options import (  # noqa: F401 (re-exported)
+    LEVELS,
+    MaskerOptions,
+    check_unused_options,
+    parse_box_sizes,
+)
 
-MASK_SOURCES = ("sam", "boxes", "full_image")  # --mask_source; sam: the SAM 1 / SAM 2.1 maskers of teachers.py
-LEVELS = 3
-
-
-def parse_box_sizes(values: Sequence[str | int]) -> tuple[int, int, int]:
-    """``--box_sizes`` as three positive, strictly increasing ints (level 0 = sub-part, 2 = whole), or a one-line error."""
-    text = ",".join(str(v) for v in values)
-    try:
-        sizes = tuple(int(v) for v in values)
-    except ValueError:
-        sizes = ()
-    if len(sizes) != LEVELS or sizes[0] < 1 or any(b <= a for a, b in zip(sizes, sizes[1:])):
-        raise InputError(f"--box_sizes={text}: give three positive, increasing box sides in pixels of the resized image "
-                         f"(level 0 = smallest), e.g. --box_sizes=32,96,192; box_sizes.py --masks_path=<masks> derives them")
-    return sizes  # type: ignore[return-value]
+MASK_SOURCES = ("sam", "boxes", "full_image")  # sam: the SAM 1 / SAM 2.1 maskers of teachers.py
+SOURCE_OPTIONS = {"boxes": ("box_sizes",), "full_image": ()}  # the options beyond the grid that each source takes
 
 
 def box_spans(centres: np.ndarray, side: int, img_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -61,9 +54,9 @@ class PromptFreeMasker:
 
     device = torch.device("cpu")
 
-    def __init__(self, img_size: int, patch_size: int):
-        self.img_size = img_size
-        self.points = patch_grid_points(img_size, patch_size)  # (k, 2) x, y
+    def __init__(self, options: MaskerOptions):
+        self.img_size = options.img_size
+        self.points = patch_grid_points(options.img_size, options.patch_size)  # (k, 2) x, y
 
     @property
     def num_points(self) -> int:
@@ -91,11 +84,12 @@ class FullImageMasker(PromptFreeMasker):
 
 
 class BoxMasker(PromptFreeMasker):
-    """Three nested squares of sides ``box_sizes`` centred on each point, clipped to the image (see :func:`box_spans`)."""
+    """Three nested squares of sides ``options.box_sizes`` centred on each point, clipped to the image (see :func:`box_spans`)."""
 
-    def __init__(self, img_size: int, patch_size: int, box_sizes: Sequence[int]):
-        super().__init__(img_size, patch_size)
-        self.box_sizes = parse_box_sizes(box_sizes)
+    def __init__(self, options: MaskerOptions):
+        super().__init__(options)
+        img_size = self.img_size
+        self.box_sizes = parse_box_sizes(options.box_sizes)  # () is refused here
         k = self.num_points
         masks = np.zeros((k, LEVELS, img_size, img_size), dtype=bool)
         for level, side in enumerate(self.box_sizes):
@@ -108,11 +102,19 @@ class BoxMasker(PromptFreeMasker):
         return self.masks
 
 
-def build_prompt_free_masker(mask_source: str, *, img_size: int, patch_size: int,
-                             box_sizes: Sequence[int] = ()) -> PromptFreeMasker:
-    """The masker of ``--mask_source`` (not ``sam``: that one is ``teachers.build_masker``)."""
-    if mask_source == "full_image":
-        return FullImageMasker(img_size, patch_size)
-    if mask_source == "boxes":
-        return BoxMasker(img_size, patch_size, box_sizes)
-    raise InputError(f"--mask_source={mask_source!r} needs no SAM only for boxes and full_image")
+def build_prompt_free_masker(mask_source: str, options: MaskerOptions) -> PromptFreeMasker:
+    """The masker of ``mask_source`` (``boxes`` or ``full_image``; ``sam`` is ``teachers.build_masker``).
+
+    Raises:
+        SettingError: another ``mask_source``, or an option of ``options`` that the source does not take.
+    """
+    check_choice("mask_source", mask_source, SOURCE_OPTIONS)
+    check_source_options(mask_source, options)
+    return BoxMasker(options) if mask_source == "boxes" else FullImageMasker(options)
+
+
+def check_source_options(mask_source: str, options: MaskerOptions) -> None:
+    """Refuse (:class:`SettingError`) an option other than the default that ``mask_source`` (no SAM) does not take."""
+    check_unused_options(options, SOURCE_OPTIONS[mask_source], lambda name: (
+        f"only the boxes mask source takes box sides, not {mask_source}: drop it" if name == "box_sizes"
+        else f"a SAM option, and {mask_source} masks need no SAM: drop it"))

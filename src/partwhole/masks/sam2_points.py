@@ -37,9 +37,8 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from partwhole.common.errors import check_choice
 from partwhole.common.point_grid import patch_grid_points
-from partwhole.common.runtime import PRECISIONS
+from partwhole.masks.masker_options import DEFAULT_OPTIONS, MaskerOptions
 from partwhole.masks.sam_points import GridMasker
 
 # sam2.1_hiera_test: Hiera-T's structure at a quarter of its input side (256 px in, 16 x 16 top
@@ -79,26 +78,23 @@ class Sam2PointGridMasker(GridMasker):
 
     Args:
         model: a ``SAM2Base`` in eval mode, already on its device.
-        img_size, patch_size: image side and patch side (one point per patch).
-        precision: ``'fp32'``, ``'bf16'`` or ``'fp16'`` (autocast of the image
-            encoder and mask decoder; prompts, the logit resize and the threshold
-            stay fp32).
-        points_per_batch: prompts per mask-decoder call (bounds memory: each
-            prompt gets its own copy of the image features in the decoder).
+        options: the grid (``img_size``, ``patch_size``: one point per patch) and the options SAM 2.1
+            takes: ``precision`` (autocast of the image encoder and mask decoder; prompts, the logit
+            resize and the threshold stay fp32) and ``points_per_batch`` (prompts per mask-decoder
+            call: bounds memory, as each prompt gets its own copy of the image features there).
     """
 
     mask_threshold = 0.0  # SAM2ImagePredictor's default
 
-    def __init__(self, model: torch.nn.Module, *, img_size: int = 224, patch_size: int = 16, precision: str = "fp32",
-                 points_per_batch: int = 256):
-        check_choice("precision", precision, PRECISIONS)
-        self.sam, self.img_size, self.precision = model, img_size, precision
-        self.points_per_batch = max(1, points_per_batch)
+    def __init__(self, model: torch.nn.Module, options: MaskerOptions = DEFAULT_OPTIONS):
+        img_size = options.img_size
+        self.sam, self.img_size, self.precision = model, img_size, options.precision
+        self.points_per_batch = options.points_per_batch
         device = model.device
         # SAM2Transforms' ImageNet normalisation of [0, 1] pixels
         self.pixel_mean = torch.tensor([0.485, 0.456, 0.406], device=device).view(1, 3, 1, 1)
         self.pixel_std = torch.tensor([0.229, 0.224, 0.225], device=device).view(1, 3, 1, 1)
-        points = torch.as_tensor(patch_grid_points(img_size, patch_size), dtype=torch.float)  # (k, 2) xy in image pixels
+        points = torch.as_tensor(patch_grid_points(img_size, options.patch_size), dtype=torch.float)  # (k, 2) xy in image pixels
         coords = (points / img_size * model.image_size).to(device)[:, None, :]  # (k, 1, 2), SAM2Transforms.transform_coords
         labels = torch.ones(len(points), 1, dtype=torch.int, device=device)  # (k, 1): one foreground point each
         with torch.inference_mode():

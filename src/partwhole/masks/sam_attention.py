@@ -22,6 +22,8 @@ from segment_anything.modeling.image_encoder import Attention, get_rel_pos
 from torch import nn
 from torch.nn import functional as F
 
+from partwhole.common.errors import check_choice
+
 ATTENTIONS = ("sdpa", "reference")
 
 
@@ -75,8 +77,7 @@ def set_attention(module: nn.Module, attention: str) -> nn.Module:
     forward. In place, reversible, weights untouched. SAM's mask-decoder
     attention is another class and is left alone.
     """
-    if attention not in ATTENTIONS:
-        raise ValueError(f"--attention={attention!r} is unknown; choose one of {', '.join(ATTENTIONS)}")
+    check_choice("attention", attention, ATTENTIONS)
     target = SDPAAttention if attention == "sdpa" else Attention
     for child in module.modules():
         if isinstance(child, Attention):

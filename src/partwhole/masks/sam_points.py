@@ -38,13 +38,10 @@ from segment_anything.modeling import (
 from segment_anything.utils.transforms import ResizeLongestSide
 from torch.nn import functional as F
 
-from partwhole.common.errors import check_choice
 from partwhole.common.image_folders import checked_square_image
 from partwhole.common.point_grid import patch_grid_points
 from partwhole.common.runtime import PRECISIONS
-
-POINT_LABELS = ("foreground", "reference")
-
+from partwhole.masks.masker_options import DEFAULT_OPTIONS, POINT_LABELS, MaskerOptions  # noqa: F401 (POINT_LABELS: re-exported)
 
 # --------------------------------------------------------------------------- models
 
@@ -196,51 +193,35 @@ class PointGridMasker(GridMasker):
 
     Args:
         sam: a SAM in eval mode, already on its device.
-        img_size, patch_size: image side and patch side (one point per patch).
-        point_labels: ``'foreground'`` (label 1 for every point) or
-            ``'reference'`` (label ``k`` for point ``k``, as the reference code
-            passed; SAM then gives point 0 the background embedding, point 1
-            the foreground one and every other point no label embedding).
-        precision: ``'fp32'``, ``'bf16'`` or ``'fp16'`` (autocast of SAM's
-            forward; the logit resize and threshold stay fp32).
-        points_per_batch: prompts per mask-decoder call (bounds memory).
-        compile_encoder: run the image encoder through ``torch.compile`` (the model
-            itself is not changed). The first batch fixes the traced batch
-            size: smaller batches are padded to it and larger ones run in
-            slices of it, so the encoder compiles once; the first call pays
-            the compile time (30 s for vit_tiny on a 2-core CPU; the GPU suite
-            reports it for vit_h).
+        options: the grid (``img_size``, ``patch_size``, one point per patch) and the SAM options it
+            takes: ``point_labels`` (``'reference'`` gives label ``k`` to point ``k``, as the reference
+            code passed; SAM then gives point 0 the background embedding, point 1 the foreground one
+            and every other point no label embedding), ``precision`` (autocast of SAM's forward; the
+            logit resize and threshold stay fp32), ``points_per_batch`` (prompts per mask-decoder
+            call: bounds memory) and ``compile_encoder``: run the image encoder through
+            ``torch.compile`` (the model itself is not changed). The first batch fixes the traced
+            batch size: smaller batches are padded to it and larger ones run in slices of it, so
+            the encoder compiles once; the first call pays the compile time (30 s for vit_tiny on a
+            2-core CPU; the GPU suite reports it for vit_h).
         compile_options: keyword arguments of ``torch.compile`` (e.g.
             ``{"mode": "max-autotune"}``, or ``{"backend": "eager"}`` to
             check the traced path quickly on a CPU).
     """
 
-    def __init__(
-        self,
-        sam: Sam,
-        *,
-        img_size: int = 224,
-        patch_size: int = 16,
-        point_labels: str = "foreground",
-        precision: str = "fp32",
-        points_per_batch: int = 256,
-        compile_encoder: bool = False,
-        compile_options: dict | None = None,
-    ):
-        check_choice("point_labels", point_labels, POINT_LABELS)
-        check_choice("precision", precision, PRECISIONS)
-        self.sam, self.img_size, self.precision = sam, img_size, precision
-        self.points_per_batch = max(1, points_per_batch)
+    def __init__(self, sam: Sam, options: MaskerOptions = DEFAULT_OPTIONS, *, compile_options: dict | None = None):
+        img_size = options.img_size
+        self.sam, self.img_size, self.precision = sam, img_size, options.precision
+        self.points_per_batch = options.points_per_batch
         # dynamic=False: one static graph per input shape; padding (below) keeps it to one shape
-        options = {"dynamic": False, **(compile_options or {})}
-        self.encoder = torch.compile(sam.image_encoder, **options) if compile_encoder else sam.image_encoder
+        compile_kwargs = {"dynamic": False, **(compile_options or {})}
+        self.encoder = torch.compile(sam.image_encoder, **compile_kwargs) if options.compile_encoder else sam.image_encoder
         self.compiled_batch: int | None = None  # the batch size the compiled encoder was traced with
         device = sam.device
-        points = patch_grid_points(img_size, patch_size)  # (k, 2) xy in image pixels
+        points = patch_grid_points(img_size, options.patch_size)  # (k, 2) xy in image pixels
         self.resize = ResizeLongestSide(sam.image_encoder.img_size)
         coords = self.resize.apply_coords(points, (img_size, img_size))  # SamPredictor's float64 transform
         coords = torch.as_tensor(coords, dtype=torch.float, device=device)[:, None, :]  # (k, 1, 2)
-        labels = np.ones(len(points)) if point_labels == "foreground" else np.arange(len(points))
+        labels = np.ones(len(points)) if options.point_labels == "foreground" else np.arange(len(points))
         labels = torch.as_tensor(labels, dtype=torch.int, device=device)[:, None]  # (k, 1)
         # The prompts are the same for every image: encode them once, in fp32 (the
         # Fourier positional encoding of a point loses its phase in 16-bit floats).

@@ -1,12 +1,12 @@
-"""Stage 1's teachers: one registry of every ``--sam_model_type``.
+"""Stage 1's teachers: one registry of every ``sam_model_type``.
 
 Each :class:`Teacher` says how to build the model (random weights, CPU, eval
 mode), where its released checkpoint is, how to recognise a file of it (its
 :func:`checkpoint_signature`), and its family: SAM 1 (``segment_anything``,
 :class:`sam_points.PointGridMasker`) or SAM 2.1 (``sam2``,
 :class:`sam2_points.Sam2PointGridMasker`). A family says which masker wraps
-the model and which stage-1 options it takes (``--point_labels``,
-``--attention``, ``--compile``: SAM 1 only).
+the model and which :class:`~partwhole.masks.masker_options.MaskerOptions` it takes
+(``point_labels``, ``attention``, ``compile_encoder``: SAM 1 only).
 
 Everything stage 1 needs to know about a teacher is read from here:
 :func:`build_teacher` (checkpoint read with ``weights_only=True``, one-line
@@ -28,13 +28,18 @@ from typing import Callable
 import torch
 from segment_anything import sam_model_registry
 
-from partwhole.common.errors import InputError, check_choice
+from partwhole.common.errors import SettingError, check_choice
+from partwhole.masks.masker_options import (
+    DEFAULT_OPTIONS,
+    MaskerOptions,
+    check_unused_options,
+)
 from partwhole.masks.sam2_points import (
     TEST_MODEL_OVERRIDES,
     Sam2PointGridMasker,
     build_sam2_model,
 )
-from partwhole.masks.sam_attention import ATTENTIONS, set_attention
+from partwhole.masks.sam_attention import set_attention
 from partwhole.masks.sam_points import GridMasker, PointGridMasker, build_sam_vit_tiny
 
 log = logging.getLogger(__name__)
@@ -45,15 +50,15 @@ class Family:
     """What the teachers of one package share."""
 
     name: str  # as messages and the README say it
-    masker: Callable[..., GridMasker]  # (model, *, img_size, patch_size, precision, points_per_batch, **options)
-    options: tuple[str, ...]  # the stage-1 options beyond sizes, precision and points_per_batch that it takes
+    masker: Callable[[torch.nn.Module, MaskerOptions], GridMasker]  # (model on its device, options)
+    options: tuple[str, ...]  # the MaskerOptions fields beyond the grid that it takes
     checkpoint_kind: str  # what checkpoint-error messages call its files
     published: str  # what its released checkpoints are, for error messages
 
 
 @dataclass(frozen=True)
 class Teacher:
-    """One ``--sam_model_type``."""
+    """One ``sam_model_type``."""
 
     name: str
     family: Family
@@ -61,21 +66,23 @@ class Teacher:
     url: str | None  # the released checkpoint; None for the small test models (random unless a file is given)
     signature: tuple | None  # checkpoint_signature() of its state dict; None: not told apart from another (an alias)
     summary: str  # the README table's "model" column (teachers with one summary share a row)
-    default: bool = False  # the flag's default
+    default: bool = False  # the default teacher
 
     @property
     def checkpoint_name(self) -> str | None:
         return self.url.rsplit("/", 1)[1] if self.url else None
 
 
-SAM1 = Family("SAM 1", PointGridMasker, ("point_labels", "attention", "compile_encoder"), "SAM", ".pth file")
-SAM2_1 = Family("SAM 2.1", Sam2PointGridMasker, (), "SAM 2.1", ".pt file")
+SAM1 = Family("SAM 1", PointGridMasker, ("precision", "points_per_batch", "point_labels", "attention", "compile_encoder"), "SAM",
+              ".pth file")
+SAM2_1 = Family("SAM 2.1", Sam2PointGridMasker, ("precision", "points_per_batch"), "SAM 2.1", ".pt file")
 
-# the options a family may lack: (the value that means "not used", the error when another is given)
-OPTION_DEFAULTS = {
-    "point_labels": ("foreground", "--point_labels={value} reproduces the reference's SAM 1 prompts; {family} takes --point_labels=foreground"),
-    "attention": ("sdpa", "--attention={value} is for SAM 1's image encoder; {family} always uses its own (SDPA): drop the flag"),
-    "compile_encoder": (False, "--compile is not supported for {family} yet; drop the flag"),
+# why a family does not take an option (the SettingError's reason when the option is not its default)
+UNUSED_OPTION_REASONS = {
+    "point_labels": "reproduces the reference's SAM 1 prompts; {family} takes foreground",
+    "attention": "is for SAM 1's image encoder; {family} always uses its own (SDPA): drop it",
+    "compile_encoder": "torch.compile is not supported for {family} yet; drop it",
+    "box_sizes": "only the boxes mask source takes box sides, not {family}: drop it",
 }
 
 _SAM1_BASE = "https://dl.fbaipublicfiles.com/segment_anything"
@@ -125,7 +132,7 @@ def get_teacher(name: str) -> Teacher:
 
 
 def is_sam2_model(name: str) -> bool:
-    """Whether ``--sam_model_type`` names a SAM 2.1 model (else a SAM 1 one)."""
+    """Whether ``name`` (a ``sam_model_type``) is a SAM 2.1 model (else a SAM 1 one)."""
     return get_teacher(name).family is SAM2_1
 
 
@@ -135,15 +142,10 @@ def default_checkpoint(name: str) -> str:
     return teacher.checkpoint_name or TEACHERS[DEFAULT_MODEL_TYPE].checkpoint_name
 
 
-def check_options(name: str, **options) -> None:
-    """Raise :class:`InputError` for an unknown teacher or an option (``point_labels=...``, ...) it does not take."""
-    teacher = get_teacher(name)
-    if "attention" in options:
-        check_choice("attention", options["attention"], ATTENTIONS)
-    for option, value in options.items():
-        unused, message = OPTION_DEFAULTS[option]
-        if option not in teacher.family.options and value != unused:
-            raise InputError(message.format(value=value, family=teacher.family.name))
+def check_options(name: str, options: MaskerOptions) -> None:
+    """Raise :class:`SettingError` for an unknown teacher or an option of ``options`` it does not take (not its default)."""
+    family = get_teacher(name).family
+    check_unused_options(options, family.options, lambda option: UNUSED_OPTION_REASONS[option].format(family=family.name))
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -162,7 +164,7 @@ def checkpoint_signature(state_dict: dict) -> tuple | None:
 
 
 def guess_model_type(state_dict: dict) -> str | None:
-    """The ``--sam_model_type`` a state dict (or a released ``{'model': state_dict}`` file) fits, when it can be told."""
+    """The ``sam_model_type`` a state dict (or a released ``{'model': state_dict}`` file) fits, when it can be told."""
     state_dict = state_dict.get("model", state_dict)
     signature = checkpoint_signature(state_dict) if isinstance(state_dict, dict) else None
     return next((t.name for t in _TEACHERS if signature is not None and t.signature == signature), None)
@@ -174,7 +176,7 @@ def require_checkpoint_file(checkpoint: str | os.PathLike, name: str) -> Path:
     if not path.is_file():
         url = get_teacher(name).url
         fix = f"download it from {url}" if url else "pass an existing file"
-        raise InputError(f"--sam_checkpoint={checkpoint}: file not found; {fix}")
+        raise SettingError("sam_checkpoint", checkpoint, f"file not found; {fix}")
     return path
 
 
@@ -184,8 +186,8 @@ def load_teacher_checkpoint(model: torch.nn.Module, checkpoint: str | os.PathLik
     A bare state dict or, as SAM 2.1 releases them, ``{'model': state_dict}``.
 
     Raises:
-        InputError: the file is missing, not a state dict, or one of another model (the message names
-            ``--sam_checkpoint`` and the ``--sam_model_type`` the file fits, when that can be told).
+        SettingError: (``sam_checkpoint``) the file is missing, not a state dict, or one of another model
+            (the message names the ``sam_model_type`` the file fits, when that can be told).
     """
     teacher = get_teacher(name)
     path = require_checkpoint_file(checkpoint, name)
@@ -193,19 +195,17 @@ def load_teacher_checkpoint(model: torch.nn.Module, checkpoint: str | os.PathLik
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types (with pages of text) for a bad file; all mean the same here
-        raise InputError(
-            f"--sam_checkpoint={checkpoint}: not a readable {kind} checkpoint ({type(exc).__name__} in torch.load); "
-            f"pass the {teacher.family.published} published for {name}"
-        ) from None
+        raise SettingError("sam_checkpoint", checkpoint, f"not a readable {kind} checkpoint ({type(exc).__name__} in "
+                           f"torch.load); pass the {teacher.family.published} published for {name}") from None
     state_dict = state.get("model", state) if isinstance(state, dict) else state
     if not isinstance(state_dict, dict):
-        raise InputError(f"--sam_checkpoint={checkpoint}: holds a {type(state_dict).__name__}, not a {kind} state dict")
+        raise SettingError("sam_checkpoint", checkpoint, f"holds a {type(state_dict).__name__}, not a {kind} state dict")
     try:
         model.load_state_dict(state_dict)
     except RuntimeError:
         guess = guess_model_type(state_dict)
-        hint = f"it looks like a {guess} checkpoint: pass --sam_model_type={guess}" if guess else "pass the checkpoint of that model type"
-        raise InputError(f"--sam_checkpoint={checkpoint} does not fit --sam_model_type={name}; {hint}") from None
+        hint = f"it looks like a {guess} checkpoint: set sam_model_type to {guess}" if guess else "pass the checkpoint of that model type"
+        raise SettingError("sam_checkpoint", checkpoint, f"does not fit sam_model_type {name}; {hint}") from None
 
 
 # --------------------------------------------------------------------------- models
@@ -221,11 +221,11 @@ def build_teacher(name: str, checkpoint: str | os.PathLike | None = None, *, see
     maths, fused kernels), ``'reference'`` keeps segment_anything's own (``sam_attention.py``).
     """
     teacher = get_teacher(name)
-    check_options(name, attention=attention)
+    check_options(name, MaskerOptions(attention=attention))
     if checkpoint is not None:
         require_checkpoint_file(checkpoint, name)  # before the build: a typo costs no time
     else:
-        log.warning("%s %s has random weights (no --sam_checkpoint): masks are only good for tests and timing", teacher.family.name, name)
+        log.warning("%s %s has random weights (no sam_checkpoint): masks are only good for tests and timing", teacher.family.name, name)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = teacher.build()
@@ -236,25 +236,23 @@ def build_teacher(name: str, checkpoint: str | os.PathLike | None = None, *, see
     return model.eval()
 
 
-def build_masker(name: str, checkpoint: str | os.PathLike | None, device: torch.device | str, *, img_size: int, patch_size: int,
-                 precision: str = "fp32", points_per_batch: int = 256, point_labels: str = "foreground", attention: str = "sdpa",
-                 compile_encoder: bool = False) -> GridMasker:
-    """The ``name`` teacher on ``device``, wrapped in its family's point-grid masker."""
-    check_options(name, point_labels=point_labels, attention=attention, compile_encoder=compile_encoder)
-    model = build_teacher(name, checkpoint, attention=attention).to(device)
-    options = {"point_labels": point_labels, "compile_encoder": compile_encoder}
-    family = get_teacher(name).family
-    return family.masker(model, img_size=img_size, patch_size=patch_size, precision=precision, points_per_batch=points_per_batch,
-                         **{k: v for k, v in options.items() if k in family.options})
+def build_masker(name: str, checkpoint: str | os.PathLike | None, device: torch.device | str,
+                 options: MaskerOptions = DEFAULT_OPTIONS) -> GridMasker:
+    """The ``name`` teacher on ``device`` (random weights when ``checkpoint`` is None), wrapped in its family's
+    point-grid masker with ``options`` (an option the family does not take must keep its default)."""
+    check_options(name, options)
+    model = build_teacher(name, checkpoint, attention=options.attention).to(device)
+    return get_teacher(name).family.masker(model, options)
 
 
-def markdown_table() -> str:
-    """The README's teacher table (``tests/test_teachers.py`` checks that the README holds it)."""
+def markdown_table(name_heading: str) -> str:
+    """The README's teacher table, its first column headed ``name_heading`` (the README: the command line's flag;
+    ``tests/test_teachers.py`` checks that the README holds it)."""
     rows: dict[str, list[Teacher]] = {}
     for teacher in _TEACHERS:
         if teacher.signature is not None:  # aliases are not listed
             rows.setdefault(teacher.summary, []).append(teacher)
-    lines = ["| `--sam_model_type` | model | checkpoint (download) |", "| --- | --- | --- |"]
+    lines = [f"| {name_heading} | model | checkpoint (download) |", "| --- | --- | --- |"]
     for summary, teachers in rows.items():
         names = ", ".join(f"`{t.name}`" + (" (default)" if t.default else "") for t in teachers)
         urls = [t.url for t in teachers if t.url]
