@@ -156,7 +156,7 @@ def test_a_bad_input_ends_the_run_after_the_images_in_hand_with_the_skip_hint(tm
     stage = TextStage(out)
     with pytest.raises(InputError) as error:
         run(stage, records)
-    assert str(error.value) == f"{records[3].path}: cannot read image (or pass --skip_bad_images to skip it)"
+    assert str(error.value) == f"{records[3].path}: cannot read image (or set skip_bad_images to skip it)"
     assert outputs(out) == {"im0": "A", "im1": "B", "im2": "C"}  # im2 was in hand (a half batch): written
     assert "im4.png" not in stage.loaded and not (out / "failed.txt").exists() and stage.reader_closed
     assert capsys.readouterr().out.startswith("upper: 3 written, 0 skipped (already done), 0 failed")

@@ -89,18 +89,3 @@ def test_src_has_no_import_cycle_and_stage_3_never_imports_a_stage_runner():
         if name.startswith("partwhole.agglomerator."):
             assert not deps & runners, f"{name} imports {deps & runners}"
 
-
-# the runtime modules another change owns; they may still name flags until it lands
-FLAGS_ALLOWED = {"devices.py", "processes.py", "per_image_runner.py"}
-
-
-def test_the_library_of_stages_1_and_2_names_no_flag_and_reads_no_absl():
-    """Library errors and docs name settings (fields); only the command lines (``partwhole_cli``) name ``--flags``."""
-    import re
-
-    for package in ("masks", "embeds", "common"):
-        for path in sorted((SRC / "partwhole" / package).glob("*.py")):
-            text = path.read_text()
-            assert "absl" not in text and "FLAGS" not in text, path
-            if path.name not in FLAGS_ALLOWED:
-                assert not re.search(r"--[a-z]", text), f"{path}: {re.search(r'.*--[a-z].*', text).group(0)}"

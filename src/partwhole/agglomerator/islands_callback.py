@@ -9,7 +9,7 @@ DataModule puts the stage-1 masks of the first val images into the val batch
   masks and logs ``val/islands_pair_corr_L<i>`` and ``val/islands_ari_L<i>``
   (``test/...`` in test) per epoch: the definitions are :mod:`partwhole.islands.scores`';
 * with ``plot``, draws one image's islands (:func:`~partwhole.islands.figures.islands_figure`,
-  the drawing of ``--mode islands``) every ``plot_every`` training steps and for
+  the drawing of a checkpoint's islands) every ``plot_every`` training steps and for
   the first val/test batch, as ``<run>/islands/{stage}_step{global_step:07d}.png``
   and, with a TensorBoard logger, as the figure ``islands/{stage}``.
 
@@ -40,9 +40,9 @@ class IslandsCallback(pl.Callback):
     """Islands figures and scores from the steps' ``levels`` and the batch's ``image``, ``embeds`` and ``masks``.
 
     Args:
-        plot: draw figures (``--plot_islands``); scores are logged regardless,
+        plot: draw figures; scores are logged regardless,
             whenever a val/test batch carries masks.
-        plot_every: draw a training figure every this many optimizer steps (``--plot_every``).
+        plot_every: draw a training figure every this many optimizer steps.
         out_dir: folder of the PNGs; default ``<trainer.default_root_dir>/islands``.
         max_scored_images: score at most this many images of the first batch.
     """

@@ -1,6 +1,6 @@
 """Preemption: on SIGTERM (or SIGUSR1) save a resumable checkpoint at the next step boundary, then stop.
 
-Clusters send SIGTERM (SLURM: SIGTERM, then SIGKILL after ``KillWait``; with ``--signal=USR1@T``
+Clusters send SIGTERM (SLURM: SIGTERM, then SIGKILL after ``KillWait``; with sbatch's ``signal=USR1@T``
 also SIGUSR1 ``T`` seconds ahead) before they kill a job. Lightning's own SIGTERM handler sets
 ``trainer.received_sigterm``; its loops then raise ``SIGTERMException`` at the next boundary
 (after the training step in hand, between validation batches, or at the end of an epoch), which is a
@@ -8,7 +8,7 @@ also SIGUSR1 ``T`` seconds ahead) before they kill a job. Lightning's own SIGTER
 
 * SIGUSR1 is routed to the same handler (Lightning registers it only for SLURM auto-requeue, which
   :func:`cluster_plugins` turns off: its ``hpc_ckpt_N.ckpt`` and ``scontrol requeue`` assume a run
-  folder a requeued job finds by itself, while ours resume by ``--load_checkpoint_dir``);
+  folder a requeued job finds by itself, while ours resume from a checkpoint the user names);
 * on ``SIGTERMException`` during ``fit`` it writes ``trainer.save_checkpoint(path)`` (the loops'
   state included, so the resumed run continues at that exact step), when training advanced since
   the run started (otherwise the previous ``last.ckpt`` stays as it is);
@@ -46,7 +46,7 @@ EXTRA_STOP_SIGNALS = tuple(s for s in STOP_SIGNALS if s != signal.SIGTERM)  # Li
 def cluster_plugins() -> list:
     """Lightning's SLURM environment with auto-requeue off when running under SLURM (else nothing).
 
-    Requeueing is left to the job script (``#SBATCH --requeue`` plus the resume command that
+    Requeueing is left to the job script (sbatch's ``requeue`` option plus the resume command that
     :class:`PreemptionCheckpoint`'s message prints); the signals are handled by that callback.
     """
     from lightning_fabric.plugins.environments import SLURMEnvironment

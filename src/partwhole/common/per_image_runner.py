@@ -310,7 +310,7 @@ def _readable(loaded: Iterator, stage: PerImageStage, progress: Progress, stop: 
                 record_failure(stage.out_root, item.record.path, item.reason)
                 progress.update(failed=1)
             else:
-                hint = "" if "--skip_bad_images" in item.reason else " (or pass --skip_bad_images to skip it)"
+                hint = "" if "skip_bad_images" in item.reason else " (or set skip_bad_images to skip it)"
                 bad_input.append(item.reason + hint)
                 return
     except RuntimeError:  # a reader process (DataLoader worker) killed by the same signal, sent to the process group

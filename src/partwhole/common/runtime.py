@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 # --------------------------------------------------------------------------- stop signals
 
 STOP_SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None)) if s is not None)
-"""What clusters send before a kill (SLURM: SIGTERM, then SIGKILL after ``KillWait``; with ``--signal=USR1@T``
+"""What clusters send before a kill (SLURM: SIGTERM, then SIGKILL after ``KillWait``; with sbatch's ``signal=USR1@T``
 also SIGUSR1 ``T`` seconds ahead): each stage finishes what it has in hand, then stops."""
 
 OnSignal = Callable[[int, Any, bool], None]  # (signum, frame, first: no stop signal came before)
