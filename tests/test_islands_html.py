@@ -262,7 +262,7 @@ def test_photo_page_in_a_browser(driver, photo_run):
     """The triangle encoding in the browser; the mask panel and the scores say there are none."""
     page = photo_run / "islands.html"
     open_page(driver, page, f"0:{4 * GRID + 4}:{STATES - 1}")
-    assert "--islands_images" in driver.find_element("id", "no-masks").text
+    assert "an image given as a file" in driver.find_element("id", "no-masks").text
     assert driver.find_elements("css selector", ".mask-map") == []
     assert driver.find_element("id", "scores").text.startswith("No scores")
     click_column(driver, 7, 0)

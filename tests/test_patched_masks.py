@@ -397,7 +397,7 @@ def test_corrupt_image_is_named_or_skipped_into_failed_txt(tmp_path):
     result = run_cli("--device=cpu", "--sam_model_type=vit_tiny", "--img_size=64", f"--in_data_path={images}", f"--out_data_path={out}")
     assert result.returncode != 0
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and "broken.jpg" in last and "--skip_bad_images" in last
+    assert last.startswith("error: ") and "broken.jpg" in last and "skip_bad_images" in last
     assert "Traceback" not in result.stderr
     assert keep.read_bytes() == b"already here"
 

@@ -138,3 +138,20 @@ def test_stage2_refuses_a_malicious_mask_file(tmp_path):
     last = proc.stderr.strip().splitlines()[-1]
     assert "im1.pkl" in last and "Traceback" not in proc.stderr
     assert not marker.exists()
+
+
+def test_a_best_checkpoint_replaced_during_a_kill_falls_back_to_last(tmp_path):
+    """Killed between the two checkpoint saves of an epoch's end, last.ckpt names a best file that is gone: the test
+    after a resumed run uses last.ckpt instead of failing on the missing file."""
+    from types import SimpleNamespace
+
+    from partwhole.agglomerator.engine import checkpoint_paths
+
+    last = tmp_path / "last.ckpt"
+    last.write_bytes(b"")
+    best = tmp_path / "best-005.ckpt"
+    trainer = SimpleNamespace(checkpoint_callbacks=[SimpleNamespace(monitor=None, best_model_path=str(last)),
+                                                    SimpleNamespace(monitor="val/loss", best_model_path=str(best))])
+    assert checkpoint_paths(trainer) == (str(last), str(last))
+    best.write_bytes(b"")
+    assert checkpoint_paths(trainer) == (str(best), str(last))

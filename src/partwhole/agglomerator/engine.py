@@ -232,6 +232,11 @@ def checkpoint_paths(trainer: pl.Trainer) -> tuple[str, str]:
             last = callback.best_model_path
         else:
             best = callback.best_model_path
+    if best and not Path(best).is_file():
+        # killed between the two callbacks' saves at an epoch's end: last.ckpt names the best file that the next save
+        # replaced, and a resumed run that trains no further epoch still points there
+        log.warning("the best checkpoint %s is gone (the run was killed while saving); using %s", best, last)
+        best = ""
     return best or last, last
 
 
