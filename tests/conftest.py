@@ -10,7 +10,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: takes more than a few seconds; deselect with -m 'not slow'")
+    config.addinivalue_line("markers", "slow: more than about a second alone (a whole stage or training as a subprocess, "
+                            "several processes, the studies); the fast tier, pytest -m 'not slow', leaves them out")
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU; skipped when none is visible")
 
 

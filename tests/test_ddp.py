@@ -150,6 +150,7 @@ def test_every_parameter_an_objective_trains_gets_a_gradient(objective, finetune
 # --------------------------------------------------------------------------- two processes, one run
 
 
+@pytest.mark.slow
 def test_sam_distill_on_two_processes_writes_once_what_one_process_tests(data_dir, tmp_path):
     run = tmp_path / "pre"
     proc = ok(run_main(flags(data_dir, run, "--num_processes=2", "--max_epochs=2")))
@@ -170,6 +171,7 @@ def test_sam_distill_on_two_processes_writes_once_what_one_process_tests(data_di
     assert_same_metrics(results(split)["test"], results(alone)["test"])
 
 
+@pytest.mark.slow
 def test_supcon_and_fine_tuning_train_on_two_processes(data_dir, tmp_path):
     supcon = ok(run_main(flags(data_dir, tmp_path / "supcon", "--num_processes=2", "--max_epochs=2",
                                "--pretrain_objective=supcon")))
@@ -186,6 +188,7 @@ def test_supcon_and_fine_tuning_train_on_two_processes(data_dir, tmp_path):
         assert_same_metrics(got["test"], results(alone)["test"])
 
 
+@pytest.mark.slow
 def test_two_processes_at_half_the_batch_take_the_steps_of_one(data_dir, tmp_path):
     one = tmp_path / "one"
     two = tmp_path / "two"
@@ -200,6 +203,7 @@ def test_two_processes_at_half_the_batch_take_the_steps_of_one(data_dir, tmp_pat
     assert abs(val[0] - val[1]) < 0.005, val
 
 
+@pytest.mark.slow
 def test_a_checkpoint_resumes_on_another_number_of_processes(data_dir, tmp_path):
     for first, then in ((2, 1), (1, 2)):
         run = tmp_path / f"from{first}"
@@ -214,6 +218,7 @@ def test_a_checkpoint_resumes_on_another_number_of_processes(data_dir, tmp_path)
         assert checkpoint["epoch"] == 1 and checkpoint["global_step"] == step + TRAIN_IMAGES // (2 * then)
 
 
+@pytest.mark.slow
 def test_two_nodes_by_hand(data_dir, tmp_path):
     """``--num_nodes=2`` with MASTER_ADDR, MASTER_PORT and NODE_RANK, as on two machines (here one)."""
     run = tmp_path / "nodes"
@@ -233,6 +238,7 @@ def test_two_nodes_by_hand(data_dir, tmp_path):
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+@pytest.mark.slow
 def test_a_stop_signal_to_the_launching_process_saves_and_stops_every_process(data_dir, tmp_path, signum):
     run = tmp_path / "stopped"
     proc = subprocess.Popen([sys.executable, str(MAIN), *flags(data_dir, run, "--num_processes=2", "--max_epochs=1000")],
@@ -249,6 +255,7 @@ def test_a_stop_signal_to_the_launching_process_saves_and_stops_every_process(da
     assert processes_of(run) == []
 
 
+@pytest.mark.slow
 def test_a_killed_process_ends_the_run_with_one_line(data_dir, tmp_path):
     run = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, str(MAIN), *flags(data_dir, run, "--num_processes=2", "--max_epochs=1000")],
@@ -267,6 +274,7 @@ def test_a_killed_process_ends_the_run_with_one_line(data_dir, tmp_path):
 
 
 @pytest.mark.parametrize("processes", [1, 2])
+@pytest.mark.slow
 def test_a_diverging_run_ends_with_the_divergence_line(data_dir, tmp_path, processes):
     """One optimizer step per epoch: NaN weights reach validation's islands scores before the check; they must not
     crash them (scipy: 'The condensed distance matrix must contain only finite values')."""
@@ -281,6 +289,7 @@ def test_a_diverging_run_ends_with_the_divergence_line(data_dir, tmp_path, proce
         assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()), checkpoint
 
 
+@pytest.mark.slow
 def test_bad_process_counts_are_one_line_errors(data_dir, tmp_path):
     proc = run_main(flags(data_dir, tmp_path / "bad", "--num_processes=0"))
     assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1] == "error: --num_processes=0: give 1 or more"

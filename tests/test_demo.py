@@ -30,3 +30,13 @@ def test_reduced_demo_runs_end_to_end(tmp_path):
         assert image.format == "PNG" and image.size[0] > 200
     with Image.open(tmp_path / "figure_strip.png") as strip, Image.open(tmp_path / "figure.gif") as gif:
         assert strip.format == "PNG" and gif.format == "GIF" and gif.n_frames == 7  # initial state + 6 iterations
+
+
+def test_demo_refuses_the_packaged_weights_for_another_encoder_in_one_line(tmp_path):
+    """The fast tier's check of the demo's wiring: flags parsed, one error line naming the flags, nothing written."""
+    proc = subprocess.run([sys.executable, str(DEMO), "--encoder=resnet18", "--teacher=package", f"--out_dir={tmp_path / 'runs'}",
+                           f"--data_dir={tmp_path / 'data'}"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "--teacher=package" in last and "--encoder=tf_efficientnet_lite0" in last, proc.stderr[-2000:]
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "data").exists()

@@ -168,6 +168,7 @@ def test_stage1_full_disk_is_one_line_and_a_rerun_finishes(tmp_path):
 
 
 @pytest.mark.parametrize("model_type", list(STAGE1_TEACHERS))
+@pytest.mark.slow
 def test_stage1_sigterm_finishes_the_file_in_hand_and_a_rerun_completes(tmp_path, model_type):
     """The real CLI, with SIGTERM sent to itself while SAM (1 or 2.1) computes the second image."""
     module, masker = STAGE1_TEACHERS[model_type]
@@ -319,6 +320,7 @@ def test_training_on_a_full_disk_keeps_the_last_checkpoint_and_resumes(tmp_path)
         assert torch.load(last, weights_only=True)["global_step"] == 3
 
 
+@pytest.mark.slow
 def test_training_into_a_read_only_folder_is_one_line(tmp_path):
     make_image_folder(tmp_path, per_class=2)
     with small_filesystem(tmp_path / "ro", "1m", read_only=True) as ro:
@@ -411,6 +413,7 @@ def run_loader_script(then: str, workers: int, stall: bool = False, init_delay: 
                             env=ENV, start_new_session=True)
 
 
+@pytest.mark.slow
 def test_loader_processes_that_ignore_sigterm_do_not_hang_the_exit():
     # Workers ignoring SIGTERM would make multiprocessing's exit handler wait forever; ours kills them first,
     # all of them: torch's SIGCHLD check used to raise in the middle of it, leaving the others alive and the
@@ -429,6 +432,7 @@ def test_loader_processes_that_ignore_sigterm_do_not_hang_the_exit():
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal: Linux only")
 @pytest.mark.parametrize("init_delay", [0.0, 3.0], ids=["started", "killed_while_starting"])
+@pytest.mark.slow
 def test_loader_processes_die_with_a_killed_main_process(init_delay):
     # killed_while_starting: worker 1 is still in its worker_init_fn when the main process dies, so the kernel's
     # parent-death signal (asked for after the death) never comes; on a loaded CI machine this happened by chance

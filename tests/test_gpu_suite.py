@@ -64,6 +64,7 @@ def test_dry_run_prints_the_table_with_every_row(tmp_path):
         assert set(expected) <= set(keys[step]), (step, keys[step])
 
 
+@pytest.mark.slow
 def test_a_spent_budget_skips_steps_but_the_table_still_lists_every_row(tmp_path):
     env = {**os.environ, "PYTHON": sys.executable, "TMPDIR": str(tmp_path)}
     proc = subprocess.run(["bash", str(REPO / "bench" / "gpu_suite.sh"), "--dry_run", "--budget", "1", "--out", str(tmp_path / "out")],

@@ -150,6 +150,7 @@ def photo_run(tmp_path_factory) -> Path:
     return run
 
 
+@pytest.mark.slow
 def test_toy_page_carries_the_scores_json_scores_and_both_mask_sets(toy_run):
     data = page_data(toy_run / "islands.html")
     scores = json.loads((toy_run / "islands" / "scores.json").read_text())
@@ -168,6 +169,7 @@ def test_toy_page_carries_the_scores_json_scores_and_both_mask_sets(toy_run):
         assert image["image"].startswith("data:image/png;base64,") and 0 < image["cosine_error"] < 0.01
 
 
+@pytest.mark.slow
 def test_photo_page_says_there_are_no_masks(photo_run):
     data = page_data(photo_run / "islands.html")
     assert [image["title"] for image in data["images"]] == ["given/astronaut.png", "given/coffee.png"]
@@ -177,6 +179,7 @@ def test_photo_page_says_there_are_no_masks(photo_run):
         assert "an image given as a file" in image["masks_note"]
 
 
+@pytest.mark.slow
 def test_no_images_is_a_one_line_error_naming_the_flag(tmp_path, checkpoint):
     generate_toy_dataset(tmp_path / "toy", train_per_class=0, val_per_class=1, progress=False)
     proc = run_main(*TOY_FLAGS, f"--data_dir={tmp_path}", "--mode=islands", "--islands_html", "--islands_count=0",

@@ -33,6 +33,7 @@ def data_dir(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_pretrain_finetune_test_freeze_chain(data_dir, tmp_path):
     common = [*TINY_FLAGS, f"--data_dir={data_dir}"]
     pre = run_main(*common, "--max_epochs=2", f"--output_dir={tmp_path / 'pre'}")
@@ -64,6 +65,7 @@ def test_pretrain_finetune_test_freeze_chain(data_dir, tmp_path):
         assert features.shape == (8, 4, 32) and labels.tolist() == [0] * 4 + [1] * 4
 
 
+@pytest.mark.slow
 def test_resume_continues_from_the_same_step(data_dir, tmp_path):
     common = [*TINY_FLAGS, f"--data_dir={data_dir}", f"--output_dir={tmp_path / 'run'}"]
     run_main(*common, "--max_epochs=1")
@@ -76,6 +78,7 @@ def test_resume_continues_from_the_same_step(data_dir, tmp_path):
     assert len(list((tmp_path / "run" / "logs").glob("version_*/metrics.csv"))) == 2  # earlier logs kept
 
 
+@pytest.mark.slow
 def test_last_checkpoint_is_the_final_step_when_the_monitor_stops_improving(data_dir, tmp_path):
     """Lightning's save_last writes last.ckpt only when the monitored metric improves; ours every epoch.
 
@@ -142,6 +145,7 @@ def test_unlabelled_dir_adds_images_to_the_sam_distill_training_split_only(data_
             PartWholeDataModule(bad, expected_embed_shape=(4, 3, 32)).setup()
 
 
+@pytest.mark.slow
 def test_pretraining_with_unlabelled_images_and_train_r2_from_the_cli(data_dir, tmp_path):
     extra = make_image_folder(tmp_path, per_class=4, splits=("more",), seed=5) / "more"
     run = tmp_path / "pre"
@@ -173,12 +177,14 @@ def test_teacher_stats_floor_a_nearly_dead_feature(tmp_path):
     assert std[0] >= 0.0999 * np.median(std) and abs(std[1:] - 1).max() < 0.5  # floored; the others untouched (about 1)
 
 
+@pytest.mark.slow
 def test_embeds_suffix_picks_another_teachers_files(data_dir, tmp_path):
     proc = run_main(*TINY_FLAGS, f"--data_dir={data_dir}", "--embeds_suffix=_masks_embeds_other", "--max_epochs=1",
                     f"--output_dir={tmp_path}", expect_ok=False)
     assert proc.returncode != 0 and "train_masks_embeds_other" in proc.stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.slow
 def test_supcon_pretraining_runs(data_dir, tmp_path):
     proc = run_main(*TINY_FLAGS, f"--data_dir={data_dir}", "--pretrain_objective=supcon", "--optimizer=adamw",
                     "--max_epochs=1", f"--output_dir={tmp_path}")
@@ -196,6 +202,7 @@ def test_supcon_pretraining_runs(data_dir, tmp_path):
     (["--patch_dim=64"], "D=64"),  # embeddings on disk have D=32
     (["--mode=test", "--load_checkpoint_dir=/nonexistent.ckpt"], "checkpoint file not found"),
 ])
+@pytest.mark.slow
 def test_startup_errors_are_one_line(data_dir, tmp_path, extra, message):
     proc = run_main(*TINY_FLAGS, f"--data_dir={data_dir}", "--max_epochs=1", f"--output_dir={tmp_path}", *extra,
                     expect_ok=False)
@@ -205,6 +212,7 @@ def test_startup_errors_are_one_line(data_dir, tmp_path, extra, message):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_missing_embeddings_are_counted_and_named(tmp_path):
     base = make_image_folder(tmp_path, per_class=3)
     for name in ("img1.pkl", "img2.pkl"):
@@ -215,6 +223,7 @@ def test_missing_embeddings_are_counted_and_named(tmp_path):
     assert proc.returncode != 0 and "2 of 6 embedding files missing" in line and "img1.pkl" in line
 
 
+@pytest.mark.slow
 def test_wrong_embedding_shape_names_the_file(tmp_path):
     base = make_image_folder(tmp_path, per_class=2)
     bad = base / "train_masks_embeds" / "a_cls" / "img0.pkl"
@@ -267,6 +276,7 @@ def test_more_gpus_than_present_falls_back_with_a_warning(caplog):
     assert lightning_devices(0) == ("cpu", 1)
 
 
+@pytest.mark.slow
 def test_teacher_norm_dataset_stores_the_train_statistics(data_dir, tmp_path):
     """--teacher_norm=dataset z-scores the targets with train-set statistics kept in the checkpoint."""
     from partwhole.agglomerator.data import DataConfig, PartWholeDataModule
@@ -284,6 +294,7 @@ def test_teacher_norm_dataset_stores_the_train_statistics(data_dir, tmp_path):
     assert not any(k.startswith("model.teacher") for k in state)  # the backbone's names stay the reference's
 
 
+@pytest.mark.slow
 def test_islands_mode_animates_the_iterations(tmp_path):
     """--mode islands --islands_animate: per image a GIF with one frame per state and a strip; per-iteration scores."""
     import json

@@ -12,7 +12,7 @@ from skimage import data as skimage_data
 from stage1 import run_stage1
 
 from partwhole.common.errors import InputError
-from partwhole.common.mask_io import load_embeddings, read_mask_record
+from partwhole.common.mask_io import load_embeddings, read_mask_record, save_masks
 from partwhole.common.point_grid import patch_grid_points
 from partwhole.embeds import embed_folder as ef
 from partwhole.masks.box_sizes import matched_box_sizes, mean_clipped_areas
@@ -80,6 +80,7 @@ def test_masks_without_sam_are_nested_around_their_points_and_stage_2_reads_them
         assert not np.allclose(cat[5, 0], cat[5, 2], atol=1e-3)
 
 
+@pytest.mark.slow
 def test_cli_writes_boxes_and_refuses_sam_options_and_bad_sizes(tmp_path, photos):
     script = REPO / "src" / "hierarchical_masks" / "patched_masks.py"
     cli = lambda *args: subprocess.run([sys.executable, str(script), "--device=cpu", f"--img_size={SIZE}", f"--patch_size={PATCH}",  # noqa: E731
@@ -122,3 +123,21 @@ def test_box_sizes_recover_known_boxes_and_cover_the_image_for_full_image_masks(
     assert np.all(np.diff(clipped) >= 0)
     with pytest.raises(InputError, match=r"^masks_path=.*no mask files"):
         matched_box_sizes(tmp_path / "nothing")
+
+
+def test_box_sizes_cli_prints_the_flag_and_names_a_bad_folder(tmp_path):
+    """``partwhole-box-sizes`` (as ``python -m``): the ``--box_sizes`` line for a folder of masks, one error line for an
+    empty one."""
+    masks = tmp_path / "masks" / "c0"
+    masks.mkdir(parents=True)
+    full = np.ones((16, 3, 32, 32), dtype=bool)  # every level the whole image: the largest boxes
+    save_masks(masks / "img0.pkl", full, img_size=32, patch_size=8, grid=4)
+    command = [sys.executable, "-m", "partwhole_cli.box_sizes"]
+    done = subprocess.run([*command, f"--masks_path={tmp_path / 'masks'}"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    line = done.stdout.strip().splitlines()[-1]
+    assert line.startswith("--box_sizes=") and len(line.split("=")[1].split(",")) == 3
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    refused = subprocess.run([*command, f"--masks_path={empty}"], capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 1 and refused.stderr.strip().splitlines()[-1].startswith(f"error: --masks_path={empty}: no mask files")

@@ -408,6 +408,7 @@ def test_cli_two_processes_split_the_images(tmp_path):
         assert cosine(split[key], single[key]).min() >= 0.999  # bf16: batches and threads differ
 
 
+@pytest.mark.slow
 def test_cli_two_nodes_by_hand_split_the_images(tmp_path):
     """``--num_nodes=2`` with MASTER_ADDR, MASTER_PORT and NODE_RANK per node, as on two machines (here one)."""
     import socket
@@ -500,6 +501,7 @@ print(min(faults_of_one_allocation() for _ in range(3)))
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings")
+@pytest.mark.slow
 def test_keep_freed_memory_reuses_large_blocks_without_page_faults():
     env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES" and not k.startswith("MALLOC_")}
     env["NUMPY_MADVISE_HUGEPAGE"] = "0"  # 4 KB pages: the faults count what malloc does

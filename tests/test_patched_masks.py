@@ -161,6 +161,7 @@ def test_batched_masks_match_sam_predictor_one_point_at_a_time(tiny_sam, point_l
 
 
 @predictor_warning
+@pytest.mark.slow
 def test_sam2_batched_masks_match_sam2_image_predictor_one_point_at_a_time(tiny_sam2):
     images = [synthetic_image(1, (224, 224)), synthetic_image(2, (224, 224))]
     masks = Sam2PointGridMasker(tiny_sam2, MaskerOptions(img_size=224, patch_size=16, points_per_batch=64))(images).numpy()
@@ -258,6 +259,7 @@ def region_masks(grid=14, size=224, seed=0) -> np.ndarray:
     return np.stack([r[None] == r[points[:, 1], points[:, 0]][:, None, None] for r in regions], axis=1)
 
 
+@pytest.mark.slow
 def test_v2_stores_each_distinct_mask_once_and_is_4x_smaller(tmp_path):
     masks = region_masks()
     sizes = {fmt: save_masks(tmp_path / f"{fmt}.pkl", masks, mask_format=fmt, grid=14) for fmt in ("v1", "v2")}
@@ -359,6 +361,7 @@ def test_killed_run_leaves_complete_files_and_resumes(tmp_path, monkeypatch, mod
     assert (resumed.written, resumed.skipped) == (2, 2)
 
 
+@pytest.mark.slow
 def test_two_cpu_processes_split_the_images(tmp_path):
     images, out = make_image_folder(tmp_path / "val", per_class=3), tmp_path / "masks"
     result = run_cli(
@@ -375,6 +378,7 @@ def test_two_cpu_processes_split_the_images(tmp_path):
 # --------------------------------------------------------------------------- bad input
 
 
+@pytest.mark.slow
 def test_reference_command_parses_and_fails_cleanly_without_gpu(tmp_path):
     """The reference command verbatim; on this CPU-only test machine it must stop at --device, in one line."""
     result = run_cli(
@@ -386,6 +390,7 @@ def test_reference_command_parses_and_fails_cleanly_without_gpu(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_corrupt_image_is_named_or_skipped_into_failed_txt(tmp_path):
     images, out = make_image_folder(tmp_path / "val"), tmp_path / "masks"
     bad = images / "dog" / "broken.jpg"
@@ -469,6 +474,7 @@ def test_sam2_checkpoint_loads_and_mismatches_are_explained(tmp_path, tiny_sam, 
         ("mask_format", "^mask_format='v3': unknown; choose one of v1, v2"),
     ],
 )
+@pytest.mark.slow
 def test_bad_input_is_one_line_error_and_touches_nothing(tmp_path, tiny_sam, case, message):
     images, out = make_image_folder(tmp_path / "val"), tmp_path / "masks"
     (out / "cat").mkdir(parents=True)
@@ -512,6 +518,7 @@ def test_bad_input_is_one_line_error_and_touches_nothing(tmp_path, tiny_sam, cas
     assert not list(out.rglob("*.tmp"))
 
 
+@pytest.mark.slow
 def test_a_library_setting_error_reaches_the_user_as_its_flag(tmp_path):
     """The library names the field (``compile_encoder``); the command line names the flag (``--compile``)."""
     images, out = make_image_folder(tmp_path / "val", per_class=1), tmp_path / "masks"
@@ -528,6 +535,7 @@ def test_a_library_setting_error_reaches_the_user_as_its_flag(tmp_path):
 
 
 @pytest.mark.parametrize("model_type", TEACHERS)
+@pytest.mark.slow
 def test_model_type_alias_and_default_tiny_random_weights(tmp_path, model_type):
     images, out = make_image_folder(tmp_path / "val", per_class=1), tmp_path / "masks"
     fmt = "v1" if model_type == "vit_tiny" else "v2"  # the flag, both ways
@@ -541,6 +549,7 @@ def test_model_type_alias_and_default_tiny_random_weights(tmp_path, model_type):
     assert list_image_folder(images)  # the images were left alone
 
 
+@pytest.mark.slow
 def test_sam2_model_without_checkpoint_flag_looks_for_its_released_file(tmp_path):
     images, out = make_image_folder(tmp_path / "val", per_class=1), tmp_path / "masks"
     result = run_cli("--device=cpu", "--sam_model_type=sam2.1_hiera_small", f"--in_data_path={images}", f"--out_data_path={out}")

@@ -55,6 +55,7 @@ def test_malicious_pickle_is_refused_by_every_reader(tmp_path, loader, inside):
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_training_refuses_a_malicious_embedding(tmp_path):
     base = make_image_folder(tmp_path, per_class=2)
     marker = tmp_path / "pwned"
@@ -67,6 +68,7 @@ def test_training_refuses_a_malicious_embedding(tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_malicious_checkpoint_is_refused(tmp_path):
     marker, bad = tmp_path / "pwned", tmp_path / "evil.ckpt"
     torch.save({"state_dict": {}, "payload": Plant(marker)}, bad)
@@ -85,6 +87,7 @@ def test_nan_embedding_is_an_error_naming_the_file(tmp_path):
         load_embeddings(path)
 
 
+@pytest.mark.slow
 def test_training_killed_mid_run_resumes_from_last_checkpoint(tmp_path):
     """SIGKILL a training run after its first checkpoint; the rerun continues at the same step and epoch."""
     make_image_folder(tmp_path, per_class=4)
@@ -115,6 +118,7 @@ def test_training_killed_mid_run_resumes_from_last_checkpoint(tmp_path):
     assert logged and min(logged) >= step  # the resumed run logged no step before the checkpoint: none redone
 
 
+@pytest.mark.slow
 def test_stage2_refuses_a_malicious_mask_file(tmp_path):
     """A planted pickle among the stage-1 masks: stage 2 stops with an error naming it, and no code runs."""
     from PIL import Image

@@ -74,6 +74,7 @@ def test_non_finite_loss_stops_before_any_checkpoint_holds_it(tmp_path):
     assert torch.load(tmp_path / "last.ckpt", weights_only=True)["epoch"] == 1  # the last finite epoch
 
 
+@pytest.mark.slow
 def test_diverging_run_exits_non_zero_with_one_line_error(tmp_path):
     make_image_folder(tmp_path)
     run_dir = tmp_path / "run"
@@ -92,6 +93,7 @@ def test_strict_json_writes_non_finite_numbers_as_null(tmp_path):
     assert strict(tmp_path / "r.json") == {"test": {"test/loss": None, "a": None, "b": 1.5}, "n": 2.0}
 
 
+@pytest.mark.slow
 def test_a_run_folder_belongs_to_one_run(tmp_path):
     make_image_folder(tmp_path)
     run_dir = tmp_path / "run"
@@ -119,6 +121,7 @@ def test_a_run_folder_belongs_to_one_run(tmp_path):
     assert len(list((run_dir / "logs").glob("version_*"))) == 1  # the earlier run's logs went with it
 
 
+@pytest.mark.slow
 def test_a_held_folder_is_refused_naming_the_holder_and_a_stale_lock_is_taken_over(tmp_path):
     make_image_folder(tmp_path)
     run_dir = tmp_path / "run"
@@ -139,6 +142,7 @@ def test_a_held_folder_is_refused_naming_the_holder_and_a_stale_lock_is_taken_ov
     assert "pid " in lock.read_text() and "testhost" not in lock.read_text()
 
 
+@pytest.mark.slow
 def test_of_two_runs_started_at_once_exactly_one_runs(tmp_path):
     make_image_folder(tmp_path)
     run_dir = tmp_path / "run"

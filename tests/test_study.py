@@ -16,6 +16,7 @@ from partwhole_cli.toy_pipeline import train_once
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_train_once_resumes_an_unfinished_run_instead_of_restarting(tmp_path, capsys):
     make_image_folder(tmp_path / "data")
     folder = tmp_path / "run"
@@ -49,6 +50,7 @@ def fake_row(run: Path, accuracy: float, r2: float | None) -> None:
         (tested / "results.json").write_text(json.dumps({"test": {"test/distill_r2": r2, "test/image_mean_r2": 0.7, "test/loss": 1.0}}))
 
 
+@pytest.mark.slow
 def test_report_only_tabulates_finished_budgets(tmp_path):
     out = tmp_path / "study" / "v"
     for seed in (0, 1):
@@ -79,6 +81,7 @@ def study(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
                            "--probes=false", *args], capture_output=True, text=True, cwd=ROOT, timeout=300)
 
 
+@pytest.mark.slow
 def test_rows_in_the_ledger_need_no_run_folder_and_partial_rows_are_left_out_per_method(tmp_path):
     """A committed ledger carries a study to a machine without its runs/; a method's budget is reported
     once every seed has it, whatever the other methods have."""
@@ -100,6 +103,7 @@ def test_rows_in_the_ledger_need_no_run_folder_and_partial_rows_are_left_out_per
     assert json.loads((tmp_path / "study" / "v" / "results.json").read_text())["runs"] == runs  # every row kept, NaN-free
 
 
+@pytest.mark.slow
 def test_a_ledger_of_another_recipe_is_refused(tmp_path):
     ledger = tmp_path / "ledger.json"
     ledger.write_text(json.dumps({"flags": {"finetune_epochs": "5"}, "runs": [], "teachers": {}}))
@@ -108,6 +112,7 @@ def test_a_ledger_of_another_recipe_is_refused(tmp_path):
     assert "--finetune_epochs: 5 there, 8 now" in proc.stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.slow
 def test_sweep_report_ranks_variants_by_validation_with_paired_differences(tmp_path):
     """experiments/toy_sweep.py --report_only: one table from the variants' ledgers, best validation accuracy first,
     each variant's paired difference to base, and no test numbers (the recipe is chosen without them)."""
@@ -127,6 +132,7 @@ def test_sweep_report_ranks_variants_by_validation_with_paired_differences(tmp_p
     assert "98.7" not in proc.stdout
 
 
+@pytest.mark.slow
 def test_masks_full_image_study_runs_end_to_end_and_its_rows_name_masks_and_teacher(tmp_path):
     """--masks=full_image on a tiny toy set, 1 epoch: stage 1 without SAM beside the splits, stage 2 into its own folder,
     pretraining on it, and the islands still scored against the ground truth; the row says masks and teacher."""
@@ -173,6 +179,7 @@ def test_masks_boxes_study_sizes_its_boxes_like_the_oracle_masks(tmp_path):
     assert f"nested boxes of sides {', '.join(map(str, sides))} px" in (runs / "masks_boxes" / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_old_ledgers_count_as_part_whole_masks_and_other_methods_are_refused_with_other_masks(tmp_path):
     ledger = tmp_path / "ledger.json"  # a ledger written before --masks: no masks flag, rows without masks or teacher
     ledger.write_text(json.dumps({"flags": {"finetune_epochs": "8"}, "runs": [], "teachers": {}}))
@@ -208,6 +215,7 @@ def comparison_ledger(path: Path, masks: str | None, accuracies: dict, flags: di
     return str(path)
 
 
+@pytest.mark.slow
 def test_compare_ledgers_tabulates_mask_sources_by_teacher_with_paired_differences(tmp_path):
     part_whole = comparison_ledger(tmp_path / "budgets.json", None, {("pretrained", 30): (0.6, 0.62, 0.64), ("random", 30): (0.5, 0.5, 0.5),
                                                                     ("pretrained", 100): (0.7, 0.8, 0.7), ("pretrained", 10): (0.5, 0.5, 0.5)})

@@ -110,6 +110,7 @@ def test_old_checkpoints_without_the_mean_predictor_still_load():
     assert new.objective.targets_fitted
 
 
+@pytest.mark.slow
 def test_cli_logs_distill_r2_with_a_reduction_and_the_checkpoint_carries_it(data_dir, tmp_path):  # noqa: F811
     out = tmp_path / "pre"
     run_main(*TINY_FLAGS, f"--data_dir={data_dir}", "--max_epochs=2", "--levels_encoder", "--levels_encoder_dim=8",
@@ -135,6 +136,7 @@ def test_cli_logs_distill_r2_with_a_reduction_and_the_checkpoint_carries_it(data
     assert "test/accuracy=" in fine.stdout
 
 
+@pytest.mark.slow
 def test_target_dim_must_match_what_the_model_outputs(data_dir, tmp_path):  # noqa: F811
     proc = run_main(*TINY_FLAGS, f"--data_dir={data_dir}", "--max_epochs=1", "--target_dim=8", f"--output_dir={tmp_path}",
                     expect_ok=False)
@@ -142,6 +144,7 @@ def test_target_dim_must_match_what_the_model_outputs(data_dir, tmp_path):  # no
     assert proc.returncode != 0 and line.startswith("error: --target_dim=8: ") and "set levels_encoder_dim=8" in line, line
 
 
+@pytest.mark.slow
 def test_bad_keep_checkpoints_at_is_one_line(data_dir, tmp_path):  # noqa: F811
     proc = run_main(*TINY_FLAGS, f"--data_dir={data_dir}", "--max_epochs=1", "--keep_checkpoints_at=ten",
                     f"--output_dir={tmp_path}", expect_ok=False)
