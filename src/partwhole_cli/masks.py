@@ -99,16 +99,9 @@ def define_flags() -> None:
 
 def masker_options(FLAGS) -> MaskerOptions:
     """The masker's options, one flag each."""
-    return MaskerOptions(
-        img_size=FLAGS.img_size,
-        patch_size=FLAGS.patch_size,
-        precision=FLAGS.precision,
-        points_per_batch=FLAGS.points_per_batch,
-        point_labels=FLAGS.point_labels,
-        attention=FLAGS.attention,
-        compile_encoder=FLAGS.compile,
-        box_sizes=tuple(FLAGS.box_sizes),
-    )
+    return MaskerOptions(img_size=FLAGS.img_size, patch_size=FLAGS.patch_size, precision=FLAGS.precision,
+                         points_per_batch=FLAGS.points_per_batch, point_labels=FLAGS.point_labels,
+                         attention=FLAGS.attention, compile_encoder=FLAGS.compile, box_sizes=tuple(FLAGS.box_sizes))
 
 
 def sam_checkpoint(FLAGS) -> str | None:
