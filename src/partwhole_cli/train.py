@@ -45,7 +45,10 @@ FIELDS_NOT_FROM_FLAGS = {
     "TrainingConfig": {},
 }
 UNUSED_FLAGS = {"lr_speed": "unused by the reference too; kept so its flagfiles parse"}
-FLAG_OF = {"objective": "pretrain_objective", "checkpoint": "load_checkpoint_dir"}  # settings whose flag has another name
+FLAG_OF = {  # settings whose flag has another name (the islands ones: partwhole.islands.checkpoint's)
+    "objective": "pretrain_objective", "checkpoint": "load_checkpoint_dir", "split": "islands_split",
+    "count": "islands_count", "images": "islands_images", "animate": "islands_animate", "html": "islands_html",
+}
 
 
 def objective_from_flags() -> str:
@@ -409,17 +412,12 @@ def run_freeze() -> None:
 
 
 def run_islands() -> None:
-    from partwhole.common.errors import InputError, SettingError
     from partwhole.common.runtime import make_run_dir
     from partwhole.islands.checkpoint import draw_islands_for_checkpoint, pick_images
-    from partwhole_cli.islands import ISLANDS_FLAGS
 
     module = module_from_checkpoint(FLAGS.load_checkpoint_dir, objective_from_flags())
-    try:
-        records = pick_images(dataset=FLAGS.dataset, data_dir=FLAGS.data_dir, split=FLAGS.islands_split,
-                              count=FLAGS.islands_count, images=FLAGS.islands_images, html=FLAGS.islands_html)
-    except SettingError as exc:
-        raise InputError(user_error(exc, ISLANDS_FLAGS)) from None
+    records = pick_images(dataset=FLAGS.dataset, data_dir=FLAGS.data_dir, split=FLAGS.islands_split,
+                          count=FLAGS.islands_count, images=FLAGS.islands_images, html=FLAGS.islands_html)
     run_dir = make_run_dir(FLAGS.output_dir, FLAGS.exp_name, "islands")
     drawn = draw_islands_for_checkpoint(
         module, records, run_dir, dataset=FLAGS.dataset, data_dir=FLAGS.data_dir, split=FLAGS.islands_split,
