@@ -1,4 +1,5 @@
-"""Stage-1 mask sources without SAM (``mask_source`` boxes or full_image) on real photos, and the box-size helper."""
+"""Stage-1 mask sources without SAM (``mask_source`` boxes, full_image or superpixels) on real photos, and the box-size
+helper."""
 
 import os
 import subprocess
@@ -11,12 +12,16 @@ from PIL import Image
 from skimage import data as skimage_data
 from stage1 import run_stage1
 
-from partwhole.common.errors import InputError
+from partwhole.common.errors import InputError, SettingError
 from partwhole.common.mask_io import load_embeddings, read_mask_record, save_masks
 from partwhole.common.point_grid import patch_grid_points
 from partwhole.embeds import embed_folder as ef
 from partwhole.masks.box_sizes import matched_box_sizes, mean_clipped_areas
-from partwhole.masks.mask_sources import BoxMasker
+from partwhole.masks.mask_sources import (
+    DEFAULT_SUPERPIXEL_SCALES,
+    BoxMasker,
+    SuperpixelMasker,
+)
 from partwhole.masks.masker_options import MaskerOptions
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,7 +54,8 @@ def assert_nested_around_their_points(masks: np.ndarray) -> None:
         assert masks[k, :, int(y), int(x)].all(), f"point {k} outside one of its masks"
 
 
-@pytest.mark.parametrize("mask_source, kwargs", [("boxes", {"box_sizes": ["8", "24", "56"]}), ("full_image", {})])
+@pytest.mark.parametrize("mask_source, kwargs", [("boxes", {"box_sizes": ["8", "24", "56"]}), ("full_image", {}),
+                                                 ("superpixels", {"superpixel_scales": ["10", "40", "160"]})])
 def test_masks_without_sam_are_nested_around_their_points_and_stage_2_reads_them(tmp_path, photos, mask_source, kwargs):
     out = tmp_path / "masks"
     progress = write_masks(photos, out, mask_source, **kwargs)
@@ -62,6 +68,10 @@ def test_masks_without_sam_are_nested_around_their_points_and_stage_2_reads_them
         assert "sam_model" not in meta
     if mask_source == "full_image":
         assert masks.all()
+    elif mask_source == "superpixels":
+        assert meta["superpixel_scales"] == (10, 40, 160) and "box_sizes" not in meta
+        areas = masks.sum(axis=(2, 3)).mean(axis=0)  # mean area per level: finer scales, smaller segments
+        assert areas[0] < areas[1] < areas[2] < SIZE * SIZE
     else:
         assert meta["box_sizes"] == (8, 24, 56)
         assert masks[5, 0].sum() == 8 * 8 and masks[0, 2].sum() == 36 * 36  # inside the image / clipped at the corner
@@ -75,9 +85,35 @@ def test_masks_without_sam_are_nested_around_their_points_and_stage_2_reads_them
     assert cat.shape[:2] == (16, 3) and np.isfinite(cat).all()
     if mask_source == "full_image":  # one masked image: the whole photo
         assert np.allclose(cat, cat[0, 0], atol=1e-5)
+    elif mask_source == "superpixels":  # different segments see different pixels
+        assert not np.allclose(cat[:, 0], cat[0, 0], atol=1e-3)
     else:  # boxes of different sizes and places see different pixels
         assert not np.allclose(cat[:, 0], cat[0, 0], atol=1e-3)
         assert not np.allclose(cat[5, 0], cat[5, 2], atol=1e-3)
+
+
+def test_superpixels_follow_the_photo_not_the_grid(photos):
+    """The segments are the photo's: a point on the cat and a point on the background get different segments whose
+    pixels differ in colour more across than within them, a uniform image is one segment at every level, and the
+    levels nest even where the scales' segmentations disagree."""
+    chelsea = np.asarray(Image.open(photos / "things" / "chelsea.png").convert("RGB").resize((224, 224), Image.BICUBIC))
+    masker = SuperpixelMasker(MaskerOptions(224, 16))
+    assert masker.scales == DEFAULT_SUPERPIXEL_SCALES
+    masks = masker([chelsea])[0].numpy()
+    assert masks.shape == (196, 3, 224, 224)
+    assert (masks[:, 0] <= masks[:, 1]).all() and (masks[:, 1] <= masks[:, 2]).all()
+    for k, (x, y) in enumerate(patch_grid_points(224, 16)):
+        assert masks[k, :, int(y), int(x)].all()
+    fine = masks[:, 0]
+    assert len({m.tobytes() for m in fine}) > 20  # many distinct sub-parts, not one box per point
+    pixels = chelsea.reshape(-1, 3).astype(float)
+    spread_within = np.mean([pixels[m.ravel()].std(axis=0).mean() for m in fine])
+    assert spread_within < 0.6 * pixels.std(axis=0).mean()  # a segment is more uniform in colour than the photo
+
+    flat = np.full((SIZE, SIZE, 3), 120, dtype=np.uint8)
+    assert SuperpixelMasker(MaskerOptions(SIZE, PATCH))([flat]).all()  # nothing to cut: the whole image at every level
+    with pytest.raises(SettingError, match=r"^superpixel_scales='40,10,160': give three positive, increasing"):
+        MaskerOptions(SIZE, PATCH, superpixel_scales=(40, 10, 160))
 
 
 @pytest.mark.slow
@@ -98,7 +134,10 @@ def test_cli_writes_boxes_and_refuses_sam_options_and_bad_sizes(tmp_path, photos
                            "error: --sam_checkpoint=sam_vit_h_4b8939.pth: a SAM option, and full_image masks need no SAM"),
                           (["--mask_source=full_image", "--attention=reference"],
                            "error: --attention=reference: a SAM option, and full_image masks need no SAM"),
-                          (["--box_sizes=8,24,56"], "error: --box_sizes=8,24,56: only the boxes mask source takes box sides, not SAM 1")]:
+                          (["--box_sizes=8,24,56"], "error: --box_sizes=8,24,56: only the boxes mask source takes box sides, not SAM 1"),
+                          (["--mask_source=boxes", "--box_sizes=8,24,56", "--superpixel_scales=10,40,160"],
+                           "error: --superpixel_scales=10,40,160: only the superpixels mask source takes segmentation scales, not boxes"),
+                          (["--mask_source=superpixels", "--superpixel_scales=10,40"], "error: --superpixel_scales=10,40: give three")]:
         refused = cli(*args, "--overwrite")
         assert refused.returncode == 1 and "Traceback" not in refused.stderr
         assert refused.stderr.strip().splitlines()[-1].startswith(message), refused.stderr[-500:]

@@ -31,8 +31,17 @@ from partwhole.embeds.encoder_weights import (
 )
 from partwhole.toy.dataset import TOY_IMAGE_SIZE, TOY_PATCH_SIZE
 from partwhole_cli import run_cli
-from partwhole_cli.toy_pipeline import (ISLANDS_REFERENCES, TEACHER_WEIGHTS, TOY_CONFIG, embed_toy_images, make_toy_data,
-                                        run_step, teacher_embeds_suffix, toy_config_value, train_once)
+from partwhole_cli.toy_pipeline import (
+    ISLANDS_REFERENCES,
+    TEACHER_WEIGHTS,
+    TOY_CONFIG,
+    embed_toy_images,
+    make_toy_data,
+    run_step,
+    teacher_embeds_suffix,
+    toy_config_value,
+    train_once,
+)
 
 FLAGS = flags.FLAGS
 ISLANDS_IMAGES = 12  # val images whose islands the demo draws, scores and puts on the explorer page

@@ -5,9 +5,9 @@ prompted with one point per ``patch_size`` patch; SAM's three masks per point
 go to ``<out_data_path>/<class>/<stem>.pkl`` (see ``mask_io.save_masks``; each
 distinct mask once, ``--mask_format=v1`` stores all of them). The teacher is SAM 1
 (``--sam_model_type=vit_h|vit_l|vit_b``) or SAM 2.1 (``sam2.1_hiera_tiny|small|base_plus|large``);
-the files are the same either way. ``--mask_source=boxes|full_image`` writes masks that need no
-SAM (``partwhole/masks/mask_sources.py``: nested boxes around each point, or the whole image), in the same format,
-as controls of the part-whole masks.
+the files are the same either way. ``--mask_source=boxes|full_image|superpixels`` writes masks that need no
+SAM (``partwhole/masks/mask_sources.py``: nested boxes around each point, the whole image, or Felzenszwalb
+segments at three scales), in the same format, as controls of the part-whole masks.
 Finished files are skipped (``--overwrite`` recomputes), each file is written
 atomically, and ``--num_processes``/``--num_nodes`` split the images over
 Lightning Fabric DDP ranks.
@@ -59,9 +59,12 @@ def define_flags() -> None:
     flags.DEFINE_string("device", None, "torch device: cpu, cuda, cuda:1 (default: cuda if a GPU is visible, else cpu)")
     flags.DEFINE_enum("mask_source", "sam", list(MASK_SOURCES),
                       "sam: SAM's masks (--sam_model_type); boxes: three nested squares around each point (--box_sizes); "
-                      "full_image: the whole image at every level (the last two need no SAM: controls of the part-whole masks)")
+                      "full_image: the whole image at every level; superpixels: Felzenszwalb segments at three scales "
+                      "(--superpixel_scales) (the last three need no SAM: controls of the part-whole masks)")
     flags.DEFINE_list("box_sizes", [], "--mask_source=boxes: the squares' sides in pixels of the resized image, level 0 to 2, "
                       "increasing, e.g. 32,96,192 (box_sizes.py --masks_path=<masks> matches another folder's mean areas)")
+    flags.DEFINE_list("superpixel_scales", [], "--mask_source=superpixels: Felzenszwalb scales of levels 0 to 2, increasing "
+                      "(larger: larger segments; default 50,200,800, chosen for 224 px images)")
     flags.DEFINE_string("split", "val", "dataset split; picks the default in/out folders datasets/imagenette2/<split>[_masks]")
     flags.DEFINE_string("in_data_path", None, "image folder <root>/<class>/<image> (default datasets/imagenette2/<split>)")
     flags.DEFINE_string("out_data_path", None, "mask folder to write (default datasets/imagenette2/<split>_masks)")
@@ -101,7 +104,8 @@ def masker_options(FLAGS) -> MaskerOptions:
     """The masker's options, one flag each."""
     return MaskerOptions(img_size=FLAGS.img_size, patch_size=FLAGS.patch_size, precision=FLAGS.precision,
                          points_per_batch=FLAGS.points_per_batch, point_labels=FLAGS.point_labels,
-                         attention=FLAGS.attention, compile_encoder=FLAGS.compile, box_sizes=tuple(FLAGS.box_sizes))
+                         attention=FLAGS.attention, compile_encoder=FLAGS.compile, box_sizes=tuple(FLAGS.box_sizes),
+                         superpixel_scales=tuple(FLAGS.superpixel_scales))
 
 
 def sam_checkpoint(FLAGS) -> str | None:

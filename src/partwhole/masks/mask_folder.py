@@ -59,6 +59,7 @@ from partwhole.masks.mask_sources import (
     PromptFreeMasker,
     build_prompt_free_masker,
     check_source_options,
+    superpixel_scales,
 )
 from partwhole.masks.masker_options import LEVELS, MaskerOptions, parse_box_sizes
 from partwhole.masks.sam_points import GridMasker
@@ -75,7 +76,7 @@ STAGE_NAME = "patched_masks"
 
 
 def no_sam_reason(mask_source: str) -> str:
-    """Why a SAM setting is refused with ``mask_source`` (``boxes`` or ``full_image``)."""
+    """Why a SAM setting is refused with ``mask_source`` (any but ``sam``)."""
     return f"a SAM option, and {mask_source} masks need no SAM: drop it"
 
 
@@ -86,8 +87,9 @@ class MaskFolderConfig:
     Attributes:
         in_data_path: image folder ``<root>/<class>/<image>``.
         out_data_path: mask folder to write, ``<root>/<class>/<stem>.pkl``.
-        mask_source: ``sam`` (the teacher ``sam_model_type``), ``boxes`` (sides ``masker.box_sizes``) or
-            ``full_image``; the last two need no SAM and take no SAM setting.
+        mask_source: ``sam`` (the teacher ``sam_model_type``), ``boxes`` (sides ``masker.box_sizes``),
+            ``full_image`` or ``superpixels`` (scales ``masker.superpixel_scales``); all but ``sam`` need no
+            SAM and take no SAM setting.
         sam_model_type: the teacher (a key of ``teachers.TEACHERS``).
         sam_checkpoint: its checkpoint file; None: random weights (tests and timing only).
         masker: the point grid and the masker's options.
@@ -138,6 +140,8 @@ class MaskFolderConfig:
                                     mask_source=self.mask_source)
         if self.mask_source == "boxes":
             meta["box_sizes"] = options.box_sizes
+        elif self.mask_source == "superpixels":
+            meta["superpixel_scales"] = superpixel_scales(options)  # the defaults if not given
         elif self.mask_source == "sam":
             checkpoint = Path(self.sam_checkpoint).name if self.sam_checkpoint is not None else None
             meta.update(sam_model=self.sam_model_type, sam_checkpoint=checkpoint, point_labels=options.point_labels,

@@ -2,7 +2,8 @@
 
 :class:`MaskerOptions` holds the point grid (``img_size``, ``patch_size``), the SAM options
 (``precision``, ``points_per_batch``, ``point_labels``, ``attention``, ``compile_encoder``) and the
-box sides of the ``boxes`` mask source (``box_sizes``). ``teachers.build_masker``, the SAM 1 and
+box sides of the ``boxes`` mask source (``box_sizes``) and the segmentation scales of the ``superpixels``
+one (``superpixel_scales``). ``teachers.build_masker``, the SAM 1 and
 SAM 2.1 point-grid maskers (``sam_points.py``, ``sam2_points.py``) and the maskers without SAM
 (``mask_sources.py``) all take it, so a new option is one field here and one line where it is used.
 
@@ -24,24 +25,37 @@ from partwhole.masks.sam_attention import ATTENTIONS
 POINT_LABELS = ("foreground", "reference")
 LEVELS = 3  # SAM's multimask output: three nested masks per point
 GEOMETRY = ("img_size", "patch_size")  # the options every masker takes
+# why a masker does not take an option of one mask source (a SettingError's reason; {masker} names the masker)
+SOURCE_ONLY_REASONS = {"box_sizes": "only the boxes mask source takes box sides, not {masker}: drop it",
+                       "superpixel_scales": "only the superpixels mask source takes segmentation scales, not {masker}: drop it"}
 
 
-def parse_box_sizes(values: Sequence[str | int]) -> tuple[int, int, int]:
-    """``box_sizes`` as three positive, strictly increasing ints (level 0 = sub-part, 2 = whole).
+def parse_levels(setting: str, values: Sequence[str | int], hint: str) -> tuple[int, int, int]:
+    """``values`` as three positive, strictly increasing ints (level 0 = sub-part, 2 = whole).
 
     Raises:
-        SettingError: (``box_sizes``) not three positive, increasing sides.
+        SettingError: (``setting``) not three positive, increasing ints; ``hint`` says what to give.
     """
     text = ",".join(str(v) for v in values)
     try:
-        sizes = tuple(int(v) for v in values)
+        levels = tuple(int(v) for v in values)
     except ValueError:
-        sizes = ()
-    if len(sizes) != LEVELS or sizes[0] < 1 or any(b <= a for a, b in zip(sizes, sizes[1:])):
-        raise SettingError("box_sizes", text, "give three positive, increasing box sides in pixels of the resized image "
-                           "(level 0 = smallest), e.g. 32,96,192; partwhole.masks.box_sizes.matched_box_sizes derives "
-                           "them from a mask folder")
-    return sizes  # type: ignore[return-value]
+        levels = ()
+    if len(levels) != LEVELS or levels[0] < 1 or any(b <= a for a, b in zip(levels, levels[1:])):
+        raise SettingError(setting, text, f"give three positive, increasing {hint}")
+    return levels  # type: ignore[return-value]
+
+
+def parse_box_sizes(values: Sequence[str | int]) -> tuple[int, int, int]:
+    """``box_sizes`` as three positive, increasing sides (:class:`SettingError` otherwise)."""
+    return parse_levels("box_sizes", values, "box sides in pixels of the resized image (level 0 = smallest), e.g. 32,96,192; "
+                        "partwhole.masks.box_sizes.matched_box_sizes derives them from a mask folder")
+
+
+def parse_superpixel_scales(values: Sequence[str | int]) -> tuple[int, int, int]:
+    """``superpixel_scales`` as three positive, increasing Felzenszwalb scales (:class:`SettingError` otherwise)."""
+    return parse_levels("superpixel_scales", values, "Felzenszwalb scales (level 0 = finest), e.g. 50,200,800 "
+                        "(larger: larger segments)")
 
 
 @dataclass(frozen=True)
@@ -58,6 +72,8 @@ class MaskerOptions:
         attention: SAM 1's image-encoder attention, ``'sdpa'`` or ``'reference'`` (``sam_attention.py``).
         compile_encoder: run SAM 1's image encoder through ``torch.compile``.
         box_sizes: the ``boxes`` source's three square sides in pixels, increasing (stored as ints).
+        superpixel_scales: the ``superpixels`` source's three Felzenszwalb scales, increasing; empty: its
+            defaults (``mask_sources.DEFAULT_SUPERPIXEL_SCALES``).
     """
 
     img_size: int = 224
@@ -68,6 +84,7 @@ class MaskerOptions:
     attention: str = "sdpa"
     compile_encoder: bool = False
     box_sizes: tuple[int, ...] = ()
+    superpixel_scales: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         patch_grid_points(self.img_size, self.patch_size)  # raises on img_size % patch_size
@@ -78,6 +95,8 @@ class MaskerOptions:
             raise SettingError("points_per_batch", self.points_per_batch, "must be at least 1")
         if self.box_sizes:
             object.__setattr__(self, "box_sizes", parse_box_sizes(self.box_sizes))
+        if self.superpixel_scales:
+            object.__setattr__(self, "superpixel_scales", parse_superpixel_scales(self.superpixel_scales))
 
     @property
     def grid(self) -> int:
@@ -98,5 +117,5 @@ def check_unused_options(options: MaskerOptions, taken: Iterable[str], reason: C
     for name in OPTION_NAMES:
         value = getattr(options, name)
         if name not in taken and value != getattr(DEFAULT_OPTIONS, name):
-            shown = ",".join(map(str, value)) if name == "box_sizes" else value
+            shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
             raise SettingError(name, shown, reason(name))

@@ -31,6 +31,7 @@ from segment_anything import sam_model_registry
 from partwhole.common.errors import SettingError, check_choice
 from partwhole.masks.masker_options import (
     DEFAULT_OPTIONS,
+    SOURCE_ONLY_REASONS,
     MaskerOptions,
     check_unused_options,
 )
@@ -82,7 +83,6 @@ UNUSED_OPTION_REASONS = {
     "point_labels": "reproduces the reference's SAM 1 prompts; {family} takes foreground",
     "attention": "is for SAM 1's image encoder; {family} always uses its own (SDPA): drop it",
     "compile_encoder": "torch.compile is not supported for {family} yet; drop it",
-    "box_sizes": "only the boxes mask source takes box sides, not {family}: drop it",
 }
 
 _SAM1_BASE = "https://dl.fbaipublicfiles.com/segment_anything"
@@ -145,7 +145,8 @@ def default_checkpoint(name: str) -> str:
 def check_options(name: str, options: MaskerOptions) -> None:
     """Raise :class:`SettingError` for an unknown teacher or an option of ``options`` it does not take (not its default)."""
     family = get_teacher(name).family
-    check_unused_options(options, family.options, lambda option: UNUSED_OPTION_REASONS[option].format(family=family.name))
+    reasons = {**UNUSED_OPTION_REASONS, **SOURCE_ONLY_REASONS}
+    check_unused_options(options, family.options, lambda option: reasons[option].format(family=family.name, masker=family.name))
 
 
 # --------------------------------------------------------------------------- checkpoints
