@@ -708,6 +708,8 @@ def main(argv) -> None:
     if supervised:
         results += [row("supervised", seed, 0) for seed in seeds]
     results = [r for r in results if r is not None]
+    if not results:  # --report_only before any row finished, or with a --ledger of another machine that is not there
+        sys.exit(f"error: nothing to report: no finished row in --ledger={ledger.path} nor under {out}")
     counts = {(r["method"], r["budget"]): 0 for r in results}
     for r in results:
         counts[r["method"], r["budget"]] += 1
@@ -726,7 +728,9 @@ def main(argv) -> None:
                     r.update(known)
                     ledger.put(r)
     teachers = {}
-    if FLAGS.probes:
+    if FLAGS.probes and FLAGS.report_only and not toy.is_dir():
+        print(f"teacher probes left out: {toy} is not here (they need the toy set's embeddings)")
+    elif FLAGS.probes:
         for method in TEACHER_SUFFIX:
             name = TEACHER_OF_METHOD[method]
             known = ledger.teachers.setdefault(name, {})

@@ -185,6 +185,8 @@ def test_old_ledgers_count_as_part_whole_masks_and_other_methods_are_refused_wit
     ledger.write_text(json.dumps({"flags": {"finetune_epochs": "8"}, "runs": [], "teachers": {}}))
     proc = study(tmp_path, "--report_only", f"--ledger={ledger}", "--masks=boxes", "--methods=sam_distill")
     assert proc.returncode != 0 and "--masks: oracle there, boxes now" in proc.stderr.strip().splitlines()[-1]
+    proc = study(tmp_path, "--report_only", f"--ledger={tmp_path / 'not_yet.json'}", "--methods=sam_distill")
+    assert proc.returncode != 0 and proc.stderr.strip().splitlines()[-1].startswith("error: nothing to report: no finished row in --ledger=")
     proc = study(tmp_path, "--report_only", "--masks=full_image", "--methods=sam_distill,supcon")
     assert proc.returncode != 0 and "supcon would give the same rows" in proc.stderr
     proc = study(tmp_path, "--report_only", f"--ledger={ledger}", "--embed_flags=--crop", "--methods=sam_distill")
@@ -193,9 +195,10 @@ def test_old_ledgers_count_as_part_whole_masks_and_other_methods_are_refused_wit
     crop.write_text(json.dumps({"flags": {"embed_flags": "['--crop']"}, "teachers": {}, "runs": [
         {"method": "sam_distill", "seed": 0, "budget": 10, "test_accuracy": 0.5, "val_accuracy": 0.5, "finetune_seconds": 1.0}]}))
     proc = subprocess.run([sys.executable, str(ROOT / "experiments" / "toy_study.py"), f"--out_dir={tmp_path / 'study'}", "--report_only",
-                           "--probes=false", "--islands=false", f"--ledger={crop}", "--embed_flags=--crop", "--methods=sam_distill",
-                           "--seeds=0", "--budgets=10"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+                           "--islands=false", f"--ledger={crop}", "--embed_flags=--crop", "--methods=sam_distill", "--seeds=0",
+                           "--budgets=10", f"--data_dir={tmp_path / 'elsewhere'}"], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "teacher probes left out: " in proc.stdout  # a ledger read on a machine without the toy set
     assert "the oracle part-whole masks, stage-2 flags --crop;" in (tmp_path / "study" / "masks_oracle_crop" / "report.md").read_text()
 
 
