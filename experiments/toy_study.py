@@ -320,7 +320,7 @@ def final_extras(folder: Path, method: str, seed: int, budget: int) -> dict:
     common = common_flags(seed, embeds_suffix(method))
     checkpoint = folder / "pretrain" / "checkpoints" / f"epoch-{budget:03d}.ckpt"
     extras: dict = {"pretrain_seconds": pretrain_seconds(folder / "pretrain"), "curve": learning_curve(folder / "pretrain")}
-    islands = folder / "islands"
+    islands = folder / f"islands_e{budget:03d}"  # per budget: a study extended to a longer budget scores its new checkpoint
     if not FLAGS.report_only and not checkpoint.is_file():  # a row from the ledger whose run folder is gone
         print(f"\n=== {method} seed {seed}: no islands or probes at {budget} epochs: {checkpoint} is gone (a ledger row)")
         return extras
