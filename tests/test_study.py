@@ -154,6 +154,19 @@ def test_masks_full_image_study_runs_end_to_end_and_its_rows_name_masks_and_teac
     assert set(row["islands"]["ground_truth"]) == {"0", "1", "2"}
     assert "Stage-1 masks of the sam_distill arms: the whole image" in (runs / "masks_full_image" / "report.md").read_text()
 
+    # extended to a longer budget in the same run folders: the new longest budget's islands come from its own checkpoint
+    seed0 = runs / "masks_full_image" / "sam_distill" / "seed0"
+    longer = [a.replace("--budgets=1", "--budgets=1,2") for a in args]
+    proc = subprocess.run([sys.executable, str(ROOT / "experiments" / "toy_study.py"), "--masks=full_image", *longer],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert "pretrain to epoch 1" not in proc.stdout  # the ledger's row: nothing reruns for it
+    assert "seed 0: islands: partwhole-train" in proc.stdout  # scored again, at epoch 2 (a cached folder was reused before)
+    rows = {r["budget"]: r for r in json.loads((runs / "masks_full_image" / "results.json").read_text())["runs"]}
+    assert rows[1]["islands"] == row["islands"]  # the shorter budget's row is kept as it was
+    scored = json.loads((seed0 / "islands_e002" / "islands" / "scores.json").read_text())
+    assert rows[2]["islands"] == scored and "--load_checkpoint_dir=" + str(seed0 / "pretrain" / "checkpoints" / "epoch-002.ckpt") in proc.stdout
+
     refused = subprocess.run([sys.executable, str(ROOT / "experiments" / "toy_study.py"), "--masks=boxes", "--report_only",
                               f"--ledger={runs / 'masks_full_image' / 'results.json'}", *args], capture_output=True, text=True,
                              cwd=ROOT, timeout=120)
