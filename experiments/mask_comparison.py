@@ -48,13 +48,16 @@ def read_ledgers(paths: list[str], recipe: tuple[str, ...], defaults: dict[str, 
     """The sam_distill rows of every ledger, each with its ``source`` (:func:`source_label`) and ``teacher``.
 
     Ledgers must agree on every ``recipe`` flag both record (``defaults`` fill the ones older ledgers lack)
-    but the mask source and the stage-2 flags, and differ in those.
+    but the mask source and the stage-2 flags, and differ in those. A ``NAME=PATH`` entry labels its ledger's
+    source ``<source> [NAME]``: a study of the same source that differs in procedure only (e.g. pretrained
+    straight to its budget instead of resumed at the shorter ones), compared with the unlabelled one.
 
     Raises:
         InputError: a ledger that cannot be read, recipes that differ, or two ledgers of one source.
     """
     rows, first, sources = [], None, {}
-    for path in paths:
+    for entry in paths:
+        name, _, path = entry.partition("=") if "=" in entry and not Path(entry).exists() else ("", "", entry)
         try:
             data = json.loads(Path(path).read_text())
             runs, recorded = data["runs"], {**defaults, **data.get("flags", {})}
@@ -62,8 +65,10 @@ def read_ledgers(paths: list[str], recipe: tuple[str, ...], defaults: dict[str, 
             raise InputError(f"--compare_ledgers: {path} is not a study results file ({err})") from None
         recorded_masks = {row_masks(r) for r in runs if r["method"] in TEACHER_OF_METHOD} or {PART_WHOLE}
         source = source_label(recorded_masks.pop(), ast.literal_eval(recorded.get("embed_flags", "[]")))
+        source = f"{source} [{name}]" if name else source
         if source in sources:
-            raise InputError(f"--compare_ledgers: {sources[source]} and {path} both hold {source} rows; give one ledger per source")
+            raise InputError(f"--compare_ledgers: {sources[source]} and {path} both hold {source} rows; give one ledger per source "
+                             f"(or label one: NAME=PATH)")
         sources[source] = path
         first = first or (path, recorded)
         differ = [k for k in recipe if k not in ("masks", "embed_flags") and k in recorded and k in first[1] and recorded[k] != first[1][k]]

@@ -112,7 +112,8 @@ flags.DEFINE_enum("masks", "oracle", list(MASK_SOURCES), "Stage-1 masks of the s
 flags.DEFINE_list("embed_flags", [], "Extra masks_to_embeds.py flags for the sam_distill arms' embeddings (a stage-2 variant, "
                   "e.g. --crop); the embeddings go in folders of their own.")
 flags.DEFINE_list("compare_ledgers", [], "Run nothing: one report comparing these ledgers of studies that differ only in --masks "
-                  "or --embed_flags (the rows at --budgets; <out_dir>/<variant>/report.md and masks.png).")
+                  "or --embed_flags (the rows at --budgets; <out_dir>/<variant>/report.md and masks.png); NAME=PATH labels a "
+                  "ledger of the same source run another way, e.g. straight=docs/toy_study_straight.json.")
 flags.DEFINE_string("data_dir", "datasets", "The toy set lives in <data_dir>/toy (generated if missing).")
 flags.DEFINE_integer("train_per_class", 100, "Toy training images per class (the demo's set).")
 flags.DEFINE_integer("val_per_class", 30, "Toy test images per class (the toy val folder, used as the test split).")

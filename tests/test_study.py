@@ -252,6 +252,15 @@ def test_compare_ledgers_tabulates_mask_sources_by_teacher_with_paired_differenc
     assert "- pretrained teacher, 100 epochs: part_whole minus boxes +13.3 ± 5.8" in report
     assert (tmp_path / "study" / "v" / "masks.png").stat().st_size > 10_000
 
+    straight = comparison_ledger(tmp_path / "straight.json", None, {("pretrained", 100): (0.75, 0.7, 0.8)})  # same source, run otherwise
+    proc = study(tmp_path, f"--compare_ledgers={part_whole},{straight}", "--budgets=100")
+    assert proc.returncode != 0 and "both hold part_whole rows" in proc.stderr and "NAME=PATH" in proc.stderr
+    proc = study(tmp_path, f"--compare_ledgers={part_whole},straight={straight},{boxes}", "--budgets=100")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    report = (tmp_path / "study" / "v" / "report.md").read_text()
+    assert "| part_whole [straight] | pretrained | 3 | 75.0 ± 5.0 |" in report
+    assert "- pretrained teacher, 100 epochs: part_whole minus part_whole [straight] -1.7 ± 10.4 (seeds: -5.0, +10.0, -10.0)" in report
+
     other = comparison_ledger(tmp_path / "other.json", "boxes", {("pretrained", 30): (0.5,)}, {"pretrain_flags": "['--scheduler=onecycle']"})
     proc = study(tmp_path, f"--compare_ledgers={part_whole},{other}")
     assert proc.returncode != 0
