@@ -5,8 +5,9 @@ their stage-1 masks (``--masks``: ``part_whole`` = the oracle masks, ``boxes``, 
 stage-2 flags (``--embed_flags``, e.g. ``--crop``) and writes one report: per budget, a table by
 mask source x teacher (test and validation accuracy, test ``distill_r2``, islands ARI against the
 ground-truth parts / object / all objects), the paired differences by seed of the part-whole masks
-minus each other source per teacher, and a figure of accuracy by mask source (one colour per teacher,
-a point per seed). Only the ``sam_distill`` arms' rows are read: the other methods use no masks.
+minus each other source per teacher (and of a variant of them, stage-2 or ``NAME=PATH``-labelled, minus
+the other mask sources), and a figure of accuracy by mask source (one colour per teacher, a point per
+seed). Only the ``sam_distill`` arms' rows are read: the other methods use no masks.
 
 Rows written before issue 30 name neither their masks nor their teacher: they are the part-whole
 masks', and the teacher follows from the method. A module without flags, like ``seed_stats.py``.
@@ -121,9 +122,13 @@ def comparison_report(rows: list[dict], budgets: list[int], ledgers: list[str], 
                     lines.append(f"| {source} | {teacher} | {len(cell)} | {format_mean_std([r['test_accuracy'] for r in cell])} | "
                                  f"{format_mean_std([r['val_accuracy'] for r in cell])} | "
                                  f"{format_mean_std([r.get('distill_r2') for r in cell], 1, 3)} | {islands_ari(cell)} |")
+    # the part-whole masks minus every other source; a labelled or stage-2 variant of them minus the other mask sources
+    pairs = [(PART_WHOLE, other) for other in sources if other != PART_WHOLE]
+    pairs += [(variant, other) for variant in sources if variant.startswith(PART_WHOLE) and variant != PART_WHOLE
+              for other in sources if not other.startswith(PART_WHOLE)]
     for key, name in (("test_accuracy", "test"), ("val_accuracy", "validation")):
-        differences = [line for budget in budgets for teacher in teachers for other in sources if other != PART_WHOLE
-                       if (line := paired(rows, key, PART_WHOLE, other, teacher, budget))]
+        differences = [line for budget in budgets for teacher in teachers for source, other in pairs
+                       if (line := paired(rows, key, source, other, teacher, budget))]
         if differences:
             lines += ["", f"Paired differences (same seed, same split), {name} accuracy points:", "", *differences]
     draw_by_source(rows, sources, teachers, budgets, figure)

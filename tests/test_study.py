@@ -260,6 +260,7 @@ def test_compare_ledgers_tabulates_mask_sources_by_teacher_with_paired_differenc
     report = (tmp_path / "study" / "v" / "report.md").read_text()
     assert "| part_whole [straight] | pretrained | 3 | 75.0 ± 5.0 |" in report
     assert "- pretrained teacher, 100 epochs: part_whole minus part_whole [straight] -1.7 ± 10.4 (seeds: -5.0, +10.0, -10.0)" in report
+    assert "- pretrained teacher, 100 epochs: part_whole [straight] minus boxes +15.0 ± 5.0 (seeds: +15.0, +10.0, +20.0)" in report
 
     other = comparison_ledger(tmp_path / "other.json", "boxes", {("pretrained", 30): (0.5,)}, {"pretrain_flags": "['--scheduler=onecycle']"})
     proc = study(tmp_path, f"--compare_ledgers={part_whole},{other}")
